@@ -1,0 +1,146 @@
+"""`fdlora-cluster`: run (one rank), launch (all ranks on this machine), check (config + topology).
+
+    fdlora-cluster launch configs/demo.yaml --output runs/demo
+    mpiexec -n 5 fdlora-cluster run configs/demo.yaml --set train.rounds=5
+    fdlora-cluster check configs/fdlora.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+import warnings
+
+from .config import ConfigError, deepspeed_dict, load_config
+from .topology import RankPlan
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("--output", help="run directory (overrides output_dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one config value (YAML syntax), repeatable")
+
+
+def _load(args):
+    overrides = list(args.overrides)
+    if getattr(args, "output", None):
+        overrides.append(f"output_dir={args.output}")
+    return load_config(args.config, overrides)
+
+
+def cmd_check(args) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    plan = RankPlan(tuple(cfg.client_sizes()))
+    print(f"config {args.config}: OK")
+    print(f"strategy {cfg.strategy}, {cfg.train.rounds} rounds, seed {cfg.seed}, output {cfg.output_dir}")
+    print(plan.describe())
+    print(f"{'client':<8}{'ranks':<12}{'leader':<8}{'ZeRO':<6}{'micro':<7}{'K':<4}")
+    for c in range(plan.num_clients):
+        ds = deepspeed_dict(cfg, c)
+        r = plan.client_ranks(c)
+        print(f"{c:<8}{f'{r[0]}-{r[-1]}':<12}{r[0]:<8}{ds['zero_optimization'].get('stage', 0):<6}"
+              f"{ds['train_micro_batch_size_per_gpu']:<7}{cfg.inner_steps(c):<4}")
+    print(f"launch with: mpiexec -n {plan.world_size} fdlora-cluster run {args.config}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """The per-rank entry point (mpiexec, srun, or the DeepSpeed launcher start one per rank)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo inside clients
+    # DeepSpeed calls a torch collective that torch marks deprecated, once per step and rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    try:
+        cfg, error = _load(args), None
+    except ConfigError as e:
+        cfg, error = None, str(e)
+    # Every rank loaded the config; agree on the outcome so that no rank waits on a failed one.
+    errors = world.allgather(error)
+    if any(errors):
+        if rank == 0:
+            for e in dict.fromkeys(x for x in errors if x):
+                print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from . import train
+
+    try:
+        train.run(cfg)
+    except Exception as e:  # any failure ends the whole job promptly, with its cause on the console
+        print(f"[rank {rank}] error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        sys.stderr.flush()
+        if world.Get_size() > 1:
+            world.Abort(1)
+        return 1
+    return 0
+
+
+def find_mpiexec(explicit: str | None = None) -> str:
+    """mpiexec next to this Python (the pip `mpich` wheel puts one there), else on PATH."""
+    if explicit:
+        return explicit
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.path.isfile(here):
+        return here
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if not found:
+        raise FileNotFoundError("no mpiexec found: `pip install mpich` (or load your cluster's MPI module)")
+    return found
+
+
+def cmd_launch(args) -> int:
+    """All ranks of the config's topology on this machine, through the environment's mpiexec."""
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    n = cfg.world_size()
+    env = dict(os.environ)
+    # n processes share this machine's cores; unbounded intra-op threads only fight each other.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")  # harmless for MPICH; Open MPI refuses root without it
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    cmd = [find_mpiexec(args.mpiexec), "-n", str(n), sys.executable, "-m", "fdlora_cluster.cli", "run", args.config]
+    if args.output:
+        cmd += ["--output", args.output]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fdlora-cluster", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run this rank of the job (under mpiexec/srun/deepspeed)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("launch", help="start every rank on this machine with mpiexec")
+    _add_config_args(p)
+    p.add_argument("--mpiexec", help="mpiexec to use (default: the one next to python, then PATH)")
+    p.set_defaults(func=cmd_launch)
+    p = sub.add_parser("check", help="validate the config and print the topology; no training")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The client role: every rank of one client, around its ClientEngine.
+
+Only the leader talks to the server (through the transport); it then broadcasts what it got to
+the client's other ranks over the client's own torch.distributed world. The personal adapter and
+the data stay here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from .engine import ClientEngine
+from .fusion import fuse, search_weights
+from .log import get_logger
+from .model import GLOBAL, PERSONAL, adapter_scaling, lora_config, save_adapter
+from .server import NUM_SAMPLES, update_layout
+from .transport import TAG_GLOBAL, TAG_LAYOUT, TAG_PERSONAL_INIT, TAG_UPDATE, Layout, Transport
+
+FUSED = "fused"
+SERVER = 0  # federation rank of the server
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of an adapter's bytes, in key order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Client:
+    def __init__(self, cfg, topo, strategy, engine: ClientEngine, transport: Transport | None, run):
+        self.cfg, self.topo, self.strategy, self.engine, self.transport, self.run = (
+            cfg, topo, strategy, engine, transport, run)
+        self.id = topo.client_id
+        self.is_leader = topo.is_leader
+        self.log = get_logger()
+        self.layout = Layout.of(engine.read(GLOBAL))
+        self.fusion_weights: tuple[float, float] | None = None
+
+    def record(self, event: str, round: int | None, **fields) -> None:
+        if self.is_leader:
+            self.run.record({"round": round, "client": self.id, "event": event, **fields})
+
+    # ---------------------------------------------------------------- federation
+
+    def send_layout_and_init(self) -> None:
+        """Tell the server the global adapter's layout, and the start it cannot compute itself."""
+        start = self.engine.read(GLOBAL) if self.cfg.global_.init == "seed" else self.engine.read(PERSONAL)
+        if not self.is_leader:
+            return
+        if self.id == 0:
+            self.transport.send_layout(self.layout, dest=SERVER, tag=TAG_LAYOUT)
+            if self.cfg.global_.init == "seed":
+                self.transport.send(start, self.layout, dest=SERVER, tag=TAG_GLOBAL)
+        if self.cfg.global_.init == "personal_mean":
+            self.log.info("sending the stage-1 personal adapter to the server once (global.init = personal_mean)")
+            self.transport.send(start, self.layout, dest=SERVER, tag=TAG_PERSONAL_INIT)
+
+    def receive_global(self, round: int | None) -> None:
+        """Leader receives the global adapter; every rank of the client ends up holding it."""
+        state = self.transport.recv(self.layout, source=SERVER, tag=TAG_GLOBAL) if self.is_leader else None
+        state = self.engine.broadcast_from_leader(state, like=GLOBAL)
+        self.engine.write(GLOBAL, state)
+        # Proof of synchrony: every rank's digest of what it now holds, gathered at the leader.
+        digests = self.topo.client_comm.gather(digest(self.engine.read(GLOBAL)), root=0)
+        self.record("global_received", round, digests=digests)
+
+    def send_update(self, round: int) -> None:
+        state = self.engine.read(GLOBAL)
+        if self.is_leader:
+            state[NUM_SAMPLES] = torch.tensor([float(len(self.engine.data.train))], dtype=torch.float64)
+            self.transport.send(state, update_layout(self.layout), dest=SERVER, tag=TAG_UPDATE)
+
+    # ---------------------------------------------------------------- personal
+
+    def sync_personal_from_global(self, round: int) -> None:
+        """Paper's line 14: personal <- local copy of global, every H rounds."""
+        self.engine.write(PERSONAL, self.engine.read(GLOBAL))
+        self.record("personal_sync", round)
+        if self.is_leader:
+            self.log.info(f"  personal adapter overwritten with the global one (H = {self.cfg.personal.sync_every})")
+
+    # ---------------------------------------------------------------- fusion
+
+    def fusion_rows(self):
+        d = self.engine.data
+        if self.cfg.fusion.rows == "heldout":
+            return d.fewshot
+        return d.train[: max(1, self.cfg.data.fewshot_rows)]
+
+    def fuse(self) -> None:
+        """Find (w_p, w_g) (searched or fixed), merge into the `fused` adapter, record the curve."""
+        f = self.cfg.fusion
+        s_p = adapter_scaling(self.engine.model, PERSONAL)
+        s_g = adapter_scaling(self.engine.model, GLOBAL)
+        if self.strategy.fusion == "search":
+            rows = self.fusion_rows()
+            if not rows:
+                raise ValueError(f"client {self.id}: the fusion search needs few-shot rows; set data.fewshot_rows > 0")
+            comm = self.topo.client_comm
+
+            def loss_at(w_p, w_g):
+                w_p, w_g = comm.bcast((w_p, w_g), root=0)  # followers learn the leader's candidate
+                return self.engine.evaluate(rows, [PERSONAL, GLOBAL], {PERSONAL: w_p, GLOBAL: w_g})["loss"]
+
+            if self.is_leader:
+                w_p, w_g, curve = search_weights(loss_at, f.optimizer, f.budget, f.bounds, f.l1,
+                                                 seed=self.cfg.seed * 1009 + self.id)
+                for c in curve:
+                    self.record("fusion_step", None, **c)
+            else:
+                for _ in range(f.budget):
+                    loss_at(None, None)
+            w_p, w_g = comm.bcast((w_p, w_g) if self.is_leader else None, root=0)
+        else:
+            w_p, w_g = f.fixed_weights
+        self.fusion_weights = (w_p, w_g)
+        fused = fuse(self.engine.read(PERSONAL), self.engine.read(GLOBAL), w_p, w_g, s_p, s_g, f.merge)
+        self.engine.write(FUSED, fused)
+        self.record("fusion", None, w_personal=w_p, w_global=w_g, merge=f.merge, rows=f.rows)
+        if self.is_leader:
+            self.log.info(f"fusion weights w_personal={w_p:.3f} w_global={w_g:.3f} (merge {f.merge})")
+
+    # ---------------------------------------------------------------- evaluation and saving
+
+    def evaluate(self) -> dict:
+        d = self.engine.data
+        out = {}
+        for name in self.strategy.evaluated:
+            out[name] = self.engine.evaluate(d.test, name, candidates=d.candidates)
+            self.record("eval", None, adapter=name, split="test", **out[name])
+        return out
+
+    def save(self, fused_config) -> None:
+        """adapters/client-<i>/{personal,fused}/ in PEFT format (written by the leader)."""
+        root = os.path.join(self.run.dir, "adapters", f"client-{self.id}")
+        base_name = self.cfg.model.path
+        states = {PERSONAL: self.engine.read(PERSONAL)}
+        if self.strategy.fusion:
+            states[FUSED] = self.engine.read(FUSED)
+        if self.is_leader:
+            save_adapter(os.path.join(root, PERSONAL), states[PERSONAL], lora_config(self.cfg.lora.personal), base_name)
+            if FUSED in states:
+                save_adapter(os.path.join(root, FUSED), states[FUSED], lora_config(fused_config), base_name)

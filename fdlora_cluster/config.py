@@ -1,0 +1,523 @@
+"""Run configuration: typed dataclasses loaded from YAML with strict keys.
+
+Every field is documented where it is declared. Loading is strict: an unknown key names the
+file, the key and the keys allowed there; a wrong type or value names the key and what is
+allowed. Cross-field checks (topology against world size, per-client overrides against the
+number of clients) print the relation that failed.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.rounds=5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None
+    """Local Hugging Face checkpoint directory (model + tokenizer). Nothing is downloaded."""
+    config: Optional[dict] = None
+    """A transformers config (with `model_type`) to build a base from scratch, seeded by `seed`.
+    Used by the demo and the tests; the tokenizer is then the built-in byte-level one."""
+    pretrained: Optional[str] = None
+    """Directory of a base produced by `fdlora-cluster pretrain` (only with `config`): when set and
+    present, its weights replace the random initialisation."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of the frozen base. bf16/fp16 also need the matching DeepSpeed section."""
+
+
+@dataclass
+class AdapterConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha; the adapter's delta is scaled by alpha / r."""
+    dropout: float = 0.0
+    """LoRA dropout (0 keeps runs bit-reproducible)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names (PEFT `target_modules`) that get this adapter."""
+
+
+@dataclass
+class LoraConfig:
+    personal: AdapterConfig = field(default_factory=AdapterConfig)
+    """The client's own adapter; it never leaves the client."""
+    global_: AdapterConfig = field(default_factory=AdapterConfig, metadata={"key": "global"})
+    """The adapter synchronised through the server (YAML key `global`)."""
+
+
+@dataclass
+class TopologyConfig:
+    clients: Optional[list[int]] = None
+    """Ranks per client, in rank order, e.g. [2, 2] or [1, 3]. World = 1 + sum(clients)."""
+    num_clients: Optional[int] = None
+    """With `ranks_per_client`, the even alternative to `clients`."""
+    ranks_per_client: Optional[int] = None
+    """Ranks in every client when `num_clients` is used."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend inside each client; auto = nccl with CUDA, else gloo."""
+    rendezvous_addr: Optional[str] = None
+    """Address each leader publishes for its client's torch.distributed world. Default: the
+    leader host's address (env FDLORA_RENDEZVOUS_ADDR overrides both)."""
+
+    def client_sizes(self) -> list[int]:
+        if self.clients is not None:
+            return list(self.clients)
+        return [self.ranks_per_client] * self.num_clients
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 3
+    """Federated rounds T."""
+    inner_steps: int = 3
+    """K: optimizer steps each client takes on the global adapter per round."""
+    personal_steps: int = 0
+    """Optimizer steps on the personal adapter in the personal stage (strategies that have one)."""
+    micro_batch_size: int = 4
+    """Rows per rank per forward (DeepSpeed `train_micro_batch_size_per_gpu`)."""
+    gradient_accumulation_steps: int = 1
+    """Micro batches per optimizer step."""
+    lr: float = 3e-3
+    """Inner (client) AdamW learning rate."""
+    weight_decay: float = 0.0
+    """Inner AdamW weight decay."""
+    max_seq_len: int = 64
+    """Longest prompt + response in tokens; longer rows are cut from the left of the prompt."""
+    eval_batch_size: int = 16
+    """Rows per rank per forward in evaluation and in the fusion search."""
+
+
+@dataclass
+class ClientOverride:
+    deepspeed: Optional[dict] = None
+    """Merged (recursively) over the DeepSpeed config for this client only."""
+    inner_steps: Optional[int] = None
+    """This client's K, in place of `train.inner_steps`."""
+    micro_batch_size: Optional[int] = None
+    """This client's micro batch per rank."""
+
+
+@dataclass
+class OuterConfig:
+    optimizer: Literal["sgd", "nesterov", "adam"] = "sgd"
+    """Server optimizer over the averaged pseudo-gradient: sgd with lr 1.0 is FedAvg, nesterov
+    is DiLoCo-style, adam is FedAdam."""
+    lr: float = 1.0
+    """Outer learning rate."""
+    momentum: float = 0.9
+    """Momentum for `nesterov`."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """Adam betas for `adam`."""
+    eps: float = 1e-8
+    """Adam epsilon for `adam`."""
+
+
+@dataclass
+class GlobalConfig:
+    init: Literal["seed", "personal_mean"] = "seed"
+    """Start of the global adapter: the server's seeded init, or (paper's Algorithm 1, line 7) the
+    mean of the clients' stage-1 personal adapters, which sends each personal adapter once."""
+    aggregation: Literal["samples", "uniform"] = "samples"
+    """Client weights in the average: by training rows, or 1/N."""
+
+
+@dataclass
+class PersonalConfig:
+    sync_every: int = 0
+    """H: every H rounds the client overwrites its personal adapter with its local copy of the
+    global one (0 = never)."""
+    steps_per_round: int = 0
+    """Personal-adapter steps per round, for strategies that train it during the rounds (ditto)."""
+
+
+@dataclass
+class FusionConfig:
+    optimizer: str = "NGOpt"
+    """nevergrad optimizer name (NGOpt, Shiwa, CMA, ...)."""
+    budget: int = 20
+    """Loss evaluations the search may spend."""
+    bounds: list[float] = field(default_factory=lambda: [-1.5, 1.5])
+    """Search box for each weight."""
+    l1: float = 0.05
+    """L1 penalty on the weights, added to the few-shot loss."""
+    rows: Literal["heldout", "train"] = "heldout"
+    """Few-shot rows for the search: the client's few-shot split, or (paper) its training rows."""
+    merge: Literal["exact", "params"] = "exact"
+    """exact: fused delta = w_p*dW_p + w_g*dW_g (rank r_p + r_g). params: A and B weighted
+    separately, LoraHub's reading (needs equal ranks)."""
+    fixed_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    """(w_p, w_g) for strategies that fuse without searching."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["generator", "jsonl"] = "generator"
+    """generator: the built-in seeded scenario; jsonl: files below."""
+    files: Optional[list[str]] = None
+    """jsonl: one file per client (in client order), or one file split by `partition`."""
+    partition: Literal["iid", "dirichlet", "field"] = "iid"
+    """How one file is split across clients; `field` uses each row's `client`."""
+    alpha: float = 0.5
+    """Dirichlet concentration over labels (small = skewed clients)."""
+    rows_per_client: int = 200
+    """generator: rows generated per client."""
+    fewshot_rows: int = 8
+    """Rows per client held out for the fusion search."""
+    test_fraction: float = 0.2
+    """Share of each client's rows held out for its test split."""
+    max_rows_per_client: Optional[int] = None
+    """Cap on each client's rows after partitioning (None = all)."""
+
+
+@dataclass
+class LogConfig:
+    level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+    """Level of the console and the per-rank log files."""
+    followers_on_console: bool = False
+    """Show non-leader client ranks on the console too (they always write their log file)."""
+    every: int = 1
+    """Log a step line every this many optimizer steps."""
+
+
+STRATEGIES = ("fdlora", "fedavg", "fedprox", "diloco", "local", "feddpa")  # fdlora_cluster.strategies
+
+
+@dataclass
+class Config:
+    strategy: str = "fedavg"
+    """The federated algorithm: one of fdlora_cluster.strategies.STRATEGIES."""
+    seed: int = 0
+    """Seeds the base init, adapters, data splits and every per-client, per-round stream."""
+    output_dir: str = "runs/demo"
+    """Run directory (config.yaml, metrics.jsonl, summary.json, adapters/, logs/)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    deepspeed: Union[dict, str] = field(default_factory=dict)
+    """DeepSpeed config dict, or the path of a DeepSpeed JSON file, passed through. Batch sizes
+    and the optimizer are filled in from `train` unless given here."""
+    client_overrides: dict[int, ClientOverride] = field(default_factory=dict)
+    """Per-client settings keyed by client id (0-based)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    global_: GlobalConfig = field(default_factory=GlobalConfig, metadata={"key": "global"})
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    fedprox_mu: float = 0.01
+    """Proximal weight mu for `fedprox`."""
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source_file: Optional[str] = field(default=None, metadata={"internal": True})
+
+    # ----------------------------------------------------------------- derived views
+
+    def client_sizes(self) -> list[int]:
+        return self.topology.client_sizes()
+
+    def world_size(self) -> int:
+        return 1 + sum(self.client_sizes())
+
+    def inner_steps(self, client: int) -> int:
+        o = self.client_overrides.get(client)
+        return o.inner_steps if o and o.inner_steps is not None else self.train.inner_steps
+
+    def micro_batch_size(self, client: int) -> int:
+        o = self.client_overrides.get(client)
+        return o.micro_batch_size if o and o.micro_batch_size is not None else self.train.micro_batch_size
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file, apply `key.path=value` overrides, and validate into a Config."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = config_from_dict(raw, source=path)
+    cfg.source_file = path
+    return cfg
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    cfg = _build(Config, raw, prefix="", source=source)
+    validate(cfg, source)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `--set a.b.c=value` (value parsed as YAML) to the raw mapping."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty part in key path {key!r}")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _public_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _build(cls, raw: Any, prefix: str, source: str):
+    where = prefix.rstrip(".") or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {raw!r}")
+    fields = {_key(f): f for f in _public_fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]!r}; allowed keys at {where}: "
+            + ", ".join(sorted(fields)))
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, f in fields.items():
+        if key in raw:
+            kwargs[f.name] = _coerce(hints[f.name], raw[key], f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp, value, key: str, source: str):
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{source}: {key} = {value!r} is not valid; expected {_type_name(tp)}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", source)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key, source)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        args = typing.get_args(tp)
+        if not args:
+            return dict(value)
+        kt, vt = args
+        out = {}
+        for k, v in value.items():
+            if kt is int:
+                try:
+                    k = int(k)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{source}: {key} key {k!r} must be an integer") from None
+            out[k] = _coerce(vt, v, f"{key}.{k}", source)
+        return out
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _to_dict(obj):
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): _to_dict(getattr(obj, f.name)) for f in _public_fields(type(obj))}
+    if isinstance(obj, dict):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_dict(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, source: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{source}: {msg}")
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Cross-field checks; each message says the relation that failed and how to fix it."""
+    _require(cfg.strategy in STRATEGIES, source,
+             f"strategy = {cfg.strategy!r} is not valid; expected one of {', '.join(STRATEGIES)}")
+    t = cfg.topology
+    if t.clients is not None:
+        _require(t.num_clients is None and t.ranks_per_client is None, source,
+                 "topology: give either clients: [sizes] or num_clients + ranks_per_client, not both")
+        _require(len(t.clients) >= 1, source, "topology.clients must list at least one client")
+        _require(all(s >= 1 for s in t.clients), source,
+                 f"topology.clients = {t.clients}: every client needs at least 1 rank")
+    else:
+        _require(t.num_clients is not None and t.ranks_per_client is not None, source,
+                 "topology: set clients: [ranks per client, ...] or both num_clients and ranks_per_client")
+        _require(t.num_clients >= 1 and t.ranks_per_client >= 1, source,
+                 f"topology: num_clients ({t.num_clients}) and ranks_per_client ({t.ranks_per_client}) must be >= 1")
+    m = cfg.model
+    _require((m.path is None) != (m.config is None), source,
+             "model: set exactly one of model.path (a local checkpoint) or model.config (build from scratch)")
+    if m.path is not None:
+        _require(os.path.isdir(m.path), source, f"model.path = {m.path!r} is not a directory")
+        _require(m.pretrained is None, source, "model.pretrained only applies with model.config")
+    if m.config is not None:
+        _require("model_type" in m.config, source, "model.config needs a model_type (e.g. llama)")
+    for name, a in (("personal", cfg.lora.personal), ("global", cfg.lora.global_)):
+        _require(a.r >= 1, source, f"lora.{name}.r = {a.r} must be >= 1")
+        _require(0.0 <= a.dropout < 1.0, source, f"lora.{name}.dropout = {a.dropout} must be in [0, 1)")
+        _require(len(a.target_modules) >= 1, source, f"lora.{name}.target_modules must not be empty")
+    tr = cfg.train
+    for k in ("rounds", "inner_steps", "personal_steps"):
+        _require(getattr(tr, k) >= 0, source, f"train.{k} = {getattr(tr, k)} must be >= 0")
+    for k in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "eval_batch_size"):
+        _require(getattr(tr, k) >= 1, source, f"train.{k} = {getattr(tr, k)} must be >= 1")
+    _require(tr.lr > 0, source, f"train.lr = {tr.lr} must be > 0")
+    n = len(cfg.client_sizes())
+    for c, o in cfg.client_overrides.items():
+        _require(0 <= c < n, source,
+                 f"client_overrides has client {c}, but the topology has {n} clients (ids 0..{n - 1})")
+        if o.inner_steps is not None:
+            _require(o.inner_steps >= 0, source, f"client_overrides.{c}.inner_steps must be >= 0")
+        if o.micro_batch_size is not None:
+            _require(o.micro_batch_size >= 1, source, f"client_overrides.{c}.micro_batch_size must be >= 1")
+    _require(len(cfg.outer.betas) == 2, source, "outer.betas needs two numbers")
+    f = cfg.fusion
+    _require(len(f.bounds) == 2 and f.bounds[0] < f.bounds[1], source,
+             f"fusion.bounds = {f.bounds}: need [low, high] with low < high")
+    _require(f.budget >= 1, source, f"fusion.budget = {f.budget} must be >= 1")
+    _require(len(f.fixed_weights) == 2, source, "fusion.fixed_weights needs (w_personal, w_global)")
+    if f.merge == "params":
+        _require(cfg.lora.personal.r == cfg.lora.global_.r
+                 and cfg.lora.personal.target_modules == cfg.lora.global_.target_modules, source,
+                 "fusion.merge = 'params' weights A and B separately, so lora.personal and lora.global "
+                 "need the same r and target_modules; use merge: exact otherwise")
+    _require(cfg.personal.sync_every >= 0, source, "personal.sync_every must be >= 0")
+    d = cfg.data
+    if d.source == "jsonl":
+        _require(bool(d.files), source, "data.source = 'jsonl' needs data.files (one per client, or one to split)")
+        _require(len(d.files) in (1, n), source,
+                 f"data.files has {len(d.files)} files; give 1 (split across clients) or {n} (one per client)")
+        for p in d.files:
+            _require(os.path.isfile(p), source, f"data.files: {p} not found")
+    _require(0.0 < d.test_fraction < 1.0, source, f"data.test_fraction = {d.test_fraction} must be in (0, 1)")
+    _require(d.alpha > 0, source, f"data.alpha = {d.alpha} must be > 0")
+    _require(d.fewshot_rows >= 0, source, "data.fewshot_rows must be >= 0")
+    if isinstance(cfg.deepspeed, str):
+        _require(os.path.isfile(cfg.deepspeed), source, f"deepspeed: JSON file {cfg.deepspeed} not found")
+    _require(cfg.log.every >= 1, source, "log.every must be >= 1")
+
+
+def deepspeed_dict(cfg: Config, client: int) -> dict:
+    """The DeepSpeed config for one client: file or dict, then the client's override, then the
+    batch sizes and optimizer from `train` where the user did not set them."""
+    base = cfg.deepspeed
+    if isinstance(base, str):
+        with open(base) as f:
+            try:
+                base = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"deepspeed: {cfg.deepspeed} is not valid JSON: {e}") from None
+    ds = _merge(dict(base), {})
+    o = cfg.client_overrides.get(client)
+    if o and o.deepspeed:
+        ds = _merge(ds, o.deepspeed)
+    ds.setdefault("train_micro_batch_size_per_gpu", cfg.micro_batch_size(client))
+    ds.setdefault("gradient_accumulation_steps", cfg.train.gradient_accumulation_steps)
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {
+        "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "torch_adam": True}})
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accum x ranks
+    stage = ds["zero_optimization"].get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization.stage = {stage!r} (client {client}); expected 0, 1, 2 or 3")
+    return ds
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = {k: (_merge(v, {}) if isinstance(v, dict) else v) for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,182 @@
+"""The frozen base and its two named LoRA adapters, `personal` and `global`, through PEFT.
+
+Adapter state is read and written by adapter name through PEFT's layer structure
+(`layer.lora_A[name]`), never by matching substrings of parameter names. The state keys are the
+ones PEFT writes in `adapter_model.safetensors`, so a saved directory loads with
+`peft.PeftModel.from_pretrained(base, path)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+
+PERSONAL = "personal"
+GLOBAL = "global"
+ADAPTERS = (PERSONAL, GLOBAL)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_base(model_cfg, seed: int, vocab_size: int | None = None):
+    """A causal LM: a local checkpoint (`path`) or built from a transformers config (`config`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = _DTYPES[model_cfg.dtype]
+    if model_cfg.path:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype, local_files_only=True)
+    else:
+        kw = dict(model_cfg.config)
+        model_type = kw.pop("model_type")
+        if vocab_size is not None:
+            kw.setdefault("vocab_size", vocab_size)
+        config = AutoConfig.for_model(model_type, **kw)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+        if model_cfg.pretrained:
+            weights = os.path.join(model_cfg.pretrained, "model.safetensors")
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(
+                    f"model.pretrained = {model_cfg.pretrained}: no model.safetensors there; "
+                    "run `fdlora-cluster pretrain CONFIG` first")
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(weights))
+        model = model.to(dtype)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def lora_config(a):
+    """PEFT LoraConfig from our AdapterConfig."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                      target_modules=list(a.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def add_adapters(base, configs: dict, seed: int, trainable=ADAPTERS):
+    """Wrap `base` in a PeftModel with the named adapters ({name: AdapterConfig}), each initialised
+    from its own seed; only `trainable` ones require grad.
+
+    Every client seeds `global` the same way, so all clients (and the server's copy) start equal."""
+    from peft import get_peft_model
+
+    model = None
+    for i, (name, cfg) in enumerate(configs.items()):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed * 1000 + 17 + i)
+            if model is None:
+                model = get_peft_model(base, lora_config(cfg), adapter_name=name)
+            else:
+                model.add_adapter(name, lora_config(cfg))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in trainable:
+        for p in adapter_params(model, name).values():
+            p.requires_grad_(True)
+    return model
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            yield mod_name, mod
+
+
+def adapter_params(model, name: str) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters keyed as PEFT saves them (`...q_proj.lora_A.weight`)."""
+    out = {}
+    for mod_name, mod in _lora_layers(model):
+        if name in mod.lora_A:
+            out[f"{mod_name}.lora_A.weight"] = mod.lora_A[name].weight
+            out[f"{mod_name}.lora_B.weight"] = mod.lora_B[name].weight
+    if not out:
+        raise KeyError(f"adapter {name!r} not found in the model")
+    return out
+
+
+def adapter_scaling(model, name: str) -> float:
+    for _, mod in _lora_layers(model):
+        if name in mod.scaling:
+            return float(mod.scaling[name])
+    raise KeyError(name)
+
+
+def set_active(model, names, scales: dict[str, float] | None = None) -> None:
+    """Make `names` the active adapters (one, or several summed) without touching requires_grad.
+
+    `scales` multiplies each adapter's contribution (used by the fusion search)."""
+    names = [names] if isinstance(names, str) else list(names)
+    for _, mod in _lora_layers(model):
+        mod._active_adapter = names
+        for n in mod.lora_A:
+            base = mod.lora_alpha[n] / mod.r[n]
+            mod.scaling[n] = base * (scales.get(n, 1.0) if scales else 1.0)
+
+
+@contextlib.contextmanager
+def gathered(params, zero_stage: int, modifier_rank: int | None = None):
+    """Full parameters inside the block. Under ZeRO-3 the partitioned tensors are gathered;
+    with `modifier_rank`, that rank's writes are broadcast and re-partitioned on exit."""
+    params = list(params)
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def read_adapter(model, name: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """A CPU copy of the adapter's full weights (gathered under ZeRO-3; collective then)."""
+    params = adapter_params(model, name)
+    with gathered(params.values(), zero_stage):
+        return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
+
+
+def write_adapter(model, name: str, state: dict[str, torch.Tensor], zero_stage: int) -> None:
+    """Overwrite the adapter's weights with `state` on every rank (collective under ZeRO-3).
+
+    The caller refreshes the optimizer's fp32 master copies afterwards."""
+    params = adapter_params(model, name)
+    check_same_layout(params, state, what=f"adapter {name!r}")
+    with gathered(params.values(), zero_stage, modifier_rank=0):
+        with torch.no_grad():
+            for k, p in params.items():
+                p.data.copy_(state[k].to(p.device, p.dtype))
+
+
+def check_same_layout(ref: dict, state: dict, what: str) -> None:
+    if set(ref) != set(state):
+        missing = sorted(set(ref) - set(state))[:3]
+        extra = sorted(set(state) - set(ref))[:3]
+        raise ValueError(f"{what}: keys differ (missing {missing}, unexpected {extra})")
+    for k, p in ref.items():
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if tuple(state[k].shape) != shape:
+            raise ValueError(f"{what}: {k} has shape {tuple(state[k].shape)}, expected {shape}")
+
+
+def save_adapter(path: str, state: dict[str, torch.Tensor], peft_lora_config, base_name: str | None) -> None:
+    """Write a PEFT `save_pretrained`-style directory from a full state dict."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    cfg = peft_lora_config.to_dict()
+    cfg["base_model_name_or_path"] = base_name
+    for k, v in list(cfg.items()):
+        if isinstance(v, set):
+            cfg[k] = sorted(v)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, default=str)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "adapter_model.safetensors"))

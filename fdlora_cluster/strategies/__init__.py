@@ -1,0 +1,8 @@
+"""Federated strategies: pure objects over `dict[str, Tensor]` (no MPI, no DeepSpeed)."""
+
+from .aggregate import (OuterOptimizer, UpdateError, check_update, client_weights, l2_distance, pseudo_gradient,
+                        weighted_average)
+from .methods import STRATEGIES, DiLoCo, FDLoRA, FedAvg, FedDPA, FedProx, Local, Strategy, make_strategy
+
+__all__ = ["STRATEGIES", "DiLoCo", "FDLoRA", "FedAvg", "FedDPA", "FedProx", "Local", "OuterOptimizer", "Strategy",
+           "UpdateError", "check_update", "client_weights", "l2_distance", "make_strategy", "pseudo_gradient", "weighted_average"]

@@ -1,0 +1,197 @@
+"""The job, top to bottom: topology -> run directory -> roles -> schedule -> results.
+
+    server:  init global -> [ROUND t: send global -> collect -> aggregate] x T -> send final
+    client:  personal stage -> init global -> [ROUND t: receive -> K local steps -> send update
+             -> personal steps -> sync every H] x T -> receive final -> fuse -> evaluate -> save
+
+Both schedules are below, each in one function, so the protocol can be read side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import AdapterConfig, Config
+from .data import get_tokenizer, load_clients
+from .fusion import fused_lora_shape
+from .log import get_logger, setup_logging
+from .model import GLOBAL, PERSONAL, add_adapters, build_base, lora_config, save_adapter
+from .strategies import make_strategy
+from .topology import build_topology
+from .transport import Transport
+
+
+@dataclass
+class RunDir:
+    """The run directory and this rank's metric records (merged at the server at the end)."""
+
+    dir: str
+    rank: int
+    records: list = field(default_factory=list)
+
+    def record(self, rec: dict) -> None:
+        rec = {"time": time.time(), "rank": self.rank, **rec}
+        self.records.append(rec)
+        with open(os.path.join(self.dir, "logs", f"metrics-rank-{self.rank}.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def fused_adapter_config(cfg: Config) -> AdapterConfig:
+    r, alpha = fused_lora_shape(cfg.lora.personal, cfg.lora.global_, cfg.fusion.merge)
+    return AdapterConfig(r=r, alpha=alpha, dropout=0.0, target_modules=list(cfg.lora.personal.target_modules))
+
+
+def run(cfg: Config, record_payloads: list | None = None) -> dict | None:
+    """Run the job on this rank. Returns the summary on the server, None elsewhere."""
+    topo = build_topology(cfg.client_sizes())
+    run_dir = RunDir(cfg.output_dir, topo.rank)
+    os.makedirs(os.path.join(run_dir.dir, "logs"), exist_ok=True)
+    console = topo.is_server or topo.is_leader or cfg.log.followers_on_console
+    log = setup_logging(topo.role, topo.rank, os.path.join(run_dir.dir, "logs"), cfg.log.level, console)
+    strategy = make_strategy(cfg)
+    if topo.is_server:
+        log.info(f"fdlora-cluster: strategy {strategy.name}; {topo.plan.describe()}")
+        log.info("topology:\n" + topo.table())
+        with open(os.path.join(run_dir.dir, "config.yaml"), "w") as f:
+            import yaml
+
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    transport = None
+    if topo.federation_comm is not None and strategy.federated:
+        transport = Transport(topo.federation_comm, record=record_payloads)
+
+    if topo.is_server:
+        summary = server_schedule(cfg, topo, strategy, transport, run_dir)
+    else:
+        client_schedule(cfg, topo, strategy, transport, run_dir)
+        summary = None
+    return finish(cfg, topo, run_dir, summary)
+
+
+def server_schedule(cfg, topo, strategy, transport, run_dir) -> dict:
+    from .server import Server
+
+    log = get_logger()
+    if not strategy.federated:
+        log.info(f"strategy {strategy.name}: no federation; clients train on their own")
+        return {"bytes_per_round": 0}
+    server = Server(cfg, topo, strategy, transport, run_dir)
+    server.init_global()
+    for t in range(1, cfg.train.rounds + 1):
+        rec = server.run_round(t)
+        run_dir.record(rec)
+        log.info(f"[ROUND {t}/{cfg.train.rounds}] aggregated {topo.plan.num_clients} updates in "
+                 f"{rec['seconds']:.2f}s; sent {rec['server_bytes_sent']} B, received {rec['server_bytes_received']} B; "
+                 f"global moved {rec['global_change']:.4g}")
+    server.send_final()
+    save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), server.global_state,
+                 lora_config(cfg.lora.global_), cfg.model.path)
+    return {"bytes_total": transport.total.snapshot()}
+
+
+def client_schedule(cfg, topo, strategy, transport, run_dir) -> None:
+    from .client import FUSED, Client
+    from .engine import ClientEngine
+
+    log = get_logger()
+    tok = get_tokenizer(cfg.model.path)
+    data = load_clients(cfg.data, topo.plan.num_clients, cfg.seed)[topo.client_id]
+    base = build_base(cfg.model, cfg.seed, vocab_size=tok.vocab_size)
+    adapters = {PERSONAL: cfg.lora.personal, GLOBAL: cfg.lora.global_}
+    if strategy.fusion:
+        adapters[FUSED] = fused_adapter_config(cfg)
+    model = add_adapters(base, adapters, cfg.seed, trainable=(PERSONAL, GLOBAL))
+    engine = ClientEngine(cfg, topo, model, tok, data)
+    client = Client(cfg, topo, strategy, engine, transport, run_dir)
+    K = cfg.inner_steps(topo.client_id)
+    if topo.is_leader:
+        log.info(f"client {topo.client_id}: {len(data.train)} train / {len(data.fewshot)} few-shot / "
+                 f"{len(data.test)} test rows; ZeRO stage {engine.zero_stage}; K = {K}")
+
+    # Phase 1: the personal stage (each client alone).
+    if strategy.personal_stage and cfg.train.personal_steps:
+        stats = engine.train(PERSONAL, cfg.train.personal_steps, round=0, tag="[personal stage] ")
+        client.record("train", 0, adapter=PERSONAL, **stats)
+
+    # Phase 2: the global start (seeded, or the mean of the personal adapters).
+    if strategy.federated:
+        client.send_layout_and_init()
+
+    # Phase 3: the rounds.
+    for t in range(1, cfg.train.rounds + 1):
+        if strategy.federated:
+            client.receive_global(t)
+            prox = engine.read(GLOBAL) if strategy.prox_mu > 0 else None
+            stats = engine.train(GLOBAL, K, round=t, prox_to=prox, prox_mu=strategy.prox_mu, tag=f"[round {t}] ")
+            client.record("train", t, adapter=GLOBAL, **stats)
+            client.send_update(t)
+        if strategy.personal_each_round:
+            steps = cfg.personal.steps_per_round or K
+            stats = engine.train(PERSONAL, steps, round=t, tag=f"[round {t}] ")
+            client.record("train", t, adapter=PERSONAL, **stats)
+        if strategy.federated and cfg.personal.sync_every and t % cfg.personal.sync_every == 0:
+            client.sync_personal_from_global(t)
+    if strategy.federated:
+        client.receive_global(cfg.train.rounds + 1)
+
+    # Phase 4: fusion, evaluation, adapters on disk.
+    if strategy.fusion:
+        client.fuse()
+    results = client.evaluate()
+    client.save(adapters.get(FUSED))
+    client.summary = {"client": topo.client_id, "method": strategy.name, "ranks": topo.client_size,
+                      "train_rows": len(data.train), "fewshot_rows": len(data.fewshot), "test_rows": len(data.test),
+                      "zero_stage": engine.zero_stage, "inner_steps": K, "metrics": results}
+    if client.fusion_weights:
+        client.summary["fusion_weights"] = {"personal": client.fusion_weights[0], "global": client.fusion_weights[1]}
+    if transport is not None:
+        client.summary["bytes"] = transport.total.snapshot()
+    run_dir.summary = client.summary if topo.is_leader else None
+
+
+def finish(cfg, topo, run_dir, server_summary) -> dict | None:
+    """Gather every rank's records and the leaders' summaries at the server; write the results."""
+    records = topo.world.gather(run_dir.records, root=0)
+    summaries = topo.world.gather(getattr(run_dir, "summary", None), root=0)
+    if not topo.is_server:
+        return None
+    recs = sorted((r for rs in records for r in rs),
+                  key=lambda r: (r["round"] if r["round"] is not None else 10**9, -1 if r["client"] is None else r["client"], r["time"]))
+    with open(os.path.join(run_dir.dir, "metrics.jsonl"), "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    rounds = [r for r in recs if r["event"] == "round"]
+    clients = [s for s in summaries if s]
+    per_round_bytes = (sum(r["server_bytes_sent"] + r["server_bytes_received"] for r in rounds) / len(rounds)) if rounds else 0
+    per_round_seconds = (sum(r["seconds"] for r in rounds) / len(rounds)) if rounds else None
+    for s in clients:
+        # everything this client's leader sent and received (start-up and final global included) / rounds
+        b = s.pop("bytes", None)
+        s["bytes_total"] = (b["bytes_sent"] + b["bytes_received"]) if b else 0
+        s["bytes_per_round"] = s["bytes_total"] / max(1, cfg.train.rounds)
+        s["seconds_per_round"] = per_round_seconds
+    summary = {"strategy": cfg.strategy, "rounds": cfg.train.rounds, "world_size": topo.plan.world_size,
+               "bytes_per_round": per_round_bytes, "seconds_per_round": per_round_seconds,
+               "server": server_summary, "clients": clients}
+    with open(os.path.join(run_dir.dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    get_logger().info("results per client:\n" + results_table(summary))
+    return summary
+
+
+def results_table(summary: dict) -> str:
+    """The per-client table: one row per client and evaluated adapter."""
+    head = ("client", "ranks", "method", "adapter", "accuracy", "loss", "rows")
+    rows = []
+    for s in summary["clients"]:
+        for adapter, m in s["metrics"].items():
+            acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
+            rows.append((str(s["client"]), str(s["ranks"]), s["method"], adapter, acc, f"{m['loss']:.4f}", str(m["rows"])))
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])

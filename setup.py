@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fdlora-cluster",
+    version="0.1.0",
+    description="Personalized federated fine-tuning of LLMs with dual LoRA (FDLoRA), each client a DeepSpeed cluster",
+    packages=find_packages(include=["fdlora_cluster", "fdlora_cluster.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "transformers>=4.45",
+        "peft>=0.13",
+        "mpi4py>=3.1",
+        "pyyaml>=6",
+        "nevergrad>=1.0",
+        "numpy",
+        "safetensors",
+        "matplotlib",
+    ],
+    extras_require={
+        # An MPI for pip users; on clusters use the system MPI (module load) instead.
+        "mpich": ["mpich"],
+        "test": ["pytest>=7", "pytest-timeout", "mpich"],
+    },
+    entry_points={"console_scripts": ["fdlora-cluster=fdlora_cluster.cli:main"]},
+)
