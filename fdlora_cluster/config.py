@@ -249,18 +249,50 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file, apply `key.path=value` overrides, and validate into a Config."""
-    path = str(path)
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"{node.start_mark.name}:{key_node.start_mark.line + 1}: key {key!r} is given twice")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path: str, _seen: tuple = ()) -> dict:
+    """One YAML file as a mapping, with `include: other.yaml` (relative to the file) merged under it:
+    the included file's keys first, this file's keys over them, section by section."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"{path}: include loop through {' -> '.join(_seen)}")
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    include = raw.pop("include", None)
+    if include is None:
+        return raw
+    if not isinstance(include, str):
+        raise ConfigError(f"{path}: include must be one file name, got {include!r}")
+    base = read_yaml(os.path.join(os.path.dirname(path), include), _seen + (os.path.abspath(path),))
+    return _merge(base, raw)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (and what it includes), apply `key.path=value` overrides, validate."""
+    path = str(path)
+    raw = read_yaml(path)
     for item in overrides or []:
         apply_override(raw, item)
     cfg = config_from_dict(raw, source=path)
