@@ -127,9 +127,15 @@ def cmd_launch(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fdlora-cluster", description=__doc__.splitlines()[0])
+    # The DeepSpeed launcher's own spawning puts --local_rank=N right after the script, before
+    # `run`; accepted here (and after `run`) and ignored, so that such a launch reaches the
+    # topology check, which explains how to launch instead (topology._launcher_hint).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run this rank of the job (under mpiexec/srun/deepspeed)")
     _add_config_args(p)
+    # We take the local rank from MPI (engine.node_local_rank), never from this flag.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("launch", help="start every rank on this machine with mpiexec")
     _add_config_args(p)

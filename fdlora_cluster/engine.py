@@ -42,20 +42,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _interface_address(name: str) -> str | None:
+    """IPv4 address of the local network interface `name` (eth0, ib0, ...), None if there is none."""
+    import fcntl
+    import struct
+
+    if name not in {n for _, n in socket.if_nameindex()}:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:  # SIOCGIFADDR
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None  # the interface has no IPv4 address
+    return socket.inet_ntoa(packed[20:24])
+
+
+def _route_address(peer_hosts: list[str]) -> str | None:
+    """The local address this host uses to reach the first resolvable, non-loopback peer host
+    (a UDP connect sends nothing; it only asks the kernel for the route's source address)."""
+    for host in peer_hosts:
+        try:
+            ip = socket.gethostbyname(host)
+            if ipaddress.ip_address(ip).is_loopback:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((ip, 9))
+                addr = s.getsockname()[0]
+        except OSError:
+            continue
+        if not ipaddress.ip_address(addr).is_loopback:
+            return addr
+    return None
+
+
 def rendezvous_address(client_hosts: list[str], configured: str | None) -> str:
     """The address the leader publishes: env override, then config, then the leader's host address.
 
-    A client on one host can use loopback; a client spanning hosts must not (the other hosts
-    would connect to themselves), so that case refuses a loopback address and says how to fix it."""
+    The override (env FDLORA_RENDEZVOUS_ADDR, else topology.rendezvous_addr) is an address, a host
+    name, or the name of a network interface of the leader's host (`eth0`, `ib0`); an interface
+    name is the form that suits every leader of a job at once, since each leader resolves it on
+    its own host. Without an override, a client on one host uses loopback; a client spanning hosts
+    uses the address its leader's host name resolves to, or, when that is loopback (Debian maps
+    the host name to 127.0.1.1), the local address of the route to the client's other hosts. A
+    loopback address for a client spanning hosts is refused (the other hosts would connect to
+    themselves), with how to fix it."""
     addr = os.environ.get(RENDEZVOUS_ENV) or configured
     spans_hosts = len(set(client_hosts)) > 1
+    me = socket.gethostname()
     if addr is None:
         if not spans_hosts:
             return "127.0.0.1"
-        addr = socket.gethostbyname(socket.gethostname())
-        source = f"the address of host {socket.gethostname()!r}"
+        addr = socket.gethostbyname(me)
+        source = f"the address of host {me!r}"
+        if ipaddress.ip_address(addr).is_loopback:
+            routed = _route_address([h for h in client_hosts if h != me])
+            if routed is not None:
+                addr, source = routed, f"the address of host {me!r} on the route to the client's other hosts"
     else:
-        source = f"{RENDEZVOUS_ENV} / topology.rendezvous_addr"
+        source = f"{RENDEZVOUS_ENV} / topology.rendezvous_addr = {addr!r}"
+        addr = _interface_address(addr) or addr
     if spans_hosts:
         try:
             loopback = ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
@@ -64,7 +109,8 @@ def rendezvous_address(client_hosts: list[str], configured: str | None) -> str:
         if loopback:
             raise RendezvousError(
                 f"this client spans hosts {sorted(set(client_hosts))}, but {source} is loopback ({addr}); "
-                f"set {RENDEZVOUS_ENV} or topology.rendezvous_addr to an address the other hosts reach")
+                f"set {RENDEZVOUS_ENV} or topology.rendezvous_addr to an address or a network interface "
+                f"(e.g. eth0) that the other hosts reach")
     return addr
 
 

@@ -130,14 +130,48 @@ class Topology:
         return "\n".join(lines)
 
 
-def _launcher_hint() -> str:
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") or "LOCAL_RANK" in os.environ:
-        return ("This process is an MPI singleton although a launcher set WORLD_SIZE="
-                f"{os.environ.get('WORLD_SIZE')}: the launcher spawned the ranks itself without an MPI "
-                "world (the DeepSpeed launcher on one node does this, and so does --launcher pdsh). "
-                "Launch with `mpiexec -n N fdlora-cluster run ...`, `fdlora-cluster launch ...`, or "
-                "`deepspeed --force_multi --launcher mpich|openmpi --hostfile ...`.")
-    return "Start it with `fdlora-cluster launch CONFIG` or `mpiexec -n N fdlora-cluster run CONFIG`."
+def _env_int(env, *names: str) -> int | None:
+    """The first of `names` set to an integer in `env`, else None."""
+    for n in names:
+        try:
+            return int(env[n])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def _launcher_hint(env=None, mpi_library: str = "") -> str:
+    """Why this process is an MPI singleton although the job needs more ranks, and how to launch.
+
+    A launcher that starts N processes without making them one MPI world leaves its own traces in
+    the environment; the most specific one wins:
+      - an MPI launcher's size (PMI_SIZE, OMPI_COMM_WORLD_SIZE, PMIX_SIZE...) > 1: that mpiexec
+        belongs to another MPI than the one mpi4py is built on, so every rank is alone;
+      - SLURM_STEP_NUM_TASKS > 1: srun started the tasks without an MPI plugin (--mpi=...);
+      - WORLD_SIZE > 1 or LOCAL_RANK (torch-style launchers): the DeepSpeed launcher spawning the
+        ranks itself (one node without --force_multi, or --launcher pdsh), or torchrun."""
+    env = os.environ if env is None else env
+    how = ("Launch with `fdlora-cluster launch CONFIG` (one machine), `mpiexec -n N fdlora-cluster run CONFIG`, "
+           "`srun --mpi=pmi2 ... fdlora-cluster run CONFIG` (launch/slurm/), or `deepspeed --hostfile HOSTFILE "
+           "--launcher mpich|openmpi [--force_multi on one node] ...` (launch/deepspeed.sh); see docs/LAUNCH.md.")
+    mpi_size = _env_int(env, "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+    if mpi_size is not None and mpi_size > 1:
+        return (f"An MPI launcher started {mpi_size} processes, but each one is a world of its own: that "
+                f"launcher belongs to another MPI than the one mpi4py uses ({mpi_library or 'see MPI.Get_library_version()'}). "
+                "Use the mpiexec of mpi4py's MPI (`python -c 'import mpi4py; print(mpi4py.get_config())'`), "
+                "or rebuild mpi4py against your cluster's MPI. " + how)
+    tasks = _env_int(env, "SLURM_STEP_NUM_TASKS")
+    if tasks is not None and tasks > 1:
+        return (f"srun started {tasks} tasks, but they are not one MPI world: srun needs an MPI plugin that "
+                "your MPI speaks, e.g. `srun --mpi=pmi2` (list them with `srun --mpi=list`), or run mpiexec "
+                "inside the allocation (launch/slurm/fdlora-mpiexec.sbatch). " + how)
+    if _env_int(env, "WORLD_SIZE") not in (None, 1) or "LOCAL_RANK" in env:
+        return (f"A launcher set WORLD_SIZE={env.get('WORLD_SIZE')} LOCAL_RANK={env.get('LOCAL_RANK')} and spawned "
+                "the ranks itself, without an MPI world: the DeepSpeed launcher does this on one node without "
+                "--force_multi, and with --launcher pdsh; torchrun does too. With the DeepSpeed launcher use "
+                "`--launcher mpich` or `--launcher openmpi`, and add `--force_multi` when the hostfile has one "
+                "host. " + how)
+    return how
 
 
 def build_topology(client_sizes: list[int]) -> Topology:
@@ -150,7 +184,7 @@ def build_topology(client_sizes: list[int]) -> Topology:
     if size == 1 and plan.world_size > 1:
         raise TopologyError(
             f"the config's topology needs {plan.world_size} ranks but this is a single process. "
-            + _launcher_hint())
+            + _launcher_hint(mpi_library=MPI.Get_library_version().splitlines()[0].strip()))
     plan.check_world(size)
     client = plan.client_of(rank)
     # Split is collective: every rank passes a colour; UNDEFINED gives COMM_NULL.
