@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Every rank of a job with plain mpirun / mpiexec, on this machine or on a list of hosts.
+#
+#   launch/mpirun.sh                                        # the demo on this machine (5 ranks)
+#   HOSTS=node-a:3,node-b:2 launch/mpirun.sh --set train.rounds=5
+#   CONFIG=configs/my.yaml HOSTS=gpu1:8,gpu2:8 OUTPUT=runs/my launch/mpirun.sh
+#
+# Ranks fill the hosts in order: the first host's slots take ranks 0.., then the next host's.
+# Rank 0 is the server; client i takes the next topology.clients[i] ranks, so a client may
+# span two hosts (its leader then publishes a rendezvous address the other host can reach:
+# set FDLORA_RENDEZVOUS_ADDR=<interface, e.g. eth0> if its host name resolves to loopback).
+# All hosts must see the same paths (shared filesystem, same virtualenv), and this host must
+# reach the others by passwordless ssh (MPICH's and Open MPI's default way to start remote ranks).
+#
+# Knobs (environment):
+#   CONFIG   the run config (default configs/demo.yaml)
+#   OUTPUT   the run directory (default: the config's output_dir)
+#   HOSTS    host:slots,host:slots,...; empty = this machine only (default empty)
+#   NP       number of ranks (default: 1 + sum(topology.clients), from `fdlora-cluster check`)
+#   MPIEXEC  the launcher (default: mpiexec next to this Python, else mpiexec/mpirun on PATH)
+#   MPI      mpich | openmpi: which flag style to use (default: asked from `$MPIEXEC --version`)
+#   MPI_ARGS extra launcher flags, e.g. "-iface eth0" (MPICH) or "--mca btl_tcp_if_include eth0" (Open MPI)
+#   FDLORA   the entry point (default: fdlora-cluster on PATH, as an absolute path for remote hosts)
+#   DRY_RUN  1 = print the command only
+# Arguments: passed on to `fdlora-cluster run` (e.g. --set train.rounds=5).
+#
+# The flags this script writes, for reference (rank blocks stay contiguous per host):
+#   MPICH:    mpiexec -n NP -hosts node-a:3,node-b:2 fdlora-cluster run CONFIG
+#             (Hydra passes the whole environment to every rank; -genv K V sets one more)
+#   Open MPI: mpirun -np NP --host node-a:3,node-b:2 --map-by slot -x PATH -x LD_LIBRARY_PATH
+#             -x OMP_NUM_THREADS ... fdlora-cluster run CONFIG
+#             (Open MPI passes only the variables named by -x; as root it also needs
+#             OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+set -euo pipefail
+
+CONFIG=${CONFIG:-configs/demo.yaml}
+OUTPUT=${OUTPUT:-}
+HOSTS=${HOSTS:-}
+FDLORA=${FDLORA:-$(command -v fdlora-cluster || true)}
+MPI_ARGS=${MPI_ARGS:-}
+DRY_RUN=${DRY_RUN:-0}
+[[ -n "$FDLORA" ]] || { echo "fdlora-cluster not found: activate the virtualenv or set FDLORA" >&2; exit 2; }
+if [[ -z "${MPIEXEC:-}" ]]; then
+    py_bin=$(dirname "$(head -1 "$FDLORA" | sed 's/^#!//')")
+    MPIEXEC=$( { [[ -x "$py_bin/mpiexec" ]] && echo "$py_bin/mpiexec"; } || command -v mpiexec || command -v mpirun || true)
+fi
+[[ -n "$MPIEXEC" ]] || { echo "no mpiexec found: pip install mpich, or load your cluster's MPI module" >&2; exit 2; }
+if [[ -z "${MPI:-}" ]]; then
+    if "$MPIEXEC" --version 2>&1 | grep -qiE "open ?mpi|openrte"; then MPI=openmpi; else MPI=mpich; fi
+fi
+if [[ -z "${NP:-}" ]]; then
+    NP=$("$FDLORA" check "$CONFIG" "$@" | sed -n 's/^world=\([0-9]*\):.*/\1/p')
+fi
+[[ -n "$OUTPUT" ]] && set -- --output "$OUTPUT" "$@"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+case "$MPI" in
+    mpich)
+        cmd=("$MPIEXEC" -n "$NP")
+        [[ -n "$HOSTS" ]] && cmd+=(-hosts "$HOSTS")
+        ;;
+    openmpi)
+        export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
+        cmd=("$MPIEXEC" -np "$NP" --map-by slot)
+        [[ -n "$HOSTS" ]] && cmd+=(--host "$HOSTS")
+        for v in PATH LD_LIBRARY_PATH PYTHONPATH OMP_NUM_THREADS DS_ACCELERATOR FDLORA_RENDEZVOUS_ADDR \
+                 GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME CUDA_VISIBLE_DEVICES; do
+            [[ -n "${!v:-}" ]] && cmd+=(-x "$v")
+        done
+        ;;
+    *) echo "MPI=$MPI: expected mpich or openmpi" >&2; exit 2 ;;
+esac
+eval "extra=($MPI_ARGS)"  # a list of flags, with shell quoting (--launcher_args "...")
+cmd+=("${extra[@]}" "$FDLORA" run "$CONFIG" "$@")
+echo "+ ${cmd[*]}"
+[[ "$DRY_RUN" == 1 ]] && exit 0
+exec "${cmd[@]}"
