@@ -105,14 +105,28 @@ def wait_for(what: str, probe, timeout: float = 60, every: float = 0.5):
         time.sleep(every)
 
 
+_lock_depth = 0
+
+
 @contextlib.contextmanager
 def cluster_lock(timeout: float = 900):
-    """One test session at a time uses these pieces (they share names and /etc/hosts)."""
-    with open(LOCK, "w") as f:
-        wait_for(f"the lock {LOCK}", lambda: _try_lock(f), timeout=timeout, every=1)
+    """One test session at a time uses these pieces (they share names and /etc/hosts).
+    Re-entrant within this process."""
+    global _lock_depth
+    if _lock_depth:
+        _lock_depth += 1
         try:
             yield
         finally:
+            _lock_depth -= 1
+        return
+    with open(LOCK, "w") as f:
+        wait_for(f"the lock {LOCK}", lambda: _try_lock(f), timeout=timeout, every=1)
+        _lock_depth = 1
+        try:
+            yield
+        finally:
+            _lock_depth = 0
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

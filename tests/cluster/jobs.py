@@ -1,0 +1,60 @@
+"""What every launch test checks in a finished job, and the environment its ranks get."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = "configs/demo.yaml"
+# A small job (~20 s of training work): one round, one local step, few rows.
+TINY_ARGS = ["--set", "train.rounds=1", "--set", "train.inner_steps=1", "--set", "data.rows_per_client=40"]
+JOB_TIMEOUT = int(os.environ.get("FDLORA_LAUNCH_JOB_TIMEOUT", "300"))
+
+
+def job_env(**extra) -> dict:
+    """This Python's bin first on PATH (fdlora-cluster, mpiexec, deepspeed), one thread per rank, CPU."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env["FDLORA"] = os.path.join(os.path.dirname(sys.executable), "fdlora-cluster")
+    env.update(extra)
+    return env
+
+
+def show(p: subprocess.CompletedProcess) -> str:
+    return f"exit {p.returncode}\n--- stdout\n{p.stdout[-5000:]}\n--- stderr\n{p.stderr[-5000:]}"
+
+
+def check_run(run_dir: Path, client_sizes: list[int], spans: dict[int, set[str]] | None = None,
+              zero: dict[int, int] | None = None) -> None:
+    """The run finished: summary for every client; every `global_received` event has one digest
+    per rank of its client and they are all equal (the client's ranks hold identical weights);
+    `spans` names the hosts a client's ranks must cover; `zero` the ZeRO stage per client."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(c["client"] for c in summary["clients"]) == list(range(len(client_sizes))), summary
+    for c in summary["clients"]:
+        assert c["ranks"] == client_sizes[c["client"]], c
+        if zero and c["client"] in zero:
+            assert c["zero_stage"] == zero[c["client"]], c
+    events = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    got = [e for e in events if e["event"] == "global_received"]
+    assert {e["client"] for e in got} == set(range(len(client_sizes))), "a client received no global adapter"
+    for e in got:
+        assert len(e["digests"]) == client_sizes[e["client"]], e
+        assert len(set(e["digests"])) == 1, f"client {e['client']}'s ranks differ: {e}"
+    for client, hosts in (spans or {}).items():
+        assert client_hosts(run_dir, client) == hosts, (client, client_hosts(run_dir, client))
+
+
+def client_hosts(run_dir: Path, client: int) -> set[str]:
+    """Hosts of a client's ranks, from the topology table the server logs (role ranks hosts leader)."""
+    for line in (run_dir / "logs" / "rank-0.log").read_text().splitlines():
+        parts = line.split()
+        if parts[:2] == ["client", str(client)] and len(parts) >= 4:
+            return set(parts[3].split(","))
+    raise AssertionError(f"no topology row for client {client} in {run_dir}/logs/rank-0.log")
