@@ -267,6 +267,27 @@ class SlurmCluster:
         full = self.submit_host.wrap(cmd) if self.submit_host else cmd
         return sh(full, timeout=timeout, check=check, env=self.env, cwd=cwd)
 
+    def submit_and_wait(self, args: list[str], timeout: float, cwd=None) -> tuple[str, dict]:
+        """`sbatch --parsable ARGS`, then poll the job every second until it ends (faster than
+        `sbatch --wait`, which backs off to long sleeps); returns (job id, scontrol's fields)."""
+        p = self.run(["sbatch", "--parsable", *args], timeout=30, cwd=cwd)
+        if p.returncode != 0:
+            raise RuntimeError(f"sbatch failed: {p.stdout}{p.stderr}")
+        job = p.stdout.strip().split(";")[0]
+        ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+                 "DEADLINE")
+
+        def done():
+            q = self.run(["scontrol", "-o", "show", "job", job], timeout=20)
+            fields = dict(kv.split("=", 1) for kv in q.stdout.split() if "=" in kv)
+            return fields if fields.get("JobState") in ended else None
+
+        try:
+            return job, wait_for(f"Slurm job {job}", done, timeout=timeout, every=1)
+        except TimeoutError:
+            self.run(["scancel", job], timeout=20)
+            raise
+
     def logs(self) -> str:
         """The daemons' logs, for a failing test's message."""
         out = []

@@ -1,0 +1,45 @@
+"""A real single-node Slurm (slurmctld + slurmd + a private munged on this machine, as
+notes/slurm.md): the shipped sbatch script runs the demo to the end.
+
+Needs root and Slurm (tests/cluster/install.sh); the daemons are stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster import hosts
+from cluster.jobs import JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env
+
+SKIP = hosts.missing_prerequisites("slurmctld", "slurmd", "sbatch", "munged")
+
+
+@pytest.fixture(scope="module")
+def slurm_local():
+    if SKIP:
+        pytest.skip(SKIP)
+    with hosts.cluster_lock(), hosts.slurm() as cluster:
+        yield cluster
+
+
+def sbatch(cluster, script: str, tmp_path, *options: str):
+    """Submit a shipped script with the demo (tiny) and wait for it; returns (job fields, console)."""
+    cluster.env = {**job_env(OUTPUT=str(tmp_path / "run")), "SLURM_CONF": cluster.env["SLURM_CONF"]}
+    job, fields = cluster.submit_and_wait(
+        ["--overcommit", f"--output={tmp_path}/slurm-%j.out", *options, script, *TINY_ARGS],
+        timeout=JOB_TIMEOUT, cwd=ROOT)
+    out = tmp_path / f"slurm-{job}.out"
+    return fields, out.read_text() if out.exists() else ""
+
+
+def test_sbatch_runs_the_demo_on_one_node(slurm_local, tmp_path):
+    job, console = sbatch(slurm_local, "launch/slurm/fdlora.sbatch", tmp_path)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"{job}\n--- job console\n{console}\n{slurm_local.logs()}"
+    assert "+ srun --mpi=pmi2" in console and "results per client" in console, console
+    check_run(tmp_path / "run", [2, 2])
+
+
+def test_sbatch_stops_at_once_when_the_allocation_does_not_fit_the_topology(slurm_local, tmp_path):
+    job, console = sbatch(slurm_local, "launch/slurm/fdlora.sbatch", tmp_path, "--ntasks=3")
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), (job, console)
+    assert "needs 5 tasks (1 server + client ranks), the job has 3: submit with --ntasks=5" in console, console
