@@ -81,17 +81,17 @@ def rendezvous_address(client_hosts: list[str], configured: str | None) -> str:
     The override (env FDLORA_RENDEZVOUS_ADDR, else topology.rendezvous_addr) is an address, a host
     name, or the name of a network interface of the leader's host (`eth0`, `ib0`); an interface
     name is the form that suits every leader of a job at once, since each leader resolves it on
-    its own host. Without an override, a client on one host uses loopback; a client spanning hosts
-    uses the address its leader's host name resolves to, or, when that is loopback (Debian maps
-    the host name to 127.0.1.1), the local address of the route to the client's other hosts. A
-    loopback address for a client spanning hosts is refused (the other hosts would connect to
-    themselves), with how to fix it."""
+    its own host. A client on one host always uses loopback (so one override for the whole job
+    cannot misdirect it). A client spanning hosts uses the override, else the address its
+    leader's host name resolves to, or, when that is loopback (Debian maps the host name to
+    127.0.1.1), the local address of the route to the client's other hosts. A loopback address
+    for a client spanning hosts is refused (the other hosts would connect to themselves), with
+    how to fix it."""
+    if len(set(client_hosts)) <= 1:
+        return "127.0.0.1"
     addr = os.environ.get(RENDEZVOUS_ENV) or configured
-    spans_hosts = len(set(client_hosts)) > 1
     me = socket.gethostname()
     if addr is None:
-        if not spans_hosts:
-            return "127.0.0.1"
         addr = socket.gethostbyname(me)
         source = f"the address of host {me!r}"
         if ipaddress.ip_address(addr).is_loopback:
@@ -101,16 +101,15 @@ def rendezvous_address(client_hosts: list[str], configured: str | None) -> str:
     else:
         source = f"{RENDEZVOUS_ENV} / topology.rendezvous_addr = {addr!r}"
         addr = _interface_address(addr) or addr
-    if spans_hosts:
-        try:
-            loopback = ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
-        except (OSError, ValueError):
-            raise RendezvousError(f"rendezvous address {addr!r} (from {source}) does not resolve") from None
-        if loopback:
-            raise RendezvousError(
-                f"this client spans hosts {sorted(set(client_hosts))}, but {source} is loopback ({addr}); "
-                f"set {RENDEZVOUS_ENV} or topology.rendezvous_addr to an address or a network interface "
-                f"(e.g. eth0) that the other hosts reach")
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+    except (OSError, ValueError):
+        raise RendezvousError(f"rendezvous address {addr!r} (from {source}) does not resolve") from None
+    if loopback:
+        raise RendezvousError(
+            f"this client spans hosts {sorted(set(client_hosts))}, but {source} is loopback ({addr}); "
+            f"set {RENDEZVOUS_ENV} or topology.rendezvous_addr to an address or a network interface "
+            f"(e.g. eth0) that the other hosts reach")
     return addr
 
 

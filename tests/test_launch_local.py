@@ -35,6 +35,7 @@ def test_launcher_hint_names_the_launcher_and_the_fix(env, says):
 def test_rendezvous_address_refuses_loopback_for_a_client_spanning_hosts(monkeypatch):
     monkeypatch.delenv("FDLORA_RENDEZVOUS_ADDR", raising=False)
     assert rendezvous_address(["h1", "h1"], None) == "127.0.0.1"
+    assert rendezvous_address(["h1", "h1"], "10.0.0.1") == "127.0.0.1"  # one host: loopback, always
     with pytest.raises(RendezvousError, match="spans hosts.*loopback"):
         rendezvous_address(["h1", "h2"], "127.0.0.1")
     # an interface name is resolved on the leader's own host
