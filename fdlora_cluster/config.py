@@ -343,7 +343,7 @@ def _build(cls, raw: Any, prefix: str, source: str):
     unknown = [k for k in raw if k not in fields]
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]!r}; allowed keys at {where}: "
+            f"{source}: unknown key '{prefix}{unknown[0]}'; allowed keys at {where}: "
             + ", ".join(sorted(fields)))
     hints = typing.get_type_hints(cls)
     kwargs = {}
