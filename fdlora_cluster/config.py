@@ -505,6 +505,17 @@ def validate(cfg: Config, source: str) -> None:
                  "fusion.merge = 'params' weights A and B separately, so lora.personal and lora.global "
                  "need the same r and target_modules; use merge: exact otherwise")
     _require(cfg.personal.sync_every >= 0, source, "personal.sync_every must be >= 0")
+    p_, g_ = cfg.lora.personal, cfg.lora.global_
+    same_layout = p_.r == g_.r and p_.target_modules == g_.target_modules
+    if cfg.global_.init == "personal_mean" or cfg.personal.sync_every:
+        _require(same_layout, source,
+                 "global.init = personal_mean and personal.sync_every copy weights between the two adapters, "
+                 f"so lora.personal and lora.global need the same r and target_modules "
+                 f"(now r {p_.r} vs {g_.r}, targets {p_.target_modules} vs {g_.target_modules})")
+    if cfg.strategy in ("fdlora", "feddpa"):
+        _require(p_.target_modules == g_.target_modules, source,
+                 f"strategy {cfg.strategy} fuses the two adapters layer by layer, so lora.personal.target_modules "
+                 f"({p_.target_modules}) must equal lora.global.target_modules ({g_.target_modules})")
     d = cfg.data
     if d.source == "jsonl":
         _require(bool(d.files), source, "data.source = 'jsonl' needs data.files (one per client, or one to split)")

@@ -159,3 +159,16 @@ def test_bad_zero_stage(tmp_path):
     cfg = load_config(write_config(tmp_path, deepspeed={"zero_optimization": {"stage": 4}}))
     with pytest.raises(ConfigError, match=r"stage = 4 \(client 0\); expected 0, 1, 2 or 3"):
         deepspeed_dict(cfg, 0)
+
+
+def test_adapter_copies_need_equal_layouts():
+    raw = demo_raw()
+    raw["lora"]["global"]["r"] = 8
+    raw["global"] = {"init": "personal_mean"}
+    with pytest.raises(ConfigError, match=r"need the same r and target_modules \(now r 4 vs 8"):
+        config_from_dict(raw)
+    raw = demo_raw()
+    raw["strategy"] = "fdlora"
+    raw["lora"]["global"]["target_modules"] = ["q_proj"]
+    with pytest.raises(ConfigError, match=r"strategy fdlora fuses .* must equal lora.global.target_modules"):
+        config_from_dict(raw)

@@ -18,6 +18,20 @@ from fdlora_cluster.train import run
 cfg_path, out = sys.argv[1], sys.argv[2]
 os.makedirs(out, exist_ok=True)
 cfg = load_config(cfg_path)
+
+# Instrument (not mock) the one evaluation path: remember which rows every call was given.
+from fdlora_cluster.engine import ClientEngine
+
+seen_rows = []
+_evaluate = ClientEngine.evaluate
+
+
+def recording_evaluate(self, rows, active, scales=None, candidates=None):
+    seen_rows.append((list(active) if not isinstance(active, str) else [active], {id(r) for r in rows}))
+    return _evaluate(self, rows, active, scales, candidates)
+
+
+ClientEngine.evaluate = recording_evaluate
 payloads: list = []
 result = run(cfg, record_payloads=payloads)
 rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
@@ -28,6 +42,17 @@ if not isinstance(result, dict):  # a client rank: result is the Client
 
     client = result
     engine = client.engine
+    data = engine.data
+    ids = {split: {id(r) for r in getattr(data, split)} for split in ("train", "fewshot", "test")}
+    search = [rows for active, rows in seen_rows if len(active) == 2]
+    audit = {"search_calls": len(search),
+             "search_rows": sorted({s for rows in search for s in ({k for k, v in ids.items() if rows & v})}),
+             "search_touches_test": any(rows & ids["test"] for rows in search),
+             "test_eval_calls": sum(1 for active, rows in seen_rows if rows == ids["test"])}
+    import json
+
+    with open(os.path.join(out, f"fusion-rows-rank-{rank}.json"), "w") as f:
+        json.dump(audit, f)
     probe = [Example("log: disk user retry kernel =>", " normal"), Example("log: panic cache sync read =>", " abnormal")]
     batch = collate(engine.tok, probe, cfg.train.max_seq_len)
     logits = {}
