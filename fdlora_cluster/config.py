@@ -504,6 +504,11 @@ def validate(cfg: Config, source: str) -> None:
                  and cfg.lora.personal.target_modules == cfg.lora.global_.target_modules, source,
                  "fusion.merge = 'params' weights A and B separately, so lora.personal and lora.global "
                  "need the same r and target_modules; use merge: exact otherwise")
+    if cfg.strategy == "fdlora":
+        import nevergrad as ng
+
+        _require(f.optimizer in ng.optimizers.registry, source,
+                 f"fusion.optimizer = {f.optimizer!r} is not a nevergrad optimizer; e.g. NGOpt, Shiwa, CMA, OnePlusOne")
     _require(cfg.personal.sync_every >= 0, source, "personal.sync_every must be >= 0")
     p_, g_ = cfg.lora.personal, cfg.lora.global_
     same_layout = p_.r == g_.r and p_.target_modules == g_.target_modules

@@ -172,3 +172,8 @@ def test_adapter_copies_need_equal_layouts():
     raw["lora"]["global"]["target_modules"] = ["q_proj"]
     with pytest.raises(ConfigError, match=r"strategy fdlora fuses .* must equal lora.global.target_modules"):
         config_from_dict(raw)
+
+
+def test_fusion_optimizer_must_exist_in_nevergrad():
+    with pytest.raises(ConfigError, match=r"fusion.optimizer = 'NoSuchOpt' is not a nevergrad optimizer"):
+        load_config(CONFIGS / "fdlora.yaml", ["fusion.optimizer=NoSuchOpt"])

@@ -150,3 +150,17 @@ def test_personal_never_travels_and_saved_adapters_reload(tmp_path):
                                attention_mask=dumped["batch"]["attention_mask"]).logits.float()
             torch.testing.assert_close(logits, dumped["logits"][name], rtol=1e-4, atol=1e-4,
                                        msg=f"client {c} {name}: reloaded adapter gives other logits")
+
+
+def test_a_failing_rank_ends_the_job_promptly_with_its_cause(tmp_path):
+    """Clients fail at start (a missing pretrained base) while the server waits on them: the job
+    must end non-zero with the cause on the console, not hang."""
+    import time
+
+    cfg = write_config(tmp_path, **TINY, **{"model.pretrained": str(tmp_path / "no-such-base")})
+    t0 = time.monotonic()
+    proc = run_ranks(5, ["run", str(cfg)], timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "no model.safetensors there; run `fdlora-cluster pretrain CONFIG` first" in out
+    assert time.monotonic() - t0 < 90
