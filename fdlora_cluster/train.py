@@ -85,13 +85,18 @@ def server_schedule(cfg, topo, strategy, transport, run_dir) -> dict:
     for t in range(1, cfg.train.rounds + 1):
         rec = server.run_round(t)
         run_dir.record(rec)
-        log.info(f"[ROUND {t}/{cfg.train.rounds}] aggregated {topo.plan.num_clients} updates in "
+        log.info(f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {topo.plan.num_clients} updates in "
                  f"{rec['seconds']:.2f}s; sent {rec['server_bytes_sent']} B, received {rec['server_bytes_received']} B; "
                  f"global moved {rec['global_change']:.4g}")
     server.send_final()
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), server.global_state,
                  lora_config(cfg.lora.global_), cfg.model.path)
     return {"bytes_total": transport.total.snapshot()}
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
 def client_schedule(cfg, topo, strategy, transport, run_dir):
