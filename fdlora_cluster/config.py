@@ -534,6 +534,11 @@ def validate(cfg: Config, source: str) -> None:
     if isinstance(cfg.deepspeed, str):
         _require(os.path.isfile(cfg.deepspeed), source, f"deepspeed: JSON file {cfg.deepspeed} not found")
     _require(cfg.log.every >= 1, source, "log.every must be >= 1")
+    for c in range(n):  # builds each client's DeepSpeed dict now, so a bad file or stage fails on load
+        stage = deepspeed_dict(cfg, c)["zero_optimization"].get("stage", 0)
+        _require(not (cfg.strategy == "fedprox" and stage == 3), source,
+                 f"strategy fedprox adds a proximal term over the full adapter on every rank, which ZeRO-3 "
+                 f"partitions: client {c} has zero_optimization.stage = 3; use stage 0, 1 or 2 for fedprox")
 
 
 def deepspeed_dict(cfg: Config, client: int) -> dict:

@@ -209,9 +209,6 @@ class ClientEngine:
         With prox_mu > 0 the loss adds (mu/2) * ||w - prox_to||^2 over the adapter (FedProx)."""
         if steps == 0:
             return {"loss": None, "steps": 0, "seconds": 0.0}
-        if prox_mu > 0 and self.zero_stage == 3:
-            raise ValueError("fedprox's proximal term needs full adapter weights on every rank; "
-                             "use ZeRO stage 0, 1 or 2 for this client")
         self._start_phase(name)
         self.engine.train()
         # dropout stream seeded per client, round and adapter (the same on every rank of the client)

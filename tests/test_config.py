@@ -150,15 +150,20 @@ def test_deepspeed_passthrough_file_and_per_client_override(tmp_path):
     assert d1["train_micro_batch_size_per_gpu"] == 2 and d0["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    cfg = load_config(write_config(tmp_path, deepspeed=str(bad)))
     with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
-        deepspeed_dict(cfg, 0)
+        load_config(write_config(tmp_path, deepspeed=str(bad)))
 
 
 def test_bad_zero_stage(tmp_path):
-    cfg = load_config(write_config(tmp_path, deepspeed={"zero_optimization": {"stage": 4}}))
     with pytest.raises(ConfigError, match=r"stage = 4 \(client 0\); expected 0, 1, 2 or 3"):
-        deepspeed_dict(cfg, 0)
+        load_config(write_config(tmp_path, deepspeed={"zero_optimization": {"stage": 4}}))
+
+
+def test_fedprox_refuses_zero3_naming_the_client(tmp_path):
+    path = write_config(tmp_path, "fedprox.yaml",
+                        client_overrides={1: {"deepspeed": {"zero_optimization": {"stage": 3}}}})
+    with pytest.raises(ConfigError, match=r"strategy fedprox .* client 1 has zero_optimization.stage = 3"):
+        load_config(path)
 
 
 def test_adapter_copies_need_equal_layouts():
