@@ -77,21 +77,38 @@ def missing_prerequisites(*commands: str) -> str | None:
     return None
 
 
-def kill_pidfile(path: Path, timeout: float = 10) -> None:
-    """SIGTERM the process named in a pid file, SIGKILL it if it lingers, remove the file."""
-    try:
-        pid = int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+def kill_pidfiles(*paths: Path, timeout: float = 10) -> None:
+    """SIGTERM the processes named in pid files (all at once), SIGKILL those that linger after
+    `timeout`, remove the files. Only processes these helpers started have pid files here."""
+    pids = []
+    for path in paths:
+        try:
+            pids.append(int(path.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            pass
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + timeout
+    while pids and time.time() < deadline:
+        pids = [pid for pid in pids if _alive(pid)]
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for path in paths:
         path.unlink(missing_ok=True)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-    path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+kill_pidfile = kill_pidfiles  # one pid file
 
 
 def wait_for(what: str, probe, timeout: float = 60, every: float = 0.5):
@@ -209,8 +226,7 @@ def _etc_hosts_remove() -> None:
 
 def netns_down() -> None:
     """Remove every trace of netns_hosts (also what a killed run left)."""
-    for h in HOSTS:
-        kill_pidfile(STATE / f"sshd-{h.name}.pid")
+    kill_pidfiles(*(STATE / f"sshd-{h.name}.pid" for h in HOSTS))
     for h in HOSTS:
         if Path(f"/run/netns/{h.netns}").exists():
             # what our tests started on this host and left running (a job killed by a timeout)
@@ -350,10 +366,8 @@ def _slurm_stop(d: Path) -> None:
     if conf.exists() and (d / "slurmctld.pid").exists():
         sh(["scancel", "--full", "--partition=debug"], check=False, timeout=20,
            env={**os.environ, "SLURM_CONF": str(conf)})
-    for p in sorted(d.glob("slurmd-*.pid")):
-        kill_pidfile(p)
-    kill_pidfile(d / "slurmctld.pid")
-    kill_pidfile(d / "munged.pid")
+    kill_pidfiles(*sorted(d.glob("slurmd-*.pid")), d / "slurmctld.pid")
+    kill_pidfiles(d / "munged.pid")  # last: the Slurm daemons authenticate through it until they stop
 
 
 @contextlib.contextmanager
