@@ -11,6 +11,7 @@ stopped, the namespaces deleted and the /etc/hosts lines removed afterwards.
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -60,6 +61,23 @@ def test_deepspeed_launcher_two_host_hostfile(two_hosts, tmp_path):
     assert p.returncode == 0, show(p)
     assert "mpirun -n 6 -ppn 3" in p.stdout + p.stderr and "-hosts node-a,node-b" in p.stdout + p.stderr
     check_run(tmp_path / "run", [3, 2], spans={0: {A.name, B.name}, 1: {B.name}})
+
+
+def test_loopback_rendezvous_for_a_spanning_client_is_refused(two_hosts, tmp_path):
+    """A client on node-a and node-b told to meet at 127.0.0.1 would have node-b connect to
+    itself: the job must stop promptly with the cause, not hang."""
+    env = job_env(HOSTS=f"{A.name}:3,{B.name}:2", FDLORA_RENDEZVOUS_ADDR="127.0.0.1", OUTPUT=str(tmp_path / "run"))
+    p = on_node_a(["bash", "launch/mpirun.sh", "--set", "topology.clients=[1,3]", *TINY_ARGS], env)
+    assert p.returncode != 0, show(p)
+    assert "spans hosts ['node-a', 'node-b']" in p.stderr and "'127.0.0.1' is loopback" in p.stderr, show(p)
+
+
+def test_route_address_is_the_hosts_own_address_towards_its_peers(two_hosts):
+    """The fallback when a host name resolves to loopback: node-a's source address towards node-b."""
+    code = "from fdlora_cluster.engine import _route_address as r; print(r(['node-b']), r(['localhost']))"
+    p = subprocess.run(A.wrap([sys.executable, "-c", code]), capture_output=True, text=True, timeout=60,
+                       env=job_env(), cwd=ROOT)
+    assert p.stdout.split() == [A.addr, "None"], show(p)
 
 
 # ---------------------------------------------------------------- two-node Slurm
