@@ -22,9 +22,10 @@ def slurm_local():
         yield cluster
 
 
-def sbatch(cluster, script: str, tmp_path, *options: str):
-    """Submit a shipped script with the demo (tiny) and wait for it; returns (job fields, console)."""
-    cluster.env = {**job_env(OUTPUT=str(tmp_path / "run")), "SLURM_CONF": cluster.env["SLURM_CONF"]}
+def sbatch(cluster, script: str, tmp_path, *options: str, **env):
+    """Submit a shipped script with the demo (tiny) and wait for it; returns (job fields, console).
+    `env`: knobs for the script (sbatch passes the submitting environment to the job)."""
+    cluster.env = {**job_env(OUTPUT=str(tmp_path / "run"), **env), "SLURM_CONF": cluster.env["SLURM_CONF"]}
     job, fields = cluster.submit_and_wait(
         ["--overcommit", f"--output={tmp_path}/slurm-%j.out", *options, script, *TINY_ARGS],
         timeout=JOB_TIMEOUT, cwd=ROOT)
@@ -43,3 +44,10 @@ def test_sbatch_stops_at_once_when_the_allocation_does_not_fit_the_topology(slur
     job, console = sbatch(slurm_local, "launch/slurm/fdlora.sbatch", tmp_path, "--ntasks=3")
     assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), (job, console)
     assert "needs 5 tasks (1 server + client ranks), the job has 3: submit with --ntasks=5" in console, console
+
+
+def test_srun_without_an_mpi_plugin_is_stopped_with_the_fix(slurm_local, tmp_path):
+    """SRUN_MPI=none: srun starts 5 tasks that are not one MPI world; each must stop and say so."""
+    job, console = sbatch(slurm_local, "launch/slurm/fdlora.sbatch", tmp_path, SRUN_MPI="none")
+    assert job["JobState"] == "FAILED", (job, console)
+    assert "srun started 5 tasks, but they are not one MPI world" in console and "--mpi=pmi2" in console, console
