@@ -184,6 +184,9 @@ class DataConfig:
     """Share of each client's rows held out for its test split."""
     max_rows_per_client: Optional[int] = None
     """Cap on each client's rows after partitioning (None = all)."""
+    skew: float = 1.0
+    """generator: how different the clients' line mixes are (a Dirichlet concentration; small =
+    strong label skew between clients, large = alike)."""
 
 
 @dataclass
@@ -515,6 +518,13 @@ def validate(cfg: Config, source: str) -> None:
     _require(0.0 < d.test_fraction < 1.0, source, f"data.test_fraction = {d.test_fraction} must be in (0, 1)")
     _require(d.alpha > 0, source, f"data.alpha = {d.alpha} must be > 0")
     _require(d.fewshot_rows >= 0, source, "data.fewshot_rows must be >= 0")
+    _require(d.skew > 0, source, f"data.skew = {d.skew} must be > 0")
+    _require(d.rows_per_client >= 1, source, f"data.rows_per_client = {d.rows_per_client} must be >= 1")
+    if d.source == "generator":
+        from .data.scenario import MAX_CLIENTS
+
+        _require(n <= MAX_CLIENTS, source, f"the shipped scenario has rules for {MAX_CLIENTS} clients, "
+                 f"the topology has {n}; use fewer clients or data.source: jsonl")
     if isinstance(cfg.deepspeed, str):
         _require(os.path.isfile(cfg.deepspeed), source, f"deepspeed: JSON file {cfg.deepspeed} not found")
     _require(cfg.log.every >= 1, source, "log.every must be >= 1")
