@@ -33,11 +33,18 @@ def _load(args):
     return load_config(args.config, overrides)
 
 
-def cmd_check(args) -> int:
+def _load_or_report(args):
+    """The config, or None after printing why it cannot be used (single-process commands)."""
     try:
-        cfg = _load(args)
+        return _load(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_check(args) -> int:
+    cfg = _load_or_report(args)
+    if cfg is None:
         return 2
     plan = RankPlan(tuple(cfg.client_sizes()))
     print(f"config {args.config}: OK")
@@ -105,10 +112,8 @@ def find_mpiexec(explicit: str | None = None) -> str:
 
 def cmd_launch(args) -> int:
     """All ranks of the config's topology on this machine, through the environment's mpiexec."""
-    try:
-        cfg = _load(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = _load_or_report(args)
+    if cfg is None:
         return 2
     n = cfg.world_size()
     env = dict(os.environ)

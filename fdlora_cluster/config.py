@@ -355,7 +355,7 @@ def _build(cls, raw: Any, prefix: str, source: str):
     unknown = [k for k in raw if k not in fields]
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]!r}; allowed keys at {where}: "
+            f"{source}: unknown key '{prefix}{unknown[0]}'; allowed keys at {where}: "
             + ", ".join(sorted(fields)))
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -519,7 +519,23 @@ def validate(cfg: Config, source: str) -> None:
                  and cfg.lora.personal.target_modules == cfg.lora.global_.target_modules, source,
                  "fusion.merge = 'params' weights A and B separately, so lora.personal and lora.global "
                  "need the same r and target_modules; use merge: exact otherwise")
+    if cfg.strategy == "fdlora":
+        import nevergrad as ng
+
+        _require(f.optimizer in ng.optimizers.registry, source,
+                 f"fusion.optimizer = {f.optimizer!r} is not a nevergrad optimizer; e.g. NGOpt, Shiwa, CMA, OnePlusOne")
     _require(cfg.personal.sync_every >= 0, source, "personal.sync_every must be >= 0")
+    p_, g_ = cfg.lora.personal, cfg.lora.global_
+    same_layout = p_.r == g_.r and p_.target_modules == g_.target_modules
+    if cfg.global_.init == "personal_mean" or cfg.personal.sync_every:
+        _require(same_layout, source,
+                 "global.init = personal_mean and personal.sync_every copy weights between the two adapters, "
+                 f"so lora.personal and lora.global need the same r and target_modules "
+                 f"(now r {p_.r} vs {g_.r}, targets {p_.target_modules} vs {g_.target_modules})")
+    if cfg.strategy in ("fdlora", "feddpa"):
+        _require(p_.target_modules == g_.target_modules, source,
+                 f"strategy {cfg.strategy} fuses the two adapters layer by layer, so lora.personal.target_modules "
+                 f"({p_.target_modules}) must equal lora.global.target_modules ({g_.target_modules})")
     d = cfg.data
     if d.source == "jsonl":
         _require(bool(d.files), source, "data.source = 'jsonl' needs data.files (one per client, or one to split)")
@@ -540,6 +556,11 @@ def validate(cfg: Config, source: str) -> None:
     if isinstance(cfg.deepspeed, str):
         _require(os.path.isfile(cfg.deepspeed), source, f"deepspeed: JSON file {cfg.deepspeed} not found")
     _require(cfg.log.every >= 1, source, "log.every must be >= 1")
+    for c in range(n):  # builds each client's DeepSpeed dict now, so a bad file or stage fails on load
+        stage = deepspeed_dict(cfg, c)["zero_optimization"].get("stage", 0)
+        _require(not (cfg.strategy == "fedprox" and stage == 3), source,
+                 f"strategy fedprox adds a proximal term over the full adapter on every rank, which ZeRO-3 "
+                 f"partitions: client {c} has zero_optimization.stage = 3; use stage 0, 1 or 2 for fedprox")
 
 
 def deepspeed_dict(cfg: Config, client: int) -> dict:

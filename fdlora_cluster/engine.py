@@ -195,12 +195,9 @@ class ClientEngine:
         """Train `name` only: it alone is active in the forward, the other group's lr is 0, and the
         trained group's AdamW state starts fresh."""
         set_active(self.model, name)
-        inner = self._inner_optimizer()
+        inner = self._inner_optimizer()  # ZeRO wrappers expose the same param_groups as this
         for adapter, i in self.groups.items():
-            lr = self.cfg.train.lr if adapter == name else 0.0
-            inner.param_groups[i]["lr"] = lr
-            if hasattr(self.optimizer, "param_groups") and self.optimizer.param_groups is not inner.param_groups:
-                self.optimizer.param_groups[i]["lr"] = lr
+            inner.param_groups[i]["lr"] = self.cfg.train.lr if adapter == name else 0.0
             if adapter == name:
                 for p in inner.param_groups[i]["params"]:
                     inner.state.pop(p, None)
@@ -212,9 +209,6 @@ class ClientEngine:
         With prox_mu > 0 the loss adds (mu/2) * ||w - prox_to||^2 over the adapter (FedProx)."""
         if steps == 0:
             return {"loss": None, "steps": 0, "seconds": 0.0}
-        if prox_mu > 0 and self.zero_stage == 3:
-            raise ValueError("fedprox's proximal term needs full adapter weights on every rank; "
-                             "use ZeRO stage 0, 1 or 2 for this client")
         self._start_phase(name)
         self.engine.train()
         # dropout stream seeded per client, round and adapter (the same on every rank of the client)

@@ -61,13 +61,22 @@ def search_weights(loss_fn, optimizer: str, budget: int, bounds, l1: float, seed
 
     `curve` lists every evaluation as {"step", "w_personal", "w_global", "loss", "objective"}.
     The start point (1, 1) is evaluated first: both adapters at full strength."""
+    import warnings
+
     import nevergrad as ng
     import numpy as np
 
     lo, hi = bounds
     param = ng.p.Array(init=np.clip(np.array([1.0, 1.0]), lo, hi), lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
-    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
+    if optimizer not in ng.optimizers.registry:
+        raise ValueError(f"fusion.optimizer = {optimizer!r} is not a nevergrad optimizer (e.g. NGOpt, Shiwa, CMA)")
+    with warnings.catch_warnings():  # NGOpt may pick COBYLA, which warns about its own defaults
+        warnings.simplefilter("ignore", UserWarning)
+        return _search(loss_fn, ng.optimizers.registry[optimizer](parametrization=param, budget=budget), budget, l1)
+
+
+def _search(loss_fn, opt, budget: int, l1: float):
     curve = []
     for step in range(budget):
         cand = opt.ask()

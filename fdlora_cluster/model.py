@@ -156,11 +156,17 @@ def write_adapter(model, name: str, state: dict[str, torch.Tensor], zero_stage: 
                 p.data.copy_(state[k].to(p.device, p.dtype))
 
 
+def key_diff(ref: dict, state: dict) -> str | None:
+    """None when both have the same keys, else a short 'missing [...], unexpected [...]'."""
+    if set(ref) == set(state):
+        return None
+    return f"missing {sorted(set(ref) - set(state))[:3]}, unexpected {sorted(set(state) - set(ref))[:3]}"
+
+
 def check_same_layout(ref: dict, state: dict, what: str) -> None:
-    if set(ref) != set(state):
-        missing = sorted(set(ref) - set(state))[:3]
-        extra = sorted(set(state) - set(ref))[:3]
-        raise ValueError(f"{what}: keys differ (missing {missing}, unexpected {extra})")
+    diff = key_diff(ref, state)
+    if diff:
+        raise ValueError(f"{what}: keys differ ({diff})")
     for k, p in ref.items():
         shape = tuple(getattr(p, "ds_shape", p.shape))
         if tuple(state[k].shape) != shape:

@@ -46,8 +46,9 @@ def fused_adapter_config(cfg: Config) -> AdapterConfig:
     return AdapterConfig(r=r, alpha=alpha, dropout=0.0, target_modules=list(cfg.lora.personal.target_modules))
 
 
-def run(cfg: Config, record_payloads: list | None = None) -> dict | None:
-    """Run the job on this rank. Returns the summary on the server, None elsewhere."""
+def run(cfg: Config, record_payloads: list | None = None):
+    """Run the job on this rank. Returns the summary on the server and the Client elsewhere
+    (tests inspect its engine); `record_payloads` collects every payload this rank sends."""
     topo = build_topology(cfg.client_sizes())
     run_dir = RunDir(cfg.output_dir, topo.rank)
     os.makedirs(os.path.join(run_dir.dir, "logs"), exist_ok=True)
@@ -66,11 +67,10 @@ def run(cfg: Config, record_payloads: list | None = None) -> dict | None:
         transport = Transport(topo.federation_comm, record=record_payloads)
 
     if topo.is_server:
-        summary = server_schedule(cfg, topo, strategy, transport, run_dir)
-    else:
-        client_schedule(cfg, topo, strategy, transport, run_dir)
-        summary = None
-    return finish(cfg, topo, run_dir, summary)
+        return finish(cfg, topo, run_dir, server_schedule(cfg, topo, strategy, transport, run_dir))
+    client = client_schedule(cfg, topo, strategy, transport, run_dir)
+    finish(cfg, topo, run_dir, None)
+    return client
 
 
 def server_schedule(cfg, topo, strategy, transport, run_dir) -> dict:
@@ -85,7 +85,7 @@ def server_schedule(cfg, topo, strategy, transport, run_dir) -> dict:
     for t in range(1, cfg.train.rounds + 1):
         rec = server.run_round(t)
         run_dir.record(rec)
-        log.info(f"[ROUND {t}/{cfg.train.rounds}] aggregated {topo.plan.num_clients} updates in "
+        log.info(f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {topo.plan.num_clients} updates in "
                  f"{rec['seconds']:.2f}s; sent {rec['server_bytes_sent']} B, received {rec['server_bytes_received']} B; "
                  f"global moved {rec['global_change']:.4g}")
     server.send_final()
@@ -94,7 +94,12 @@ def server_schedule(cfg, topo, strategy, transport, run_dir) -> dict:
     return {"bytes_total": transport.total.snapshot()}
 
 
-def client_schedule(cfg, topo, strategy, transport, run_dir) -> None:
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def client_schedule(cfg, topo, strategy, transport, run_dir):
     from .client import FUSED, Client
     from .engine import ClientEngine
 
@@ -152,6 +157,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir) -> None:
     if transport is not None:
         client.summary["bytes"] = transport.total.snapshot()
     run_dir.summary = client.summary if topo.is_leader else None
+    return client
 
 
 def finish(cfg, topo, run_dir, server_summary) -> dict | None:

@@ -52,7 +52,8 @@ class Layout:
         out, off = {}, 0
         for k, shape, dtype in self.entries:
             n = _numel(shape) * _itemsize(dtype)
-            out[k] = buf[off:off + n].view(getattr(torch, dtype)).reshape(shape).clone()
+            # clone first: a slice at an odd byte offset cannot be viewed as a wider dtype
+            out[k] = buf[off:off + n].clone().view(getattr(torch, dtype)).reshape(shape)
             off += n
         return out
 

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from ..model import key_diff
+
 State = dict[str, torch.Tensor]
 
 
@@ -18,10 +20,9 @@ class UpdateError(ValueError):
 
 def check_update(reference: State, update: State, client: int) -> None:
     """Same keys, shapes and dtypes as the reference, and only finite values."""
-    if set(update) != set(reference):
-        missing = sorted(set(reference) - set(update))[:3]
-        extra = sorted(set(update) - set(reference))[:3]
-        raise UpdateError(f"client {client}: update keys differ from the global adapter (missing {missing}, unexpected {extra})")
+    diff = key_diff(reference, update)
+    if diff:
+        raise UpdateError(f"client {client}: update keys differ from the global adapter ({diff})")
     for k, ref in reference.items():
         u = update[k]
         if u.shape != ref.shape or u.dtype != ref.dtype:

@@ -1,0 +1,64 @@
+"""Under mpiexec: run a config through the real trainer, then dump what the tests inspect.
+
+    mpiexec -n 5 python inspect_run.py CONFIG OUT_DIR
+
+Writes, per rank: every payload the transport sent (`payloads-rank-<r>.pt`), and on client
+ranks the logits of a fixed probe batch with each adapter active (`logits-rank-<r>.pt`).
+"""
+
+import os
+import sys
+
+import torch
+
+from fdlora_cluster.config import load_config
+from fdlora_cluster.data import Example, collate
+from fdlora_cluster.train import run
+
+cfg_path, out = sys.argv[1], sys.argv[2]
+os.makedirs(out, exist_ok=True)
+cfg = load_config(cfg_path)
+
+# Instrument (not mock) the one evaluation path: remember which rows every call was given.
+from fdlora_cluster.engine import ClientEngine
+
+seen_rows = []
+_evaluate = ClientEngine.evaluate
+
+
+def recording_evaluate(self, rows, active, scales=None, candidates=None):
+    seen_rows.append((list(active) if not isinstance(active, str) else [active], {id(r) for r in rows}))
+    return _evaluate(self, rows, active, scales, candidates)
+
+
+ClientEngine.evaluate = recording_evaluate
+payloads: list = []
+result = run(cfg, record_payloads=payloads)
+rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+torch.save([(kind, dest, state) for kind, dest, state in payloads], os.path.join(out, f"payloads-rank-{rank}.pt"))
+
+if not isinstance(result, dict):  # a client rank: result is the Client
+    from fdlora_cluster.model import set_active
+
+    client = result
+    engine = client.engine
+    data = engine.data
+    ids = {split: {id(r) for r in getattr(data, split)} for split in ("train", "fewshot", "test")}
+    search = [rows for active, rows in seen_rows if len(active) == 2]
+    audit = {"search_calls": len(search),
+             "search_rows": sorted({s for rows in search for s in ({k for k, v in ids.items() if rows & v})}),
+             "search_touches_test": any(rows & ids["test"] for rows in search),
+             "test_eval_calls": sum(1 for active, rows in seen_rows if rows == ids["test"])}
+    import json
+
+    with open(os.path.join(out, f"fusion-rows-rank-{rank}.json"), "w") as f:
+        json.dump(audit, f)
+    probe = [Example("log: disk user retry kernel =>", " normal"), Example("log: panic cache sync read =>", " abnormal")]
+    batch = collate(engine.tok, probe, cfg.train.max_seq_len)
+    logits = {}
+    engine.engine.eval()
+    with torch.no_grad():
+        for name in client.strategy.adapters + (("fused",) if client.strategy.fusion else ()):
+            set_active(engine.model, name)
+            logits[name] = engine.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    torch.save({"client": client.id, "logits": logits, "batch": batch}, os.path.join(out, f"logits-rank-{rank}.pt"))

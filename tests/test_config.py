@@ -1,0 +1,184 @@
+"""Config loading: every error names the key and what is allowed."""
+
+import json
+
+import pytest
+
+from fdlora_cluster.config import ConfigError, config_from_dict, deepspeed_dict, load_config
+from fdlora_cluster.topology import RankPlan, TopologyError
+
+from conftest import CONFIGS, write_config
+
+
+def demo_raw():
+    from fdlora_cluster.config import read_yaml
+
+    return read_yaml(str(CONFIGS / "demo.yaml"))
+
+
+def test_demo_config_loads():
+    cfg = load_config(CONFIGS / "demo.yaml")
+    assert cfg.client_sizes() == [2, 2]
+    assert cfg.world_size() == 5
+    assert cfg.lora.global_.r == cfg.lora.personal.r
+
+
+def test_unknown_top_level_key_names_it_and_the_allowed_keys():
+    raw = demo_raw()
+    raw["trian"] = {}
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'; allowed keys at top level: .*train"):
+        config_from_dict(raw)
+
+
+def test_unknown_nested_key_names_its_path():
+    raw = demo_raw()
+    raw["train"]["inner_stpes"] = 3
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.inner_stpes'; allowed keys at train: .*inner_steps"):
+        config_from_dict(raw)
+
+
+def test_wrong_type_names_key_and_expected_type():
+    raw = demo_raw()
+    raw["train"]["rounds"] = "three"
+    with pytest.raises(ConfigError, match=r"train\.rounds = 'three' is not valid; expected int"):
+        config_from_dict(raw)
+
+
+def test_bad_choice_lists_allowed_values():
+    raw = demo_raw()
+    raw["outer"]["optimizer"] = "lamb"
+    with pytest.raises(ConfigError, match=r"outer\.optimizer = 'lamb'.*'sgd', 'nesterov', 'adam'"):
+        config_from_dict(raw)
+
+
+def test_unknown_strategy_lists_strategies():
+    raw = demo_raw()
+    raw["strategy"] = "fedsomething"
+    with pytest.raises(ConfigError, match=r"strategy = 'fedsomething' is not valid; expected one of fdlora, fedavg"):
+        config_from_dict(raw)
+
+
+def test_topology_needs_a_layout():
+    raw = demo_raw()
+    raw["topology"] = {"num_clients": 2}
+    with pytest.raises(ConfigError, match="num_clients and ranks_per_client"):
+        config_from_dict(raw)
+    raw["topology"] = {"clients": [2, 0]}
+    with pytest.raises(ConfigError, match=r"every client needs at least 1 rank"):
+        config_from_dict(raw)
+
+
+def test_topology_against_world_size_says_how_many_ranks():
+    plan = RankPlan((2, 2))
+    with pytest.raises(TopologyError, match=r"1 server \+ \(2 \+ 2\) client ranks = 5 ranks, but the job has WORLD_SIZE\(3\)"):
+        plan.check_world(3)
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+    raw = demo_raw()
+    raw["model"]["path"] = str(tmp_path)
+    with pytest.raises(ConfigError, match="exactly one of model.path"):
+        config_from_dict(raw)
+    raw = demo_raw()
+    raw["model"] = {"path": str(tmp_path / "missing")}
+    with pytest.raises(ConfigError, match="model.path = .*missing' is not a directory"):
+        config_from_dict(raw)
+
+
+def test_client_override_for_missing_client():
+    raw = demo_raw()
+    raw["client_overrides"] = {5: {"inner_steps": 2}}
+    with pytest.raises(ConfigError, match=r"client_overrides has client 5, but the topology has 2 clients"):
+        config_from_dict(raw)
+
+
+def test_params_merge_needs_equal_ranks():
+    raw = demo_raw()
+    raw["lora"]["global"]["r"] = 8
+    raw["fusion"] = {"merge": "params"}
+    with pytest.raises(ConfigError, match="merge = 'params'.*same r"):
+        config_from_dict(raw)
+
+
+def test_jsonl_files_must_exist_and_match_clients(tmp_path):
+    raw = demo_raw()
+    raw["data"] = {"source": "jsonl", "files": [str(tmp_path / "nope.jsonl")]}
+    with pytest.raises(ConfigError, match="nope.jsonl not found"):
+        config_from_dict(raw)
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"prompt": "a", "response": "b"}\n')
+    raw["data"] = {"source": "jsonl", "files": [str(f)] * 3}
+    with pytest.raises(ConfigError, match="data.files has 3 files; give 1 .* or 2"):
+        config_from_dict(raw)
+
+
+def test_set_overrides_and_bad_override(tmp_path):
+    cfg = load_config(CONFIGS / "demo.yaml", ["train.rounds=7", "topology.clients=[1, 3]", "lora.global.r=2"])
+    assert cfg.train.rounds == 7 and cfg.client_sizes() == [1, 3] and cfg.lora.global_.r == 2
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(CONFIGS / "demo.yaml", ["train.rounds"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.round'"):
+        load_config(CONFIGS / "demo.yaml", ["train.round=2"])
+
+
+def test_missing_file_and_duplicate_keys(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nothere.yaml"):
+        load_config(tmp_path / "nothere.yaml")
+    p = tmp_path / "dup.yaml"
+    p.write_text("strategy: fedavg\nseed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:3: key 'seed' is given twice"):
+        load_config(p)
+
+
+def test_include_merges_sections(tmp_path):
+    p = tmp_path / "child.yaml"
+    p.write_text(f"include: {CONFIGS / 'demo.yaml'}\ntrain: {{rounds: 9}}\n")
+    cfg = load_config(p)
+    assert cfg.train.rounds == 9
+    assert cfg.train.inner_steps == load_config(CONFIGS / "demo.yaml").train.inner_steps
+
+
+def test_deepspeed_passthrough_file_and_per_client_override(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}))
+    path = write_config(tmp_path, deepspeed=str(ds),
+                        client_overrides={1: {"deepspeed": {"zero_optimization": {"stage": 1}}, "micro_batch_size": 2}})
+    cfg = load_config(path)
+    d0, d1 = deepspeed_dict(cfg, 0), deepspeed_dict(cfg, 1)
+    assert d0["zero_optimization"]["stage"] == 3 and d0["gradient_clipping"] == 1.0
+    assert d1["zero_optimization"]["stage"] == 1 and d1["gradient_clipping"] == 1.0
+    assert d1["train_micro_batch_size_per_gpu"] == 2 and d0["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
+        load_config(write_config(tmp_path, deepspeed=str(bad)))
+
+
+def test_bad_zero_stage(tmp_path):
+    with pytest.raises(ConfigError, match=r"stage = 4 \(client 0\); expected 0, 1, 2 or 3"):
+        load_config(write_config(tmp_path, deepspeed={"zero_optimization": {"stage": 4}}))
+
+
+def test_fedprox_refuses_zero3_naming_the_client(tmp_path):
+    path = write_config(tmp_path, "fedprox.yaml",
+                        client_overrides={1: {"deepspeed": {"zero_optimization": {"stage": 3}}}})
+    with pytest.raises(ConfigError, match=r"strategy fedprox .* client 1 has zero_optimization.stage = 3"):
+        load_config(path)
+
+
+def test_adapter_copies_need_equal_layouts():
+    raw = demo_raw()
+    raw["lora"]["global"]["r"] = 8
+    raw["global"] = {"init": "personal_mean"}
+    with pytest.raises(ConfigError, match=r"need the same r and target_modules \(now r 4 vs 8"):
+        config_from_dict(raw)
+    raw = demo_raw()
+    raw["strategy"] = "fdlora"
+    raw["lora"]["global"]["target_modules"] = ["q_proj"]
+    with pytest.raises(ConfigError, match=r"strategy fdlora fuses .* must equal lora.global.target_modules"):
+        config_from_dict(raw)
+
+
+def test_fusion_optimizer_must_exist_in_nevergrad():
+    with pytest.raises(ConfigError, match=r"fusion.optimizer = 'NoSuchOpt' is not a nevergrad optimizer"):
+        load_config(CONFIGS / "fdlora.yaml", ["fusion.optimizer=NoSuchOpt"])

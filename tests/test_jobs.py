@@ -1,0 +1,166 @@
+"""Real multi-process jobs (mpiexec + gloo, nothing mocked), each under a timeout."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fdlora_cluster.config import load_config
+from fdlora_cluster.model import GLOBAL, PERSONAL, add_adapters, adapter_params, build_base
+
+from conftest import ROOT, TINY, assert_ok, read_metrics, read_summary, run_job, run_ranks, write_config
+
+SCRIPTS = ROOT / "tests" / "mpi_scripts"
+
+
+def mpi_python(n, script, *args, timeout=120):
+    from conftest import job_env, mpiexec
+
+    cmd = [mpiexec(), "-n", str(n), sys.executable, str(SCRIPTS / script), *map(str, args)]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env(), cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"timed out: {cmd}")
+
+
+@pytest.mark.parametrize("sizes", [[2, 2], [1, 3]])
+def test_topology_split(tmp_path, sizes):
+    n = 1 + sum(sizes)
+    assert_ok(mpi_python(n, "topology_probe.py", tmp_path, *sizes))
+    info = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(n)]
+    assert info[0]["is_server"] and info[0]["client"] is None and "client_comm" not in info[0]
+    start = 1
+    leaders = []
+    for c, size in enumerate(sizes):
+        ranks = list(range(start, start + size))
+        for i, r in enumerate(ranks):
+            assert info[r]["client"] == c and info[r]["is_leader"] == (i == 0)
+            assert info[r]["client_comm"] == {"rank": i, "size": size, "rank_sum": sum(ranks)}
+            assert ("federation_comm" in info[r]) == (i == 0)
+        leaders.append(ranks[0])
+        start += size
+    fed = [0] + leaders
+    for k, r in enumerate(fed):
+        assert info[r]["federation_comm"] == {"rank": k, "size": len(fed), "world_ranks": fed}
+    assert "leader" in info[0]["table"] and "client 1" in info[0]["table"]
+
+
+def test_wrong_world_size_is_refused_with_the_needed_count(tmp_path):
+    cfg = write_config(tmp_path, **TINY)
+    proc = run_ranks(3, ["run", str(cfg)], timeout=120)
+    assert proc.returncode != 0
+    assert "needs 1 server + (2 + 2) client ranks = 5 ranks, but the job has WORLD_SIZE(3)" in proc.stdout + proc.stderr
+
+
+def test_config_error_in_run_exits_2_with_the_key(tmp_path):
+    cfg = write_config(tmp_path, **TINY)
+    proc = run_ranks(2, ["run", str(cfg), "--set", "train.bogus=1"], timeout=60)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("unknown key 'train.bogus'") == 1  # printed once, not per rank
+
+
+def fresh_adapters(cfg):
+    from fdlora_cluster.data import get_tokenizer
+
+    base = build_base(cfg.model, cfg.seed, vocab_size=get_tokenizer(None).vocab_size)
+    model = add_adapters(base, {PERSONAL: cfg.lora.personal, GLOBAL: cfg.lora.global_}, cfg.seed)
+    return {n: {k: p.detach().clone() for k, p in adapter_params(model, n).items()} for n in (PERSONAL, GLOBAL)}
+
+
+def load_saved(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_rounds_keep_global_identical_on_all_ranks(tmp_path, stage):
+    cfg_path = write_config(tmp_path, **TINY, deepspeed={"zero_optimization": {"stage": stage}})
+    proc, run_dir = run_job(cfg_path)
+    assert_ok(proc)
+    cfg = load_config(cfg_path)
+    received = [m for m in read_metrics(run_dir) if m["event"] == "global_received"]
+    rounds = cfg.train.rounds
+    assert sorted({m["round"] for m in received}) == list(range(1, rounds + 2))
+    by_round = {}
+    for m in received:
+        assert len(m["digests"]) == 2 and len(set(m["digests"])) == 1, m  # both ranks of the client equal
+        by_round.setdefault(m["round"], set()).update(m["digests"])
+    for t, d in by_round.items():
+        assert len(d) == 1, f"round {t}: clients hold different global adapters {d}"
+    assert by_round[1] != by_round[rounds + 1], "the global adapter did not change over the rounds"
+    # The personal adapter was never trained by fedavg: it must still be its seeded start, bit for bit,
+    # although it sat in the optimizer (lr 0, no gradient) through every global step.
+    start = fresh_adapters(cfg)
+    for c in range(2):
+        saved = load_saved(run_dir / "adapters" / f"client-{c}" / "personal")
+        for k, v in start[PERSONAL].items():
+            assert torch.equal(saved[k], v), f"client {c}: personal {k} moved"
+    glob = load_saved(run_dir / "adapters" / "global")
+    assert any(not torch.equal(glob[k], v) for k, v in start[GLOBAL].items())
+    summary = read_summary(run_dir)
+    assert [c["zero_stage"] for c in summary["clients"]] == [stage, stage]
+    rounds_m = [m for m in read_metrics(run_dir) if m["event"] == "round"]
+    assert len(rounds_m) == rounds and all(m["server_bytes_sent"] > 0 and m["seconds"] > 0 for m in rounds_m)
+
+
+def test_personal_never_travels_and_saved_adapters_reload(tmp_path):
+    """fdlora trains the personal adapter; no payload on the federation communicator may carry it,
+    and every saved adapter reloads with plain PEFT to the trainer's own logits."""
+    cfg_path = write_config(tmp_path, "demo.yaml", **TINY, strategy="fdlora",
+                            **{"train.personal_steps": 2, "fusion.budget": 3, "outer.optimizer": "nesterov",
+                               "outer.lr": 0.7})
+    out = tmp_path / "inspect"
+    proc = mpi_python(5, "inspect_run.py", cfg_path, out, timeout=300)
+    assert_ok(proc)
+    cfg = load_config(cfg_path)
+    run_dir = tmp_path / "run"
+    personal = {c: load_saved(run_dir / "adapters" / f"client-{c}" / "personal") for c in range(2)}
+    start = fresh_adapters(cfg)[PERSONAL]
+    kinds = set()
+    n_payloads = 0
+    for r in range(5):
+        for kind, dest, state in torch.load(out / f"payloads-rank-{r}.pt"):
+            kinds.add(kind)
+            n_payloads += 1
+            for k, v in state.items():
+                for c in range(2):
+                    for ref in (personal[c].get(k), start.get(k)):
+                        assert ref is None or not torch.equal(v, ref) or not v.any(), f"rank {r} sent personal {k}"
+    assert kinds == {"global", "update"} and n_payloads > 0
+    # trained personal differs from its start (so the check above had something to catch)
+    assert any(not torch.equal(personal[0][k], start[k]) for k in start)
+
+    from peft import PeftModel
+
+    from fdlora_cluster.data import get_tokenizer
+
+    for leader, c in ((1, 0), (3, 1)):
+        dumped = torch.load(out / f"logits-rank-{leader}.pt")
+        assert dumped["client"] == c
+        for name, path in ((GLOBAL, run_dir / "adapters" / "global"),
+                           (PERSONAL, run_dir / "adapters" / f"client-{c}" / "personal"),
+                           ("fused", run_dir / "adapters" / f"client-{c}" / "fused")):
+            base = build_base(cfg.model, cfg.seed, vocab_size=get_tokenizer(None).vocab_size)
+            model = PeftModel.from_pretrained(base, str(path)).eval()
+            with torch.no_grad():
+                logits = model(input_ids=dumped["batch"]["input_ids"],
+                               attention_mask=dumped["batch"]["attention_mask"]).logits.float()
+            torch.testing.assert_close(logits, dumped["logits"][name], rtol=1e-4, atol=1e-4,
+                                       msg=f"client {c} {name}: reloaded adapter gives other logits")
+
+
+def test_a_failing_rank_ends_the_job_promptly_with_its_cause(tmp_path):
+    """Clients fail at start (a missing pretrained base) while the server waits on them: the job
+    must end non-zero with the cause on the console, not hang."""
+    import time
+
+    cfg = write_config(tmp_path, **TINY, **{"model.pretrained": str(tmp_path / "no-such-base")})
+    t0 = time.monotonic()
+    proc = run_ranks(5, ["run", str(cfg)], timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "no model.safetensors there; run `fdlora-cluster pretrain CONFIG` first" in out
+    assert time.monotonic() - t0 < 90

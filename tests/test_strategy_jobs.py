@@ -1,0 +1,79 @@
+"""Every strategy runs a short real job; FedAvg's server reproduces a numpy average of the sent
+updates; fusion stays off the test split (and, by default, off the training rows)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fdlora_cluster.model import GLOBAL, PERSONAL
+
+from conftest import CONFIGS, ROOT, TINY, assert_ok, read_metrics, read_summary, run_job, write_config
+from test_jobs import load_saved, mpi_python
+
+# one rank per client keeps these smoke jobs cheap; the multi-rank paths are in test_jobs.py
+SMALL = {**TINY, "topology.clients": [1, 1], "train.personal_steps": 2, "fusion.budget": 4}
+
+
+@pytest.mark.parametrize("name", ["fdlora", "fdlora_paper", "local", "fedavg", "fedprox", "diloco", "feddpa"])
+def test_strategy_runs(tmp_path, name):
+    proc, run_dir = run_job(write_config(tmp_path, f"{name}.yaml", **SMALL))
+    assert_ok(proc)
+    summary = read_summary(run_dir)
+    metrics = read_metrics(run_dir)
+    expected = {"fdlora": {PERSONAL, GLOBAL, "fused"}, "fdlora_paper": {PERSONAL, GLOBAL, "fused"},
+                "feddpa": {PERSONAL, GLOBAL, "fused"}, "local": {PERSONAL}}.get(name, {GLOBAL})
+    for c in summary["clients"]:
+        assert set(c["metrics"]) == expected
+        for m in c["metrics"].values():
+            assert 0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0
+        assert c["seconds_per_round"] is None or c["seconds_per_round"] > 0
+    if name == "local":
+        assert summary["bytes_per_round"] == 0 and all(c["bytes_total"] == 0 for c in summary["clients"])
+        assert not [m for m in metrics if m["event"] in ("round", "global_received")]
+        assert not (run_dir / "adapters" / GLOBAL).exists()
+    else:
+        assert summary["bytes_per_round"] > 0 and all(c["bytes_per_round"] > 0 for c in summary["clients"])
+        assert (run_dir / "adapters" / GLOBAL / "adapter_model.safetensors").exists()
+    if name.startswith("fdlora"):
+        steps = [m for m in metrics if m["event"] == "fusion_step"]
+        assert len(steps) == 2 * 4 and {m["client"] for m in steps} == {0, 1}
+        for c in summary["clients"]:
+            assert set(c["fusion_weights"]) == {"personal", "global"}
+        assert (run_dir / "adapters" / "client-1" / "fused" / "adapter_config.json").exists()
+    if name == "fdlora_paper":
+        log = (run_dir / "logs" / "rank-0.log").read_text()
+        assert "mean of 2 personal adapters" in log and "sent to the server once" in log
+    if name == "feddpa":
+        assert all(c["fusion_weights"] == {"personal": 0.5, "global": 0.5} for c in summary["clients"])
+
+
+def test_fedavg_server_is_the_weighted_average_of_sent_updates(tmp_path):
+    cfg_path = write_config(tmp_path, "fedavg.yaml", **TINY)
+    out = tmp_path / "inspect"
+    assert_ok(mpi_python(5, "inspect_run.py", cfg_path, out, timeout=300))
+    updates = {}
+    for leader in (1, 3):
+        sent = [s for kind, dest, s in torch.load(out / f"payloads-rank-{leader}.pt") if kind == "update"]
+        assert len(sent) == 2  # one per round
+        updates[leader] = sent[-1]
+    final = load_saved(tmp_path / "run" / "adapters" / GLOBAL)
+    counts = np.array([float(updates[r]["__num_samples__"][0]) for r in (1, 3)])
+    w = counts / counts.sum()
+    for k, v in final.items():
+        ref = sum(wi * updates[r][k].numpy().astype(np.float64) for wi, r in zip(w, (1, 3)))
+        np.testing.assert_allclose(v.numpy(), ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows", ["heldout", "train"])
+def test_fusion_reads_only_its_rows(tmp_path, rows):
+    cfg_path = write_config(tmp_path, "fdlora.yaml", **SMALL, **{"fusion.rows": rows})
+    out = tmp_path / "inspect"
+    assert_ok(mpi_python(3, "inspect_run.py", cfg_path, out, timeout=300))
+    for r in (1, 2):
+        audit = json.loads((out / f"fusion-rows-rank-{r}.json").read_text())
+        assert audit["search_calls"] == 4
+        assert not audit["search_touches_test"]
+        assert audit["search_rows"] == (["fewshot"] if rows == "heldout" else ["train"])
+        assert audit["test_eval_calls"] == 3  # personal, global, fused on the test split, once each
