@@ -87,11 +87,8 @@ def cmd_run(args) -> int:
                 print(f"config error: {e}", file=sys.stderr)
         return 2
     from . import train
-    from .pretrain import ensure_pretrained_collective
 
     try:
-        # a base cached by `fdlora-cluster pretrain`: made once, by rank 0, if missing (no-op otherwise)
-        ensure_pretrained_collective(cfg, world, log=lambda m: print(m, flush=True) if rank == 0 else None)
         train.run(cfg)
     except Exception as e:  # any failure ends the whole job promptly, with its cause on the console
         print(f"[rank {rank}] error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -116,24 +116,3 @@ def ensure_pretrained(cfg, log=print) -> None:
     if cfg.model.config is not None and cfg.model.pretrained and not is_cached(cfg):
         pretrain(cfg, log=log)
 
-
-def ensure_pretrained_collective(cfg, world, log=print) -> None:
-    """`ensure_pretrained` inside an MPI job: rank 0 pretrains (if needed) while the other ranks
-    wait without spinning (a busy MPI wait would take the cores the pretraining needs). A failure
-    on rank 0 is raised on every rank, so the job ends with its cause."""
-    import time
-
-    if cfg.model.config is None or not cfg.model.pretrained:
-        return
-    error = None
-    if world.Get_rank() == 0:
-        try:
-            ensure_pretrained(cfg, log=log)
-        except Exception as e:  # reported on every rank below
-            error = f"{type(e).__name__}: {e}"
-    req = world.Ibarrier()
-    while not req.Test():
-        time.sleep(0.05)
-    error = world.bcast(error, root=0)
-    if error:
-        raise RuntimeError(f"pretraining the base on rank 0 failed: {error}")
