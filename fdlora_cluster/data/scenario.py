@@ -114,3 +114,15 @@ def general_text(n: int, seed: int) -> list[Example]:
             event, label = None, "normal"
         rows.append(Example(prompt=_line(rng, event), response=" " + label, label=label))
     return rows
+
+
+def line_kind(ex: Example, client: int) -> str:
+    """Which kind of line `ex` is for `client` (one of KINDS), from its event; for analysis."""
+    event = ex.prompt.split()[2]
+    if event in SHARED_ANOMALIES:
+        return "shared"
+    if event in private_events(client):
+        return "private"
+    if event in PRIVATE_ANOMALIES:
+        return "foreign"
+    return "plain"
