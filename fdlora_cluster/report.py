@@ -36,11 +36,6 @@ class Run:
     def method(self) -> str:
         return self.summary.get("strategy") or self.config.get("strategy", "?")
 
-    @property
-    def label(self) -> str:
-        """Method name, plus the directory when two runs share a method."""
-        return self.method
-
 
 def load_run(run_dir: str) -> Run:
     """Read a finished run directory; ReportError says which file is missing or broken."""
