@@ -1,8 +1,11 @@
-"""`fdlora-cluster`: run (one rank), launch (all ranks on this machine), check (config + topology).
+"""`fdlora-cluster`: run (one rank), launch (all ranks on this machine), check (config + topology),
+pretrain (the tiny demo base), report (a run's Markdown report and plots).
 
     fdlora-cluster launch configs/demo.yaml --output runs/demo
     mpiexec -n 5 fdlora-cluster run configs/demo.yaml --set train.rounds=5
     fdlora-cluster check configs/fdlora.yaml
+    fdlora-cluster pretrain configs/demo.yaml
+    fdlora-cluster report runs/demo
 """
 
 from __future__ import annotations
@@ -121,6 +124,9 @@ def cmd_launch(args) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")  # harmless for MPICH; Open MPI refuses root without it
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    from .pretrain import ensure_pretrained
+
+    ensure_pretrained(cfg)  # in this one process, with every core, before the ranks start
     cmd = [find_mpiexec(args.mpiexec), "-n", str(n), sys.executable, "-m", "fdlora_cluster.cli", "run", args.config]
     if args.output:
         cmd += ["--output", args.output]
@@ -128,6 +134,34 @@ def cmd_launch(args) -> int:
         cmd += ["--set", o]
     print("+ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=env)
+
+
+def cmd_pretrain(args) -> int:
+    """Pretrain the tiny base of `model.config` on the scenario's general text into `model.pretrained`."""
+    cfg = _load_or_report(args)
+    if cfg is None:
+        return 2
+    if cfg.model.config is None or not cfg.model.pretrained:
+        print("pretrain: this config has no model.config + model.pretrained (a real checkpoint needs no pretraining)",
+              file=sys.stderr)
+        return 2
+    from .pretrain import pretrain
+
+    pretrain(cfg, force=args.force)
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Write REPORT.md and PNG plots for one run directory (or a comparison of several)."""
+    from .report import ReportError, write_report
+
+    try:
+        path = write_report(args.run_dirs, out_dir=args.out)
+    except ReportError as e:
+        print(f"report error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -149,6 +183,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="validate the config and print the topology; no training")
     _add_config_args(p)
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("pretrain", help="pretrain the tiny base of model.config once (cached in model.pretrained)")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="retrain even when the cached base is up to date")
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("report", help="write RUN_DIR/report/REPORT.md with the per-client table and plots")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory; several = a comparison")
+    p.add_argument("--out", help="report directory (default: RUN_DIR/report, or ./report for several runs)")
+    p.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
     return args.func(args)
 

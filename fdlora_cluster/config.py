@@ -40,6 +40,15 @@ class ModelConfig:
     present, its weights replace the random initialisation."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision of the frozen base. bf16/fp16 also need the matching DeepSpeed section."""
+    pretrain_steps: int = 400
+    """`fdlora-cluster pretrain`: full-parameter steps on the scenario's general text."""
+    pretrain_lr: float = 3e-3
+    """`fdlora-cluster pretrain`: AdamW peak learning rate (warm-up, then linear decay)."""
+    pretrain_batch_size: int = 32
+    """`fdlora-cluster pretrain`: rows per step."""
+    pretrain_seed: int = 0
+    """`fdlora-cluster pretrain`: seed of the init and the corpus (independent of the run's seed,
+    so runs with different seeds share one cached base)."""
 
 
 @dataclass
@@ -184,6 +193,9 @@ class DataConfig:
     """Share of each client's rows held out for its test split."""
     max_rows_per_client: Optional[int] = None
     """Cap on each client's rows after partitioning (None = all)."""
+    skew: float = 1.0
+    """generator: how different the clients' line mixes are (a Dirichlet concentration; small =
+    strong label skew between clients, large = alike)."""
 
 
 @dataclass
@@ -475,6 +487,9 @@ def validate(cfg: Config, source: str) -> None:
         _require(m.pretrained is None, source, "model.pretrained only applies with model.config")
     if m.config is not None:
         _require("model_type" in m.config, source, "model.config needs a model_type (e.g. llama)")
+    _require(m.pretrain_steps >= 1 and m.pretrain_batch_size >= 1 and m.pretrain_lr > 0, source,
+             f"model: pretrain_steps ({m.pretrain_steps}) and pretrain_batch_size ({m.pretrain_batch_size}) "
+             f"must be >= 1 and pretrain_lr ({m.pretrain_lr}) > 0")
     for name, a in (("personal", cfg.lora.personal), ("global", cfg.lora.global_)):
         _require(a.r >= 1, source, f"lora.{name}.r = {a.r} must be >= 1")
         _require(0.0 <= a.dropout < 1.0, source, f"lora.{name}.dropout = {a.dropout} must be in [0, 1)")
@@ -531,6 +546,13 @@ def validate(cfg: Config, source: str) -> None:
     _require(0.0 < d.test_fraction < 1.0, source, f"data.test_fraction = {d.test_fraction} must be in (0, 1)")
     _require(d.alpha > 0, source, f"data.alpha = {d.alpha} must be > 0")
     _require(d.fewshot_rows >= 0, source, "data.fewshot_rows must be >= 0")
+    _require(d.skew > 0, source, f"data.skew = {d.skew} must be > 0")
+    _require(d.rows_per_client >= 1, source, f"data.rows_per_client = {d.rows_per_client} must be >= 1")
+    if d.source == "generator":
+        from .data.scenario import MAX_CLIENTS
+
+        _require(n <= MAX_CLIENTS, source, f"the shipped scenario has rules for {MAX_CLIENTS} clients, "
+                 f"the topology has {n}; use fewer clients or data.source: jsonl")
     if isinstance(cfg.deepspeed, str):
         _require(os.path.isfile(cfg.deepspeed), source, f"deepspeed: JSON file {cfg.deepspeed} not found")
     _require(cfg.log.every >= 1, source, "log.every must be >= 1")

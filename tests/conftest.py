@@ -91,3 +91,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def read_summary(run_dir: Path) -> dict:
     with open(run_dir / "summary.json") as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_base():
+    """configs/demo.yaml loads a pretrained tiny base (`model.pretrained`, relative to the working
+    directory); make it once per session (~10 s), as `fdlora-cluster launch` would. Jobs run with
+    cwd=ROOT; in-process tests use pytest's cwd: make sure both have it."""
+    from fdlora_cluster.config import load_config
+    from fdlora_cluster.pretrain import ensure_pretrained
+
+    cfg = load_config(CONFIGS / "demo.yaml")
+    here = os.getcwd()
+    for where in dict.fromkeys([str(ROOT), here]):
+        os.chdir(where)
+        try:
+            ensure_pretrained(cfg, log=lambda m: None)
+        finally:
+            os.chdir(here)

@@ -1,44 +1,44 @@
-"""Data: rows, per-client splits, tokenisation, and the shipped generator.
+"""Data: rows, partitions across clients, train / few-shot / test splits, tokenisation, the
+shipped scenario.
 
-The trainer needs only `load_clients(cfg, num_clients, seed)` and `collate`.
+The trainer needs `load_clients(cfg, num_clients, seed)`, `get_tokenizer` and `collate`:
+
+    clients = load_clients(cfg.data, num_clients=2, seed=0)   # list[ClientData], one per client
+    batch = collate(tokenizer, clients[0].train[:8], max_len=48)
+
+Sources (`data.source`): `generator` (the shipped scenario, `scenario.py`) or `jsonl` (user
+files: one per client, or one split by `data.partition`). Every split is deterministic in the seed.
 """
 
 from __future__ import annotations
 
-import json
 import random
 
 from .examples import IGNORE_INDEX, ClientData, Example, collate, encode_example
-from .generator import LABELS, generate_client_rows
+from .jsonl import DataError, Row, parse_row, read_jsonl, write_jsonl
+from .partition import PARTITIONS, label_counts, partition_dirichlet, partition_iid, partition_rows
+from .scenario import LABELS, general_text, generate_client_rows
 from .tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer
 
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file and line."""
+MAX_CANDIDATES = 16  # labelled rows with at most this many distinct responses are scored as classification
 
 
-def read_jsonl(path: str) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for k in ("prompt", "response"):
-                if not isinstance(obj.get(k), str):
-                    raise DataError(f"{path}:{lineno}: missing or non-string field {k!r}")
-            rows.append(obj)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
+def candidate_responses(per_client: list[list[Example]]) -> list[str]:
+    """The responses scored for accuracy: the distinct responses of all clients together (a client
+    whose partition lacks a label can still be wrong towards it), when every row has a label and
+    there are at most MAX_CANDIDATES of them; otherwise [] and evaluation is by loss only."""
+    every = [e for rows in per_client for e in rows]
+    responses = {e.response for e in every}
+    if all(e.label is not None for e in every) and len(responses) <= MAX_CANDIDATES:
+        return sorted(responses)
+    return []
 
 
-def _split(client: int, rows: list[Example], cfg, seed: int) -> ClientData:
+def split_client(client: int, rows: list[Example], cfg, seed: int, where: str = "",
+                 candidates: list[str] | None = None) -> ClientData:
+    """Shuffle one client's rows (seeded by seed and client) into test, few-shot and train.
+
+    `candidates` defaults to `candidate_responses([rows])` (this client's own label set)."""
     rng = random.Random(f"fdlora-split:{seed}:{client}")
     rows = list(rows)
     rng.shuffle(rows)
@@ -47,32 +47,38 @@ def _split(client: int, rows: list[Example], cfg, seed: int) -> ClientData:
     n_test = max(1, int(round(len(rows) * cfg.test_fraction)))
     n_few = cfg.fewshot_rows
     if len(rows) < n_test + n_few + 1:
-        raise DataError(f"client {client} has {len(rows)} rows; it needs more than test ({n_test}) + few-shot ({n_few})")
+        raise DataError(f"{where}client {client} has {len(rows)} rows; it needs more than test ({n_test}) + "
+                        f"few-shot ({n_few}) to keep at least one training row")
     test, few, train = rows[:n_test], rows[n_test:n_test + n_few], rows[n_test + n_few:]
-    # Labelled rows with a small set of distinct responses are scored as classification.
-    responses = {e.response for e in rows}
-    labelled = all(e.label is not None for e in rows)
-    candidates = sorted(responses) if labelled and len(responses) <= 16 else []
+    if candidates is None:
+        candidates = candidate_responses([rows])
     return ClientData(client=client, train=train, fewshot=few, test=test, candidates=candidates)
+
+
+def load_rows(cfg, num_clients: int, seed: int) -> tuple[list[list[Example]], list[str]]:
+    """Every client's rows before splitting, and a description of where each came from."""
+    if cfg.source == "generator":
+        rows = [generate_client_rows(c, num_clients, cfg.rows_per_client, seed, cfg.skew) for c in range(num_clients)]
+        return rows, ["generator: " for _ in range(num_clients)]
+    files = list(cfg.files or [])
+    if len(files) == num_clients and num_clients > 1 or (len(files) == 1 and num_clients == 1):
+        per_file = [read_jsonl(p) for p in files]
+        return [[r.example for r in rs] for rs in per_file], [f"{p}: " for p in files]
+    if len(files) != 1:
+        raise DataError(f"data.files has {len(files)} files; give 1 (split across clients) or {num_clients} (one per client)")
+    rows = read_jsonl(files[0])
+    parts = partition_rows(rows, num_clients, cfg.partition, cfg.alpha, seed, files[0])
+    return [[r.example for r in p] for p in parts], [f"{files[0]}: " for _ in range(num_clients)]
 
 
 def load_clients(cfg, num_clients: int, seed: int) -> list[ClientData]:
     """Every client's train / few-shot / test rows (deterministic in seed). `cfg` is a DataConfig."""
-    if cfg.source == "generator":
-        per_client = [generate_client_rows(c, num_clients, cfg.rows_per_client, seed) for c in range(num_clients)]
-    elif len(cfg.files) == num_clients:
-        per_client = [[Example(r["prompt"], r["response"], r.get("label")) for r in read_jsonl(p)] for p in cfg.files]
-    else:
-        rows = read_jsonl(cfg.files[0])
-        rng = random.Random(f"fdlora-partition:{seed}")
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        per_client = [[] for _ in range(num_clients)]
-        for k, i in enumerate(order):
-            r = rows[i]
-            per_client[k % num_clients].append(Example(r["prompt"], r["response"], r.get("label")))
-    return [_split(c, rows, cfg, seed) for c, rows in enumerate(per_client)]
+    rows, where = load_rows(cfg, num_clients, seed)
+    candidates = candidate_responses(rows)
+    return [split_client(c, r, cfg, seed, where[c], candidates) for c, r in enumerate(rows)]
 
 
-__all__ = ["ByteTokenizer", "ClientData", "DataError", "Example", "HFTokenizer", "IGNORE_INDEX", "LABELS",
-           "collate", "encode_example", "get_tokenizer", "load_clients", "read_jsonl"]
+__all__ = ["ByteTokenizer", "ClientData", "candidate_responses", "DataError", "Example", "HFTokenizer", "IGNORE_INDEX", "LABELS",
+           "PARTITIONS", "Row", "collate", "encode_example", "general_text", "generate_client_rows",
+           "get_tokenizer", "label_counts", "load_clients", "load_rows", "parse_row", "partition_dirichlet",
+           "partition_iid", "partition_rows", "read_jsonl", "split_client", "write_jsonl"]

@@ -1,0 +1,131 @@
+"""Compare strategies on the shipped scenario: one job per `configs/<strategy>.yaml`, one table.
+
+    python bench/compare.py                                   # fdlora, local, fedavg, diloco
+    python bench/compare.py --strategies fdlora fedprox --set seed=1 --out runs/compare-seed1
+
+Every job runs with `fdlora-cluster launch` (1 server + 2 clients x 2 ranks on this machine, as
+configs/demo.yaml says), each into OUT/<strategy>; the tiny base is pretrained once first. At the
+end it prints the per-client table of each method's headline adapter (fused for fdlora, personal
+for local, global for fedavg / diloco) and writes OUT/report/REPORT.md with the plots.
+A job that fails stops the comparison with its exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fdlora_cluster.config import load_config  # noqa: E402
+from fdlora_cluster.pretrain import ensure_pretrained  # noqa: E402
+from fdlora_cluster.report import ReportError, comparison_table, load_run, per_client_table, write_report  # noqa: E402
+
+DEFAULT = ["fdlora", "local", "fedavg", "diloco"]
+
+
+def breakdown(run_dirs: list[str]) -> str:
+    """Test accuracy per kind of line (shared / private / foreign / plain, see data/scenario.py) for
+    every saved adapter of every run, recomputed in this process from the PEFT directories with the
+    same candidate scoring as the trainer. Explains *where* a method wins or loses."""
+    import torch
+    from peft import PeftModel
+
+    from fdlora_cluster.data import Example, collate, get_tokenizer, load_clients
+    from fdlora_cluster.data.scenario import KINDS, line_kind
+    from fdlora_cluster.model import build_base
+
+    lines = ["| method | client | adapter | " + " | ".join(f"{k} (n)" for k in KINDS) + " |",
+             "|" + "---|" * (3 + len(KINDS))]
+    for d in run_dirs:
+        cfg = load_config(os.path.join(d, "config.yaml"))
+        if cfg.data.source != "generator":
+            continue
+        tok = get_tokenizer(cfg.model.path)
+        clients = load_clients(cfg.data, len(cfg.client_sizes()), cfg.seed)
+        with open(os.path.join(d, "summary.json")) as f:
+            evaluated = {s["client"]: list(s["metrics"]) for s in json.load(f)["clients"]}
+        for data in clients:
+            adapters = {a: os.path.join(d, "adapters", f"client-{data.client}", a) for a in ("personal", "global", "fused")}
+            adapters["global"] = os.path.join(d, "adapters", "global")  # the final global adapter, the same for all
+            for name, path in adapters.items():
+                if not os.path.isdir(path):
+                    continue
+                if name not in evaluated.get(data.client, []):
+                    continue  # an adapter the strategy does not train or evaluate
+                model = PeftModel.from_pretrained(build_base(cfg.model, cfg.seed, tok.vocab_size), path).eval()
+                cands = data.candidates
+                rows = [Example(ex.prompt, c) for ex in data.test for c in cands]
+                with torch.no_grad():
+                    b = collate(tok, rows, cfg.train.max_seq_len)
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+                    labels = b["labels"][:, 1:]
+                    lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                    score = (lp * (labels != -100)).sum(-1).view(len(data.test), len(cands))
+                pred = [cands[int(i)] for i in score.argmax(-1)]
+                by = {k: [] for k in KINDS}
+                for ex, p in zip(data.test, pred):
+                    by[line_kind(ex, data.client)].append(p == ex.response)
+                cells = [f"{sum(v) / len(v):.2f} ({len(v)})" if v else "-" for v in by.values()]
+                lines.append(f"| {cfg.strategy} | {data.client} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--strategies", nargs="+", default=DEFAULT, help=f"configs/<name>.yaml to run (default {DEFAULT})")
+    ap.add_argument("--out", default="runs/compare", help="parent of the run directories (default runs/compare)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override applied to every job (repeatable)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print accuracy per kind of line (shared/private/foreign/plain) from the saved adapters")
+    ap.add_argument("--report-only", action="store_true", help="skip the jobs; tabulate OUT/<strategy> as they are")
+    args = ap.parse_args(argv)
+
+    configs = [os.path.join(ROOT, "configs", f"{s}.yaml") for s in args.strategies]
+    missing = [c for c in configs if not os.path.isfile(c)]
+    if missing:
+        print(f"compare: no such config: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    run_dirs = [os.path.join(args.out, s) for s in args.strategies]
+    if not args.report_only:
+        # one pretraining for all jobs (they share model.pretrained), with every core
+        ensure_pretrained(load_config(configs[0], args.overrides))
+        for cfg, out in zip(configs, run_dirs):
+            cmd = [sys.executable, "-m", "fdlora_cluster.cli", "launch", cfg, "--output", out]
+            for o in args.overrides:
+                cmd += ["--set", o]
+            print("+ " + " ".join(cmd), flush=True)
+            t0 = time.perf_counter()
+            rc = subprocess.call(cmd)
+            print(f"compare: {os.path.basename(cfg)} finished with status {rc} in {time.perf_counter() - t0:.0f}s",
+                  flush=True)
+            if rc != 0:
+                return rc
+    try:
+        runs = [load_run(d) for d in run_dirs]
+    except ReportError as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    cmdline = "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = write_report(run_dirs, out_dir=os.path.join(args.out, "report"),
+                          title="Strategy comparison on the shipped scenario",
+                          preamble=f"Made by `{cmdline.strip()}`.")
+    print("\nPer-client test accuracy, headline adapter of each method:\n")
+    print(comparison_table(runs))
+    print("\nEvery adapter each method evaluates:\n")
+    print(per_client_table(runs))
+    if args.breakdown:
+        print("\nTest accuracy per kind of line (from the saved adapters):\n")
+        print(breakdown(run_dirs))
+    print(f"\nreport: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""`fdlora-cluster report`: renders from a finished run (a real short job) and from hand-made runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from fdlora_cluster.cli import main
+from fdlora_cluster.report import ReportError, comparison_table, load_run, write_report
+
+from conftest import CONFIGS, TINY, assert_ok, run_job, write_config
+
+
+def fake_run(path, strategy, accs, fusion=None):
+    """A run directory with the files every run writes (config.yaml, summary.json, metrics.jsonl)."""
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"strategy": strategy, "seed": 0}))
+    adapters = {"fedavg": ["global"], "local": ["personal"], "fdlora": ["personal", "global", "fused"]}[strategy]
+    clients = []
+    for c, acc in enumerate(accs):
+        s = {"client": c, "method": strategy, "ranks": 2,
+             "metrics": {a: {"loss": 0.1 + c, "perplexity": 1.1, "rows": 10, "accuracy": acc} for a in adapters}}
+        if fusion:
+            s["fusion_weights"] = {"personal": fusion[c][0], "global": fusion[c][1]}
+        clients.append(s)
+    (path / "summary.json").write_text(json.dumps({"strategy": strategy, "rounds": 2, "world_size": 5,
+                                                   "bytes_per_round": 100.0, "seconds_per_round": 0.5,
+                                                   "clients": clients}))
+    recs = [{"round": t, "client": c, "event": "train", "adapter": "global", "loss": 1.0 / (t + 1)}
+            for t in (1, 2) for c in range(len(accs))]
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return str(path)
+
+
+def test_report_of_several_runs_has_comparison_and_plots(tmp_path):
+    a = fake_run(tmp_path / "fdlora", "fdlora", [0.9, 0.8], fusion=[(0.8, 0.4), (1.0, 0.2)])
+    b = fake_run(tmp_path / "fedavg", "fedavg", [0.7, 0.6])
+    c = fake_run(tmp_path / "local", "local", [0.85, 0.75])
+    md = write_report([a, b, c], out_dir=str(tmp_path / "rep"))
+    text = open(md).read()
+    assert "| client | fdlora (fused) | fedavg (global) | local (personal) |" in text
+    assert "| 0 | 0.900 | 0.700 | 0.850 |" in text and "| mean | 0.850 | 0.650 | 0.800 |" in text
+    for png in ("loss_per_round.png", "accuracy_by_method.png", "fusion_weights.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000
+        assert f"]({png})" in text
+
+
+def test_report_errors_name_the_directory_and_file(tmp_path):
+    with pytest.raises(ReportError, match=r"nothing: no summary\.json"):
+        load_run(str(tmp_path / "nothing"))
+    run = fake_run(tmp_path / "r", "fedavg", [0.5])
+    with open(f"{run}/metrics.jsonl", "a") as f:
+        f.write("{oops\n")
+    with pytest.raises(ReportError, match=r"r/metrics\.jsonl:3: not valid JSON"):
+        load_run(run)
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_report_renders_from_a_finished_run(tmp_path):
+    """One short real fdlora job (1 server + 2 clients x 2 ranks), then `fdlora-cluster report` on it."""
+    from fdlora_cluster.config import load_config
+    from fdlora_cluster.pretrain import ensure_pretrained
+
+    cfg_path = write_config(tmp_path, "fdlora.yaml", **TINY,
+                            **{"train.personal_steps": 2, "fusion.budget": 3, "data.fewshot_rows": 4})
+    ensure_pretrained(load_config(cfg_path), log=lambda m: None)  # what `launch` does first
+    proc, run_dir = run_job(cfg_path)
+    assert_ok(proc)
+    assert main(["report", str(run_dir)]) == 0
+    text = (run_dir / "report" / "REPORT.md").read_text()
+    assert "| fdlora | 0 | fused |" in text and "| fdlora | 1 | personal |" in text
+    assert (run_dir / "report" / "loss_per_round.png").is_file()
+    assert (run_dir / "report" / "fusion_weights.png").is_file()
+    assert "## Fusion weights" in text
+    assert "comparison" not in comparison_table([load_run(str(run_dir))]).lower()
