@@ -24,6 +24,7 @@ TINY = {
     "train.rounds": 2,
     "train.inner_steps": 2,
     "data.rows_per_client": 60,
+    "train.personal_steps": 2,
 }
 
 
