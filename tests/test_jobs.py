@@ -110,7 +110,7 @@ def test_personal_never_travels_and_saved_adapters_reload(tmp_path):
     """fdlora trains the personal adapter; no payload on the federation communicator may carry it,
     and every saved adapter reloads with plain PEFT to the trainer's own logits."""
     cfg_path = write_config(tmp_path, "demo.yaml", **TINY, strategy="fdlora",
-                            **{"train.personal_steps": 2, "fusion.budget": 3, "outer.optimizer": "nesterov",
+                            **{"fusion.budget": 3, "outer.optimizer": "nesterov",
                                "outer.lr": 0.7})
     out = tmp_path / "inspect"
     proc = mpi_python(5, "inspect_run.py", cfg_path, out, timeout=300)

@@ -64,7 +64,7 @@ def test_report_renders_from_a_finished_run(tmp_path):
     from fdlora_cluster.pretrain import ensure_pretrained
 
     cfg_path = write_config(tmp_path, "fdlora.yaml", **TINY,
-                            **{"train.personal_steps": 2, "fusion.budget": 3, "data.fewshot_rows": 4})
+                            **{"fusion.budget": 3, "data.fewshot_rows": 4})
     ensure_pretrained(load_config(cfg_path), log=lambda m: None)  # what `launch` does first
     proc, run_dir = run_job(cfg_path)
     assert_ok(proc)
