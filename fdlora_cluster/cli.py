@@ -19,7 +19,7 @@ import traceback
 import warnings
 
 from .config import ConfigError, deepspeed_dict, load_config
-from .topology import RankPlan
+from .topology import RankPlan, TopologyError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +90,12 @@ def cmd_run(args) -> int:
 
     try:
         train.run(cfg)
+    except TopologyError as e:
+        # Raised before any communication, the same on every rank (the world does not fit the
+        # config, or no MPI world at all): say it once, without a traceback, and exit like a config error.
+        if rank == 0:
+            print(f"topology error: {e}", file=sys.stderr, flush=True)
+        return 2
     except Exception as e:  # any failure ends the whole job promptly, with its cause on the console
         print(f"[rank {rank}] error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         traceback.print_exc()

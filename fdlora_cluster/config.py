@@ -82,8 +82,11 @@ class TopologyConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend inside each client; auto = nccl with CUDA, else gloo."""
     rendezvous_addr: Optional[str] = None
-    """Address each leader publishes for its client's torch.distributed world. Default: the
-    leader host's address (env FDLORA_RENDEZVOUS_ADDR overrides both)."""
+    """Address each leader publishes for its client's torch.distributed world: an IP, a host name,
+    or a network interface name (e.g. ib0) whose address the leader publishes, for clusters with
+    several networks. Only clients that span hosts use it (a client on one host meets on loopback).
+    Default: the leader host's address, never loopback (env FDLORA_RENDEZVOUS_ADDR overrides both;
+    docs/LAUNCH.md)."""
 
     def client_sizes(self) -> list[int]:
         if self.clients is not None:

@@ -51,7 +51,10 @@ def test_wrong_world_size_is_refused_with_the_needed_count(tmp_path):
     cfg = write_config(tmp_path, **TINY)
     proc = run_ranks(3, ["run", str(cfg)], timeout=120)
     assert proc.returncode != 0
-    assert "needs 1 server + (2 + 2) client ranks = 5 ranks, but the job has WORLD_SIZE(3)" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    # printed once (by rank 0), not once per rank, and without a traceback
+    assert out.count("needs 1 server + (2 + 2) client ranks = 5 ranks, but the job has WORLD_SIZE(3)") == 1, out
+    assert "Traceback" not in out, out
 
 
 def test_config_error_in_run_exits_2_with_the_key(tmp_path):
