@@ -71,6 +71,9 @@ def cmd_run(args) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo inside clients
     # DeepSpeed calls a torch collective that torch marks deprecated, once per step and rank.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5.x marks deprecated:
+    # one warning per rank and adapter on the console, nothing for a user to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD

@@ -80,7 +80,7 @@ def load_saved(path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_rounds_keep_global_identical_on_all_ranks(tmp_path, stage):
-    cfg_path = write_config(tmp_path, **TINY, deepspeed={"zero_optimization": {"stage": stage}})
+    cfg_path = write_config(tmp_path, "fedavg.yaml", **TINY, deepspeed={"zero_optimization": {"stage": stage}})
     proc, run_dir = run_job(cfg_path)
     assert_ok(proc)
     cfg = load_config(cfg_path)

@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = "configs/demo.yaml"
 # A small job (~20 s of training work): one round, one local step, few rows.
-TINY_ARGS = ["--set", "train.rounds=1", "--set", "train.inner_steps=1", "--set", "data.rows_per_client=40"]
+TINY_ARGS = ["--set", "train.rounds=1", "--set", "train.inner_steps=1", "--set", "train.personal_steps=2",
+             "--set", "fusion.budget=4", "--set", "data.rows_per_client=40"]
 JOB_TIMEOUT = int(os.environ.get("FDLORA_LAUNCH_JOB_TIMEOUT", "300"))
 
 
