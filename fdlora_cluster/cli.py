@@ -11,6 +11,7 @@ pretrain (the tiny demo base), report (a run's Markdown report and plots).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     overrides = list(args.overrides)
     if getattr(args, "output", None):
-        overrides.append(f"output_dir={args.output}")
+        overrides.append(f"output_dir={json.dumps(args.output)}")  # quoted: a path, never YAML (2024, ~, yes)
     return load_config(args.config, overrides)
 
 
@@ -53,12 +54,12 @@ def cmd_check(args) -> int:
     print(f"config {args.config}: OK")
     print(f"strategy {cfg.strategy}, {cfg.train.rounds} rounds, seed {cfg.seed}, output {cfg.output_dir}")
     print(plan.describe())
-    print(f"{'client':<8}{'ranks':<12}{'leader':<8}{'ZeRO':<6}{'micro':<7}{'K':<4}")
+    print(f"{'client':<8}{'ranks':<12}{'leader':<8}{'ZeRO':<6}{'micro':<7}{'K':<4}{'lr':<8}")
     for c in range(plan.num_clients):
         ds = deepspeed_dict(cfg, c)
         r = plan.client_ranks(c)
         print(f"{c:<8}{f'{r[0]}-{r[-1]}':<12}{r[0]:<8}{ds['zero_optimization'].get('stage', 0):<6}"
-              f"{ds['train_micro_batch_size_per_gpu']:<7}{cfg.inner_steps(c):<4}")
+              f"{ds['train_micro_batch_size_per_gpu']:<7}{cfg.inner_steps(c):<4}{ds['optimizer']['params']['lr']:<8g}")
     print(f"launch with: mpiexec -n {plan.world_size} fdlora-cluster run {args.config}")
     return 0
 
@@ -101,12 +102,20 @@ def cmd_run(args) -> int:
         return 2
     except Exception as e:  # any failure ends the whole job promptly, with its cause on the console
         print(f"[rank {rank}] error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        traceback.print_exc()
+        if not isinstance(e, _user_errors()):  # bad data or a bad address: the message says it all
+            traceback.print_exc()
         sys.stderr.flush()
         if world.Get_size() > 1:
             world.Abort(1)
         return 1
     return 0
+
+
+def _user_errors() -> tuple[type, ...]:
+    from .data import DataError
+    from .engine import RendezvousError
+
+    return (DataError, RendezvousError, ConfigError)
 
 
 def find_mpiexec(explicit: str | None = None) -> str:

@@ -123,7 +123,8 @@ class ClientOverride:
     inner_steps: Optional[int] = None
     """This client's K, in place of `train.inner_steps`."""
     micro_batch_size: Optional[int] = None
-    """This client's micro batch per rank."""
+    """This client's micro batch per rank (wins over train.micro_batch_size and the shared
+    DeepSpeed dict's train_micro_batch_size_per_gpu)."""
 
 
 @dataclass
@@ -227,7 +228,9 @@ class Config:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     deepspeed: Union[dict, str] = field(default_factory=dict)
     """DeepSpeed config dict, or the path of a DeepSpeed JSON file, passed through. Batch sizes
-    and the optimizer are filled in from `train` unless given here."""
+    and the optimizer (and its lr) are filled in from `train` unless given here; what is given
+    here wins, and the trainer uses it too. No `scheduler`: the adapter not being trained is
+    frozen by lr 0 in its parameter group, which a scheduler would overwrite."""
     client_overrides: dict[int, ClientOverride] = field(default_factory=dict)
     """Per-client settings keyed by client id (0-based)."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -252,10 +255,6 @@ class Config:
     def inner_steps(self, client: int) -> int:
         o = self.client_overrides.get(client)
         return o.inner_steps if o and o.inner_steps is not None else self.train.inner_steps
-
-    def micro_batch_size(self, client: int) -> int:
-        o = self.client_overrides.get(client)
-        return o.micro_batch_size if o and o.micro_batch_size is not None else self.train.micro_batch_size
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -493,8 +492,10 @@ def validate(cfg: Config, source: str) -> None:
     _require(m.pretrain_steps >= 1 and m.pretrain_batch_size >= 1 and m.pretrain_lr > 0, source,
              f"model: pretrain_steps ({m.pretrain_steps}) and pretrain_batch_size ({m.pretrain_batch_size}) "
              f"must be >= 1 and pretrain_lr ({m.pretrain_lr}) > 0")
+    _require(cfg.seed >= 0, source, f"seed = {cfg.seed} must be >= 0")
     for name, a in (("personal", cfg.lora.personal), ("global", cfg.lora.global_)):
         _require(a.r >= 1, source, f"lora.{name}.r = {a.r} must be >= 1")
+        _require(a.alpha > 0, source, f"lora.{name}.alpha = {a.alpha} must be > 0")
         _require(0.0 <= a.dropout < 1.0, source, f"lora.{name}.dropout = {a.dropout} must be in [0, 1)")
         _require(len(a.target_modules) >= 1, source, f"lora.{name}.target_modules must not be empty")
     tr = cfg.train
@@ -503,6 +504,7 @@ def validate(cfg: Config, source: str) -> None:
     for k in ("micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "eval_batch_size"):
         _require(getattr(tr, k) >= 1, source, f"train.{k} = {getattr(tr, k)} must be >= 1")
     _require(tr.lr > 0, source, f"train.lr = {tr.lr} must be > 0")
+    _require(tr.weight_decay >= 0, source, f"train.weight_decay = {tr.weight_decay} must be >= 0")
     n = len(cfg.client_sizes())
     for c, o in cfg.client_overrides.items():
         _require(0 <= c < n, source,
@@ -511,17 +513,26 @@ def validate(cfg: Config, source: str) -> None:
             _require(o.inner_steps >= 0, source, f"client_overrides.{c}.inner_steps must be >= 0")
         if o.micro_batch_size is not None:
             _require(o.micro_batch_size >= 1, source, f"client_overrides.{c}.micro_batch_size must be >= 1")
-    _require(len(cfg.outer.betas) == 2, source, "outer.betas needs two numbers")
+    out = cfg.outer
+    _require(out.lr > 0, source, f"outer.lr = {out.lr} must be > 0")
+    _require(0 <= out.momentum < 1, source, f"outer.momentum = {out.momentum} must be in [0, 1)")
+    _require(len(out.betas) == 2 and all(0 <= b < 1 for b in out.betas), source,
+             f"outer.betas = {out.betas}: need two numbers in [0, 1)")
+    _require(out.eps > 0, source, f"outer.eps = {out.eps} must be > 0")
+    _require(cfg.fedprox_mu >= 0, source, f"fedprox_mu = {cfg.fedprox_mu} must be >= 0")
+    _require(cfg.personal.steps_per_round >= 0, source,
+             f"personal.steps_per_round = {cfg.personal.steps_per_round} must be >= 0")
     f = cfg.fusion
     _require(len(f.bounds) == 2 and f.bounds[0] < f.bounds[1], source,
              f"fusion.bounds = {f.bounds}: need [low, high] with low < high")
     _require(f.budget >= 1, source, f"fusion.budget = {f.budget} must be >= 1")
+    _require(f.l1 >= 0, source, f"fusion.l1 = {f.l1} must be >= 0")
     _require(len(f.fixed_weights) == 2, source, "fusion.fixed_weights needs (w_personal, w_global)")
     if f.merge == "params":
-        _require(cfg.lora.personal.r == cfg.lora.global_.r
+        _require(cfg.lora.personal.r == cfg.lora.global_.r and cfg.lora.personal.alpha == cfg.lora.global_.alpha
                  and cfg.lora.personal.target_modules == cfg.lora.global_.target_modules, source,
-                 "fusion.merge = 'params' weights A and B separately, so lora.personal and lora.global "
-                 "need the same r and target_modules; use merge: exact otherwise")
+                 "fusion.merge = 'params' weights A and B separately into one adapter of one scale, so "
+                 "lora.personal and lora.global need the same r, alpha and target_modules; use merge: exact otherwise")
     if cfg.strategy == "fdlora":
         import nevergrad as ng
 
@@ -549,6 +560,11 @@ def validate(cfg: Config, source: str) -> None:
     _require(0.0 < d.test_fraction < 1.0, source, f"data.test_fraction = {d.test_fraction} must be in (0, 1)")
     _require(d.alpha > 0, source, f"data.alpha = {d.alpha} must be > 0")
     _require(d.fewshot_rows >= 0, source, "data.fewshot_rows must be >= 0")
+    _require(cfg.strategy != "fdlora" or d.fewshot_rows >= 1, source,
+             "strategy fdlora searches its fusion weights on data.fewshot_rows rows per client; "
+             "data.fewshot_rows = 0 leaves it none: set it >= 1")
+    _require(d.max_rows_per_client is None or d.max_rows_per_client >= 1, source,
+             f"data.max_rows_per_client = {d.max_rows_per_client} must be >= 1 (or left out)")
     _require(d.skew > 0, source, f"data.skew = {d.skew} must be > 0")
     _require(d.rows_per_client >= 1, source, f"data.rows_per_client = {d.rows_per_client} must be >= 1")
     if d.source == "generator":
@@ -576,14 +592,42 @@ def deepspeed_dict(cfg: Config, client: int) -> dict:
                 base = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"deepspeed: {cfg.deepspeed} is not valid JSON: {e}") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"deepspeed: expected a mapping (or a JSON file of one), got {type(base).__name__}")
     ds = _merge(dict(base), {})
     o = cfg.client_overrides.get(client)
     if o and o.deepspeed:
         ds = _merge(ds, o.deepspeed)
-    ds.setdefault("train_micro_batch_size_per_gpu", cfg.micro_batch_size(client))
+    where = f"deepspeed (client {client})"
+    for key in ("zero_optimization", "optimizer"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {ds[key]!r}")
+    if "scheduler" in ds:
+        # The adapter not being trained is frozen by its parameter group's lr = 0 (engine.py); a
+        # DeepSpeed scheduler rewrites every group's lr each step and would move it.
+        raise ConfigError(f"{where}: an LR scheduler is not supported (it would un-freeze the adapter that "
+                          "is not being trained); remove `scheduler` and set the learning rate with train.lr")
+    # The trainer slices batches and sets group learning rates from this dict, so it is the one
+    # source: DeepSpeed keys the user set win over `train`, a client's micro_batch_size over both.
+    if o and o.micro_batch_size is not None:
+        given = (o.deepspeed or {}).get("train_micro_batch_size_per_gpu", o.micro_batch_size)
+        if given != o.micro_batch_size:
+            raise ConfigError(f"client_overrides.{client}: micro_batch_size = {o.micro_batch_size} but its "
+                              f"deepspeed.train_micro_batch_size_per_gpu = {given}; set one of them")
+        ds["train_micro_batch_size_per_gpu"] = o.micro_batch_size
+    ds.setdefault("train_micro_batch_size_per_gpu", cfg.train.micro_batch_size)
     ds.setdefault("gradient_accumulation_steps", cfg.train.gradient_accumulation_steps)
     ds.setdefault("optimizer", {"type": "AdamW", "params": {
-        "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "torch_adam": True}})
+        "weight_decay": cfg.train.weight_decay, "torch_adam": True}})
+    params = ds["optimizer"].setdefault("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: optimizer.params must be a mapping, got {params!r}")
+    params.setdefault("lr", cfg.train.lr)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if isinstance(ds[key], bool) or not isinstance(ds[key], int) or ds[key] < 1:
+            raise ConfigError(f"{where}: {key} = {ds[key]!r} must be an integer >= 1")
+    if isinstance(params["lr"], bool) or not isinstance(params["lr"], (int, float)) or params["lr"] <= 0:
+        raise ConfigError(f"{where}: optimizer.params.lr = {params['lr']!r} must be a number > 0")
     ds.setdefault("zero_optimization", {"stage": 0})
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)

@@ -161,9 +161,12 @@ class ClientEngine:
         self.ds_config = deepspeed_dict(cfg, self.client)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.device = self._init_world()
+        # lr and micro batch from the DeepSpeed dict: train.* unless the user's DeepSpeed keys say otherwise
+        self.lr = float(self.ds_config["optimizer"]["params"]["lr"])
+        self.micro_batch = int(self.ds_config["train_micro_batch_size_per_gpu"])
         self.groups = {PERSONAL: 0, GLOBAL: 1}
-        groups = [{"params": list(adapter_params(model, PERSONAL).values()), "lr": cfg.train.lr},
-                  {"params": list(adapter_params(model, GLOBAL).values()), "lr": cfg.train.lr}]
+        groups = [{"params": list(adapter_params(model, PERSONAL).values()), "lr": self.lr},
+                  {"params": list(adapter_params(model, GLOBAL).values()), "lr": self.lr}]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=self.ds_config)
         self.streams = {a: BatchStream(data.train, cfg.seed, self.client, a) for a in (PERSONAL, GLOBAL)}
@@ -242,7 +245,7 @@ class ClientEngine:
         set_active(self.model, name)
         inner = self._inner_optimizer()  # ZeRO wrappers expose the same param_groups as this
         for adapter, i in self.groups.items():
-            inner.param_groups[i]["lr"] = self.cfg.train.lr if adapter == name else 0.0
+            inner.param_groups[i]["lr"] = self.lr if adapter == name else 0.0
             if adapter == name:
                 for p in inner.param_groups[i]["params"]:
                     inner.state.pop(p, None)
@@ -258,7 +261,7 @@ class ClientEngine:
         self.engine.train()
         # dropout stream seeded per client, round and adapter (the same on every rank of the client)
         torch.manual_seed(zlib.crc32(f"{self.cfg.seed}:{self.client}:{round}:{name}".encode()))
-        micro = self.cfg.micro_batch_size(self.client)
+        micro = self.micro_batch
         accum = self.ds_config["gradient_accumulation_steps"]
         params = adapter_params(self.model, name)
         anchor = {k: v.to(self.device) for k, v in prox_to.items()} if prox_mu > 0 else None

@@ -51,7 +51,10 @@ def load_run(run_dir: str) -> Run:
     except json.JSONDecodeError as e:
         raise ReportError(f"{run_dir}/summary.json: not valid JSON ({e.msg})") from None
     with open(need("config.yaml")) as f:
-        config = yaml.safe_load(f) or {}
+        try:
+            config = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ReportError(f"{run_dir}/config.yaml: not valid YAML ({e})") from None
     metrics = []
     with open(need("metrics.jsonl")) as f:
         for n, line in enumerate(f, 1):
@@ -60,8 +63,14 @@ def load_run(run_dir: str) -> Run:
                     metrics.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ReportError(f"{run_dir}/metrics.jsonl:{n}: not valid JSON ({e.msg})") from None
-    if not summary.get("clients"):
+    if not isinstance(summary, dict) or not summary.get("clients"):
         raise ReportError(f"{run_dir}/summary.json: no per-client results")
+    for i, c in enumerate(summary["clients"]):
+        ok = (isinstance(c, dict) and "client" in c and isinstance(c.get("metrics"), dict) and c["metrics"]
+              and all(isinstance(m, dict) and "loss" in m for m in c["metrics"].values()))
+        if not ok:
+            raise ReportError(f"{run_dir}/summary.json: clients[{i}] lacks client / metrics per adapter with a loss "
+                              "(was it written by fdlora-cluster?)")
     return Run(run_dir, config, summary, metrics)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import AdapterConfig, Config
-from .data import get_tokenizer, load_clients
+from .data import check_responses_fit, get_tokenizer, load_clients
 from .fusion import fused_lora_shape
 from .log import get_logger, setup_logging
 from .model import GLOBAL, PERSONAL, add_adapters, build_base, lora_config, save_adapter
@@ -106,6 +106,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
     log = get_logger()
     tok = get_tokenizer(cfg.model.path)
     data = load_clients(cfg.data, topo.plan.num_clients, cfg.seed)[topo.client_id]
+    check_responses_fit(tok, data, cfg.train.max_seq_len)
     base = build_base(cfg.model, cfg.seed, vocab_size=tok.vocab_size)
     adapters = {PERSONAL: cfg.lora.personal, GLOBAL: cfg.lora.global_}
     if strategy.fusion:

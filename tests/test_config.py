@@ -182,3 +182,52 @@ def test_adapter_copies_need_equal_layouts():
 def test_fusion_optimizer_must_exist_in_nevergrad():
     with pytest.raises(ConfigError, match=r"fusion.optimizer = 'NoSuchOpt' is not a nevergrad optimizer"):
         load_config(CONFIGS / "fdlora.yaml", ["fusion.optimizer=NoSuchOpt"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", r"seed = -1 must be >= 0"),
+    ("lora.global.alpha=0", r"lora.global.alpha = 0.0 must be > 0"),
+    ("outer.lr=-1", r"outer.lr = -1.0 must be > 0"),
+    ("outer.momentum=5", r"outer.momentum = 5.0 must be in \[0, 1\)"),
+    ("fedprox_mu=-5", r"fedprox_mu = -5.0 must be >= 0"),
+    ("fusion.l1=-1", r"fusion.l1 = -1.0 must be >= 0"),
+    ("personal.steps_per_round=-2", r"personal.steps_per_round = -2 must be >= 0"),
+    ("data.max_rows_per_client=-5", r"data.max_rows_per_client = -5 must be >= 1"),
+    ("data.fewshot_rows=0", r"strategy fdlora searches its fusion weights .* data.fewshot_rows = 0"),
+    ("deepspeed.zero_optimization=2", r"zero_optimization must be a mapping, got 2"),
+    ("deepspeed.scheduler={type: WarmupLR}", r"an LR scheduler is not supported"),
+    ("deepspeed.train_micro_batch_size_per_gpu=0", r"train_micro_batch_size_per_gpu = 0 must be an integer >= 1"),
+    ("deepspeed.optimizer={type: AdamW, params: {lr: -1}}", r"optimizer.params.lr = -1 must be a number > 0"),
+])
+def test_out_of_range_values_fail_on_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "demo.yaml", [override])
+
+
+def test_params_merge_needs_equal_alphas():
+    with pytest.raises(ConfigError, match=r"need the same r, alpha and target_modules"):
+        load_config(CONFIGS / "demo.yaml", ["fusion.merge=params", "lora.global.alpha=32"])
+
+
+def test_deepspeed_keys_the_user_sets_are_what_the_trainer_uses(tmp_path):
+    """The engine reads lr and micro batch from this dict, so a DeepSpeed value must win over
+    `train` (and a client's micro_batch_size over both), and `check` prints the same."""
+    cfg = load_config(CONFIGS / "demo.yaml", [
+        "deepspeed.optimizer={type: AdamW, params: {lr: 0.0001, torch_adam: true}}",
+        "deepspeed.train_micro_batch_size_per_gpu=2", "client_overrides={1: {micro_batch_size: 3}}"])
+    d0, d1 = deepspeed_dict(cfg, 0), deepspeed_dict(cfg, 1)
+    assert d0["optimizer"]["params"]["lr"] == 0.0001 and d0["train_micro_batch_size_per_gpu"] == 2
+    assert d1["train_micro_batch_size_per_gpu"] == 3
+    plain = deepspeed_dict(load_config(CONFIGS / "demo.yaml"), 0)
+    assert plain["optimizer"]["params"]["lr"] == cfg.train.lr
+    assert plain["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
+    with pytest.raises(ConfigError, match=r"client_overrides.1: micro_batch_size = 3 but its deepspeed"):
+        load_config(CONFIGS / "demo.yaml", [
+            "client_overrides={1: {micro_batch_size: 3, deepspeed: {train_micro_batch_size_per_gpu: 4}}}"])
+
+
+def test_output_is_a_path_never_yaml(tmp_path, capsys):
+    from fdlora_cluster.cli import main
+
+    assert main(["check", str(CONFIGS / "demo.yaml"), "--output", "2024"]) == 0
+    assert "output 2024" in capsys.readouterr().out

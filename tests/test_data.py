@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fdlora_cluster.config import DataConfig
-from fdlora_cluster.data import (IGNORE_INDEX, ByteTokenizer, DataError, Example, collate, encode_example,
-                                 load_clients, partition_dirichlet, partition_iid, read_jsonl)
+from fdlora_cluster.data import (IGNORE_INDEX, ByteTokenizer, ClientData, DataError, Example, check_responses_fit,
+                                 collate, encode_example, load_clients, partition_dirichlet, partition_iid, read_jsonl)
 
 
 def write(path, lines):
@@ -178,3 +178,12 @@ def test_generator_source_through_load_clients():
     assert [len(c.test) for c in a] == [12, 12, 12]
     assert all(c.candidates == [" abnormal", " normal"] for c in a)
     assert load_clients(replace(d, skew=0.3), 3, seed=0) != a
+
+
+def test_a_response_too_long_for_max_seq_len_fails_before_training():
+    tok = ByteTokenizer()
+    ok = Example("p", " ok")
+    data = ClientData(client=1, train=[ok], fewshot=[ok], test=[ok, Example("p", " far too long a response")])
+    with pytest.raises(DataError, match=r"client 1: a test response of 25 tokens .* train.max_seq_len = 8"):
+        check_responses_fit(tok, data, max_len=8)
+    check_responses_fit(tok, data, max_len=32)  # fits: no error

@@ -167,3 +167,14 @@ def test_a_failing_rank_ends_the_job_promptly_with_its_cause(tmp_path):
     out = proc.stdout + proc.stderr
     assert "no model.safetensors there; run `fdlora-cluster pretrain CONFIG` first" in out
     assert time.monotonic() - t0 < 90
+
+
+def test_bad_data_ends_the_job_with_the_message_and_no_traceback(tmp_path):
+    """A response longer than train.max_seq_len is found on every client rank at start, before
+    DeepSpeed; the job ends non-zero with the DataError's message (a user error, so no traceback)."""
+    cfg = write_config(tmp_path, **TINY, **{"train.max_seq_len": 6})
+    proc = run_ranks(5, ["run", str(cfg)], timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "error: DataError: client" in out and "does not fit train.max_seq_len = 6" in out, out
+    assert "Traceback" not in out, out

@@ -56,6 +56,15 @@ def test_report_errors_name_the_directory_and_file(tmp_path):
     with pytest.raises(ReportError, match=r"r/metrics\.jsonl:3: not valid JSON"):
         load_run(run)
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    bad = fake_run(tmp_path / "b", "fedavg", [0.5])
+    summary = json.loads(open(f"{bad}/summary.json").read())
+    del summary["clients"][0]["metrics"]
+    open(f"{bad}/summary.json", "w").write(json.dumps(summary))
+    with pytest.raises(ReportError, match=r"b/summary\.json: clients\[0\] lacks client / metrics"):
+        load_run(bad)
+    open(f"{run}/config.yaml", "w").write("a: [unclosed\n")
+    with pytest.raises(ReportError, match=r"r/config\.yaml: not valid YAML"):
+        load_run(run)
 
 
 def test_report_renders_from_a_finished_run(tmp_path):

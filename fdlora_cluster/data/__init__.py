@@ -71,6 +71,22 @@ def load_rows(cfg, num_clients: int, seed: int) -> tuple[list[list[Example]], li
     return [[r.example for r in p] for p in parts], [f"{files[0]}: " for _ in range(num_clients)]
 
 
+def check_responses_fit(tok, data: ClientData, max_len: int) -> None:
+    """Every response of a client (and every candidate label) fits `max_len` with its eos: checked
+    once at start, so a long row fails the job before training, not when its batch comes up."""
+    rows = [("train", ex) for ex in data.train] + [("few-shot", ex) for ex in data.fewshot] + \
+           [("test", ex) for ex in data.test] + [("candidate", Example("", c)) for c in data.candidates]
+    seen = set()
+    for split, ex in rows:
+        if ex.response in seen:
+            continue
+        seen.add(ex.response)
+        n = len(tok.encode(ex.response)) + 1
+        if n >= max_len:
+            raise DataError(f"client {data.client}: a {split} response of {n} tokens (with eos) does not fit "
+                            f"train.max_seq_len = {max_len}: {ex.response[:60]!r}; raise train.max_seq_len")
+
+
 def load_clients(cfg, num_clients: int, seed: int) -> list[ClientData]:
     """Every client's train / few-shot / test rows (deterministic in seed). `cfg` is a DataConfig."""
     rows, where = load_rows(cfg, num_clients, seed)
@@ -78,7 +94,7 @@ def load_clients(cfg, num_clients: int, seed: int) -> list[ClientData]:
     return [split_client(c, r, cfg, seed, where[c], candidates) for c, r in enumerate(rows)]
 
 
-__all__ = ["ByteTokenizer", "ClientData", "candidate_responses", "DataError", "Example", "HFTokenizer", "IGNORE_INDEX", "LABELS",
+__all__ = ["ByteTokenizer", "ClientData", "candidate_responses", "check_responses_fit", "DataError", "Example", "HFTokenizer", "IGNORE_INDEX", "LABELS",
            "PARTITIONS", "Row", "collate", "encode_example", "general_text", "generate_client_rows",
            "get_tokenizer", "label_counts", "load_clients", "load_rows", "parse_row", "partition_dirichlet",
            "partition_iid", "partition_rows", "read_jsonl", "split_client", "write_jsonl"]
