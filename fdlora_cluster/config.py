@@ -489,6 +489,12 @@ def validate(cfg: Config, source: str) -> None:
         _require(m.pretrained is None, source, "model.pretrained only applies with model.config")
     if m.config is not None:
         _require("model_type" in m.config, source, "model.config needs a model_type (e.g. llama)")
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        mt = m.config["model_type"]
+        _require(mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, source,
+                 f"model.config.model_type = {mt!r} is not a causal LM type this transformers knows; "
+                 f"e.g. {', '.join(t for t in ('llama', 'mistral', 'qwen2', 'gpt2') if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}")
     _require(m.pretrain_steps >= 1 and m.pretrain_batch_size >= 1 and m.pretrain_lr > 0, source,
              f"model: pretrain_steps ({m.pretrain_steps}) and pretrain_batch_size ({m.pretrain_batch_size}) "
              f"must be >= 1 and pretrain_lr ({m.pretrain_lr}) > 0")

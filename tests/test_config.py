@@ -186,6 +186,7 @@ def test_fusion_optimizer_must_exist_in_nevergrad():
 
 @pytest.mark.parametrize("override, message", [
     ("seed=-1", r"seed = -1 must be >= 0"),
+    ("model.config.model_type=lama", r"model.config.model_type = 'lama' is not a causal LM type"),
     ("lora.global.alpha=0", r"lora.global.alpha = 0.0 must be > 0"),
     ("outer.lr=-1", r"outer.lr = -1.0 must be > 0"),
     ("outer.momentum=5", r"outer.momentum = 5.0 must be in \[0, 1\)"),
