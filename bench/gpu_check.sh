@@ -18,16 +18,26 @@
 #   PYTHON          the Python with torch (CUDA), deepspeed, peft, mpi4py (default python3)
 #   MPICH_MPIEXEC   MPICH's mpiexec (default: mpiexec next to PYTHON, e.g. the pip `mpich` wheel's)
 #   OPENMPI_MPIRUN  Open MPI's mpirun (default /usr/bin/mpirun)
+#   MPICH_LIBMPI / OPENMPI_LIBMPI  the library each MPI's ranks load (MPI4PY_LIBMPI, for the mpi4py
+#                   wheel that supports both; default: the mpich wheel's libmpi.so.12 beside
+#                   MPICH_MPIEXEC, and libmpi.so.40 from the system's library path)
 #   OUTDIR          where runs and logs go (default runs/gpu-check)
 #   JOBS            demo jobs run at once (default 3; they share the GPU)
+#   ONLY            run only the demo jobs whose label matches this regex (default: all)
+#   RATIO           0 = skip the step-time ratio (default 1)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 MPICH_MPIEXEC=${MPICH_MPIEXEC:-$(dirname "$(command -v "$PYTHON")")/mpiexec}
 OPENMPI_MPIRUN=${OPENMPI_MPIRUN:-/usr/bin/mpirun}
+MPICH_LIBMPI=${MPICH_LIBMPI:-$(dirname "$MPICH_MPIEXEC")/../lib/libmpi.so.12}
+OPENMPI_LIBMPI=${OPENMPI_LIBMPI:-libmpi.so.40}
 OUTDIR=${OUTDIR:-runs/gpu-check}
+JOB_TIMEOUT=${JOB_TIMEOUT:-300}
 JOBS=${JOBS:-3}
+ONLY=${ONLY:-.}
+RATIO=${RATIO:-1}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 DS_ACCELERATOR=${DS_ACCELERATOR:-cuda}
 mkdir -p "$OUTDIR"
 SHORT=(--set train.rounds=2 --set train.inner_steps=5 --set train.personal_steps=10 --set data.rows_per_client=60)
@@ -40,8 +50,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 job() {  # label mpiexec expected_rc [--set ...]: one demo job, one result line
     local label=$1 mpiexec=$2 want=$3; shift 3
-    local t0=$SECONDS
-    "$PYTHON" -m fdlora_cluster.cli launch configs/demo.yaml --mpiexec "$mpiexec" --output "$OUTDIR/$label" \
+    local t0=$SECONDS libmpi=$MPICH_LIBMPI
+    [[ $mpiexec == "$OPENMPI_MPIRUN" ]] && libmpi=$OPENMPI_LIBMPI
+    MPI4PY_LIBMPI=$libmpi timeout "$JOB_TIMEOUT" "$PYTHON" -m fdlora_cluster.cli launch configs/demo.yaml --mpiexec "$mpiexec" --output "$OUTDIR/$label" \
         "${SHORT[@]}" "$@" >"$OUTDIR/$label.log" 2>&1
     local rc=$? what
     if [[ $rc == 0 ]]; then
@@ -54,7 +65,10 @@ job() {  # label mpiexec expected_rc [--set ...]: one demo job, one result line
 }
 
 running=0
-spawn() { job "$@" & running=$((running + 1)); if (( running >= JOBS )); then wait -n; running=$((running - 1)); fi; }
+spawn() {
+    [[ $1 =~ $ONLY ]] || return 0
+    job "$@" & running=$((running + 1));     if (( running >= JOBS )); then wait -n; running=$((running - 1)); fi
+}
 
 echo "== demo jobs (NCCL inside clients): label rc verdict seconds per-client accuracy =="
 for mpi in mpich openmpi; do
@@ -72,12 +86,13 @@ spawn "refuse-2clients-unshared" "$MPICH_MPIEXEC" 2 --set 'topology.clients=[1,1
 spawn "refuse-1client-2ranks-1gpu" "$MPICH_MPIEXEC" 2 --set 'topology.clients=[2]'
 wait
 
+[[ $RATIO == 1 ]] || exit 0
 echo "== inner step: federated client vs plain DeepSpeed + PEFT loop (hidden 1024 x 8 layers, ZeRO-2) =="
 BIG=(--set model.pretrained=null --set model.config.hidden_size=1024 --set model.config.intermediate_size=2816
      --set model.config.num_hidden_layers=8 --set model.config.num_attention_heads=16
      --set model.config.num_key_value_heads=16 --set deepspeed.zero_optimization.stage=2)
 for prec in fp32 bf16; do
     extra=(); [[ $prec == bf16 ]] && extra=(--set deepspeed.bf16.enabled=true)
-    "$PYTHON" bench/step_ratio.py configs/demo.yaml --label "$prec" --steps 50 --mpiexec "$MPICH_MPIEXEC" \
+    MPI4PY_LIBMPI=$MPICH_LIBMPI "$PYTHON" bench/step_ratio.py configs/demo.yaml --label "$prec" --steps 50 --mpiexec "$MPICH_MPIEXEC" \
         --out "$OUTDIR/ratio-$prec" "${BIG[@]}" "${extra[@]}" 2>&1 | tail -1
 done
