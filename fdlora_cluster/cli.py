@@ -114,8 +114,10 @@ def cmd_run(args) -> int:
 def _user_errors() -> tuple[type, ...]:
     from .data import DataError
     from .rendezvous import RendezvousError
+    from .server import FederationError
+    from .transport import FederationAborted
 
-    return (DataError, RendezvousError, ConfigError)
+    return (DataError, RendezvousError, ConfigError, FederationError, FederationAborted)
 
 
 def find_mpiexec(explicit: str | None = None) -> str:

@@ -16,11 +16,9 @@ from .engine import ClientEngine
 from .fusion import fuse, search_weights
 from .log import get_logger
 from .model import GLOBAL, PERSONAL, adapter_scaling, lora_config, save_adapter
-from .server import NUM_SAMPLES, update_layout
-from .transport import TAG_GLOBAL, TAG_LAYOUT, TAG_PERSONAL_INIT, TAG_UPDATE, Layout, Transport
+from .transport import ClientUpdate, Layout, Transport, TransportError
 
 FUSED = "fused"
-SERVER = 0  # federation rank of the server
 
 
 def digest(state: dict[str, torch.Tensor]) -> str:
@@ -49,22 +47,29 @@ class Client:
     # ---------------------------------------------------------------- federation
 
     def send_layout_and_init(self) -> None:
-        """Tell the server the global adapter's layout, and the start it cannot compute itself."""
+        """Tell the server the global adapter's layout (every leader: the server checks they agree),
+        and the start it cannot compute itself."""
         start = self.engine.read(GLOBAL) if self.cfg.global_.init == "seed" else self.engine.read(PERSONAL)
         if not self.is_leader:
             return
-        if self.id == 0:
-            self.transport.send_layout(self.layout, dest=SERVER, tag=TAG_LAYOUT)
-            if self.cfg.global_.init == "seed":
-                self.transport.send(start, self.layout, dest=SERVER, tag=TAG_GLOBAL)
+        self.transport.send_layout(self.layout)
+        if self.cfg.global_.init == "seed" and self.id == 0:
+            self.transport.send_init(self.id, start)
         if self.cfg.global_.init == "personal_mean":
             self.log.info("sending the stage-1 personal adapter to the server once (global.init = personal_mean)")
-            self.transport.send(start, self.layout, dest=SERVER, tag=TAG_PERSONAL_INIT)
+            self.transport.send_init(self.id, start)
 
-    def receive_global(self, round: int | None) -> None:
-        """Leader receives the global adapter; every rank of the client ends up holding it."""
-        state = self.transport.recv(self.layout, source=SERVER, tag=TAG_GLOBAL) if self.is_leader else None
-        state = self.engine.broadcast_from_leader(state, like=GLOBAL)
+    def receive_global(self, round: int, final: bool = False) -> None:
+        """Leader receives the global adapter of `round` (the final one with `final`); every rank of
+        the client ends up holding it."""
+        state = None
+        if self.is_leader:
+            message = self.transport.recv_global()
+            if message.round != round or message.final != final:
+                raise TransportError(f"client {self.id}: expected the {'final ' if final else ''}global adapter of round "
+                                     f"{round}, the server sent {'the final one' if message.final else 'round ' + str(message.round)}")
+            state = message.state
+        state = self.engine.broadcast_from_leader(state, self.layout)
         self.engine.write(GLOBAL, state)
         # Proof of synchrony: every rank's digest of what it now holds, gathered at the leader.
         digests = self.topo.client_comm.gather(digest(self.engine.read(GLOBAL)), root=0)
@@ -73,8 +78,7 @@ class Client:
     def send_update(self, round: int) -> None:
         state = self.engine.read(GLOBAL)
         if self.is_leader:
-            state[NUM_SAMPLES] = torch.tensor([float(len(self.engine.data.train))], dtype=torch.float64)
-            self.transport.send(state, update_layout(self.layout), dest=SERVER, tag=TAG_UPDATE)
+            self.transport.send_update(ClientUpdate(round, self.id, float(len(self.engine.data.train)), state))
 
     # ---------------------------------------------------------------- personal
 

@@ -160,6 +160,16 @@ class GlobalConfig:
 
 
 @dataclass
+class FederationConfig:
+    min_clients: int = 1
+    """A round needs at least this many accepted updates; fewer fails the job with the clients
+    that were missing or rejected and why."""
+    max_update_norm: Optional[float] = None
+    """When set, an update whose change ||client global - round's global|| exceeds it is rejected
+    for that round (logged with the client and its norm), not averaged."""
+
+
+@dataclass
 class PersonalConfig:
     sync_every: int = 0
     """H: every H rounds the client overwrites its personal adapter with its local copy of the
@@ -245,6 +255,8 @@ class Config:
     outer: OuterConfig = field(default_factory=OuterConfig)
     global_: GlobalConfig = field(default_factory=GlobalConfig, metadata={"key": "global"})
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    """What the server accepts: checks on every update (docs/RELIABILITY.md)."""
     fusion: FusionConfig = field(default_factory=FusionConfig)
     fedprox_mu: float = 0.01
     """Proximal weight mu for `fedprox`."""
@@ -551,6 +563,11 @@ def validate(cfg: Config, source: str) -> None:
              f"outer.betas = {out.betas}: need two numbers in [0, 1)")
     _require(out.eps > 0, source, f"outer.eps = {out.eps} must be > 0")
     _require(cfg.fedprox_mu >= 0, source, f"fedprox_mu = {cfg.fedprox_mu} must be >= 0")
+    fed = cfg.federation
+    _require(1 <= fed.min_clients <= n, source,
+             f"federation.min_clients = {fed.min_clients} must be in [1, number of clients = {n}]")
+    _require(fed.max_update_norm is None or fed.max_update_norm > 0, source,
+             f"federation.max_update_norm = {fed.max_update_norm} must be > 0 (or left out)")
     _require(cfg.personal.steps_per_round >= 0, source,
              f"personal.steps_per_round = {cfg.personal.steps_per_round} must be >= 0")
     f = cfg.fusion

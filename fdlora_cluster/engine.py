@@ -22,6 +22,7 @@ from .data import ClientData, Example, collate
 from .log import get_logger
 from .model import GLOBAL, PERSONAL, adapter_params, read_adapter, set_active, write_adapter
 from .rendezvous import join_client_world
+from .transport import Layout
 
 class BatchStream:
     """Seeded, resumable stream of training rows for one client and one adapter.
@@ -95,25 +96,19 @@ class ClientEngine:
         if not self.mixed_precision and hasattr(self.optimizer, "refresh_fp32_params"):
             self.optimizer.refresh_fp32_params()
 
-    def broadcast_from_leader(self, state: dict[str, torch.Tensor] | None, like: str) -> dict[str, torch.Tensor]:
-        """The leader's state on every rank of the client, over the client's torch.distributed world."""
+    def broadcast_from_leader(self, state: dict[str, torch.Tensor] | None, layout: Layout) -> dict[str, torch.Tensor]:
+        """The leader's state on every rank of the client, packed by the federation's `layout` into
+        one buffer and broadcast over the client's torch.distributed world."""
         import torch.distributed as dist
 
-        ref = {k: (tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for k, p in adapter_params(self.model, like).items()}
-        sizes = [math.prod(s) for s, _ in ref.values()]
-        dtype = torch.float32  # adapters travel as their fp32 (master) weights, also under bf16/fp16
+        if self.size == 1:
+            return state
         if self.local_rank == 0:
-            flat = torch.cat([state[k].reshape(-1).to(dtype) for k in ref]).to(self.device)
+            flat = layout.pack(state).to(self.device)
         else:
-            flat = torch.empty(sum(sizes), dtype=dtype, device=self.device)
-        if self.size > 1:
-            dist.broadcast(flat, src=0)
-        flat = flat.cpu()
-        out, off = {}, 0
-        for (k, (shape, _)), n in zip(ref.items(), sizes):
-            out[k] = flat[off:off + n].reshape(shape).clone()
-            off += n
-        return out
+            flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+        dist.broadcast(flat, src=0)
+        return layout.unpack(flat.cpu())
 
     # ------------------------------------------------------------------ training
 

@@ -1,71 +1,107 @@
 """The server role (world rank 0): holds the global adapter and the outer optimizer, nothing else.
 
-It never builds the model: it learns the global adapter's layout from client 0's leader, and it
-never holds a personal adapter, except the one-off `global.init: personal_mean` average that the
-paper's Algorithm 1 (line 7) asks for, which is logged as such.
+It never builds the model: it learns the global adapter's layout from the leaders' handshake, and
+it never holds a personal adapter, except the one-off `global.init: personal_mean` average that
+the paper's Algorithm 1 (line 7) asks for, which is logged as such. Every update is checked before
+it is used (`rejection`); a rejected one is left out of that round's average, and a round with
+fewer than `federation.min_clients` accepted updates fails the job.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from .log import get_logger
 from .strategies import UpdateError, check_update, l2_distance, weighted_average
-from .transport import TAG_GLOBAL, TAG_LAYOUT, TAG_PERSONAL_INIT, TAG_UPDATE, Layout, Transport
-
-NUM_SAMPLES = "__num_samples__"  # scalar riding along in every update message
+from .transport import ClientUpdate, GlobalAdapter, Transport
 
 
-def update_layout(global_layout: Layout) -> Layout:
-    return Layout(global_layout.entries + ((NUM_SAMPLES, (1,), "float64"),))
+class FederationError(RuntimeError):
+    """A round the server cannot complete (too few accepted updates); says which clients and why."""
+
+
+def rejection(update: ClientUpdate, round: int, reference: dict[str, torch.Tensor],
+              max_update_norm: float | None) -> str | None:
+    """Why `update` cannot be used in `round` (None: it can). The byte count and layout were
+    checked by the transport on receive; here: the round, the sample count, the values, the norm."""
+    if update.round != round:
+        return f"it is for round {update.round}, not {round}"
+    n = update.num_samples
+    if not math.isfinite(n) or n <= 0 or n != int(n):
+        return f"its sample count {n!r} is not a positive integer"
+    try:
+        check_update(reference, update.state, client=update.client)  # keys, shapes, dtypes, finite
+    except UpdateError as e:
+        return str(e).removeprefix(f"client {update.client}: ")
+    if max_update_norm is not None:
+        norm = l2_distance(update.state, reference)
+        if norm > max_update_norm:
+            return f"its change has norm {norm:.4g} > federation.max_update_norm = {max_update_norm:g}"
+    return None
 
 
 class Server:
     def __init__(self, cfg, topo, strategy, transport: Transport, run):
         self.cfg, self.topo, self.strategy, self.transport, self.run = cfg, topo, strategy, transport, run
         self.log = get_logger()
-        self.leaders = list(range(1, topo.plan.num_clients + 1))  # federation ranks of the leaders
-        self.layout: Layout | None = None
+        self.clients = topo.plan.clients
         self.global_state: dict[str, torch.Tensor] | None = None
 
     def init_global(self) -> None:
-        """Learn the layout from client 0's leader, then the starting global adapter."""
-        self.layout = self.transport.recv_layout(source=1, tag=TAG_LAYOUT)
+        """Every leader's layout (they must agree), then the starting global adapter."""
+        self.transport.recv_layouts(self.clients)
         if self.cfg.global_.init == "seed":
             # Every client seeds `global` identically; client 0's leader sends that start once.
-            self.global_state = self.transport.recv(self.layout, source=1, tag=TAG_GLOBAL)
+            self.global_state = self.transport.recv_init(0)
             self.log.info("global adapter starts from the shared seeded initialisation")
         else:
-            personal = self.transport.recv_from_all(self.layout, self.leaders, TAG_PERSONAL_INIT)
-            for i, s in personal.items():
-                check_update(next(iter(personal.values())), s, client=i - 1)
+            personal = [self.transport.recv_init(c) for c in self.clients]
+            for c, s in enumerate(personal):
+                check_update(personal[0], s, client=c)
             n = len(personal)
-            self.global_state = weighted_average(list(personal.values()), [1.0 / n] * n)
+            self.global_state = weighted_average(personal, [1.0 / n] * n)
             self.log.info(f"global adapter starts as the mean of {n} personal adapters "
                           "(global.init = personal_mean: each personal adapter was sent to the server once)")
             del personal
 
     def run_round(self, t: int) -> dict:
-        """send global -> (clients train) -> collect -> aggregate. Returns the round's metrics."""
+        """send global -> (clients train) -> collect and check -> aggregate. Returns the round's record."""
         t0 = time.perf_counter()
         self.transport.new_round()
-        self.transport.send_to_all(self.global_state, self.layout, self.leaders, TAG_GLOBAL)
-        replies = self.transport.recv_from_all(update_layout(self.layout), self.leaders, TAG_UPDATE)
-        counts = [float(replies[r].pop(NUM_SAMPLES)[0]) for r in self.leaders]
-        updates = [replies[r] for r in self.leaders]
+        self.transport.send_global(GlobalAdapter(t, self.global_state), self.clients)
         before = self.global_state
-        try:
-            self.global_state = self.strategy.aggregate(before, updates, counts)
-        except UpdateError as e:
-            raise UpdateError(f"round {t}: {e}") from None
-        seconds = time.perf_counter() - t0
-        rec = {"round": t, "client": None, "event": "round", "seconds": seconds,
-               **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
-               "update_norms": [l2_distance(u, before) for u in updates],
-               "global_change": l2_distance(self.global_state, before)}
-        return rec
+        accepted: list[ClientUpdate] = []
+        rejected: dict[int, str] = {}
+        for c in self.clients:
+            update = self.transport.recv_update(c)
+            reason = rejection(update, t, before, self.cfg.federation.max_update_norm)
+            if reason:
+                rejected[c] = reason
+                self.log.warning(f"  round {t}: update of client {c} rejected: {reason}")
+            else:
+                accepted.append(update)
+        need = self.cfg.federation.min_clients
+        if len(accepted) < need:
+            why = "; ".join(f"client {c}: {r}" for c, r in rejected.items())
+            raise FederationError(f"round {t}: {len(accepted)} usable update(s), federation.min_clients = {need} ({why})")
+        self.global_state = self.strategy.aggregate(before, [u.state for u in accepted],
+                                                    [u.num_samples for u in accepted])
+        return {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0,
+                **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
+                "clients": [u.client for u in accepted], "rejected": {str(c): r for c, r in rejected.items()},
+                "update_norms": [l2_distance(u.state, before) for u in accepted],
+                "global_change": l2_distance(self.global_state, before)}
 
     def send_final(self) -> None:
-        self.transport.send_to_all(self.global_state, self.layout, self.leaders, TAG_GLOBAL)
+        self.transport.send_global(GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True),
+                                   self.clients)
+
+    def abort(self, reason: str) -> None:
+        """Tell the leaders why the job stops (they wait for a global adapter that will not come)."""
+        try:
+            self.transport.abort(reason, self.clients)
+        except Exception:  # the job is failing already; the server's own error is the one to show
+            pass

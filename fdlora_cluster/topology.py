@@ -63,7 +63,18 @@ class RankPlan:
         raise TopologyError(f"rank {rank} is outside the world of {self.world_size} ranks")
 
     def federation_ranks(self) -> list[int]:
+        """World ranks of the federation communicator, in its rank order: the server, then the leaders."""
         return [SERVER_RANK] + [self.leader(c) for c in range(self.num_clients)]
+
+    def federation_rank(self, client: int) -> int:
+        """Rank of `client`'s leader in the federation communicator (the server is 0 there)."""
+        if not 0 <= client < self.num_clients:
+            raise TopologyError(f"client {client} is outside the {self.num_clients} clients")
+        return 1 + client
+
+    @property
+    def clients(self) -> list[int]:
+        return list(range(self.num_clients))
 
     def check_world(self, world_size: int) -> None:
         if world_size != self.world_size:

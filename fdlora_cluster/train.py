@@ -64,7 +64,7 @@ def run(cfg: Config, record_payloads: list | None = None):
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     transport = None
     if topo.federation_comm is not None and strategy.federated:
-        transport = Transport(topo.federation_comm, record=record_payloads)
+        transport = Transport(topo.federation_comm, topo.plan, record=record_payloads)
 
     if topo.is_server:
         return finish(cfg, topo, run_dir, server_schedule(cfg, topo, strategy, transport, run_dir))
@@ -83,11 +83,15 @@ def server_schedule(cfg, topo, strategy, transport, run_dir) -> dict:
     server = Server(cfg, topo, strategy, transport, run_dir)
     server.init_global()
     for t in range(1, cfg.train.rounds + 1):
-        rec = server.run_round(t)
+        try:
+            rec = server.run_round(t)
+        except Exception as e:
+            server.abort(f"{type(e).__name__}: {e}")
+            raise
         run_dir.record(rec)
-        log.info(f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {topo.plan.num_clients} updates in "
-                 f"{rec['seconds']:.2f}s; sent {rec['server_bytes_sent']} B, received {rec['server_bytes_received']} B; "
-                 f"global moved {rec['global_change']:.4g}")
+        log.info(f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {len(rec['clients'])} "
+                 f"updates in {rec['seconds']:.2f}s; sent {rec['server_bytes_sent']} B, received "
+                 f"{rec['server_bytes_received']} B; global moved {rec['global_change']:.4g}")
     server.send_final()
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), server.global_state,
                  lora_config(cfg.lora.global_), cfg.model.path)
@@ -143,7 +147,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
         if strategy.federated and cfg.personal.sync_every and t % cfg.personal.sync_every == 0:
             client.sync_personal_from_global(t)
     if strategy.federated:
-        client.receive_global(cfg.train.rounds + 1)
+        client.receive_global(cfg.train.rounds + 1, final=True)
 
     # Phase 4: fusion, evaluation, adapters on disk.
     if strategy.fusion:

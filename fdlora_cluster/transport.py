@@ -1,26 +1,47 @@
-"""Every federation message goes through here: the server and the leaders, over MPI.
+"""The federation protocol's one home: every message between the server and the leaders, over MPI.
 
-A message is a `dict[str, Tensor]` (adapter weights, plus scalars such as the sample count)
-packed into ONE contiguous byte buffer and moved with one MPI call. Both ends agree on the
-layout (names, shapes, dtypes) once, at start-up (`Layout`), so payload messages carry no
-metadata. The transport counts the bytes it sends and receives, per round and in total, and
-can record every payload it sends (tests use that to prove the personal adapter never travels).
+    leader -> server   layout      the global adapter's names, shapes, dtypes (pickled, once, every
+                                   leader); the server refuses layouts that differ between clients
+    leader -> server   init        the start the server cannot compute: client 0's seeded global
+                                   adapter (global.init = seed), or every client's stage-1 personal
+                                   adapter (global.init = personal_mean, the paper's line 7)
+    server -> leader   global      GlobalAdapter(round t, state): the adapter round t starts from;
+                                   round = rounds + 1 (`final`) is the one the clients keep
+    leader -> server   update      ClientUpdate(round t, client, num_samples, state)
+    server -> leader   abort       instead of a global: the job stops, with the server's reason
 
-Federation ranks: 0 is the server, 1 + i is client i's leader.
+A message is ONE contiguous byte buffer moved with one MPI call: a 32-byte header (kind, round,
+client, num_samples) and the adapter packed by its `Layout` (or the abort reason as UTF-8). Both
+ends agree on the layout once, at start-up, so adapter messages carry no other metadata, and
+every receive checks its byte count and kind against it. `Layout` also packs the leader's
+broadcast inside its client (engine.broadcast_from_leader). The transport counts the bytes it
+moves, per round and in total, and can record every payload it sends (tests use that to prove
+the personal adapter never travels). Peers are named by client id; `RankPlan` maps them to
+federation ranks.
 """
 
 from __future__ import annotations
 
+import pickle
+import struct
 from dataclasses import dataclass, field
 
 import torch
 
 TAG_LAYOUT = 10
-TAG_GLOBAL = 11  # server -> leader: the global adapter for the coming round
-TAG_UPDATE = 12  # leader -> server: the client's trained global adapter + sample count
-TAG_PERSONAL_INIT = 13  # leader -> server: stage-1 personal adapter (global.init = personal_mean only)
+TAG_TO_LEADER = 11  # global, final, abort
+TAG_TO_SERVER = 12  # init, update
 
-KIND_BY_TAG = {TAG_GLOBAL: "global", TAG_UPDATE: "update", TAG_PERSONAL_INIT: "personal_init"}
+KINDS = ("init", "global", "final", "update", "abort")
+HEADER = struct.Struct("<qqqd")  # kind, round, client, num_samples
+
+
+class TransportError(RuntimeError):
+    """A message that does not fit the protocol: wrong size, kind or layout. Names the peer."""
+
+
+class FederationAborted(RuntimeError):
+    """The server stopped the job and said why (raised on the leaders)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,8 @@ class Layout:
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
     def unpack(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        if buf.numel() != self.nbytes:
+            raise ValueError(f"{buf.numel()} bytes, but the layout holds {self.nbytes}")
         out, off = {}, 0
         for k, shape, dtype in self.entries:
             n = _numel(shape) * _itemsize(dtype)
@@ -56,6 +79,16 @@ class Layout:
             out[k] = buf[off:off + n].clone().view(getattr(torch, dtype)).reshape(shape)
             off += n
         return out
+
+    def describe_difference(self, other: "Layout") -> str | None:
+        """None when equal, else the first entry that differs (for the handshake's refusal)."""
+        if self == other:
+            return None
+        mine, theirs = dict((k, (s, d)) for k, s, d in self.entries), dict((k, (s, d)) for k, s, d in other.entries)
+        for k in sorted(set(mine) | set(theirs)):
+            if mine.get(k) != theirs.get(k):
+                return f"{k}: {mine.get(k, 'missing')} against {theirs.get(k, 'missing')}"
+        return "the same tensors in another order"
 
 
 def _numel(shape) -> int:
@@ -67,6 +100,25 @@ def _numel(shape) -> int:
 
 def _itemsize(dtype: str) -> int:
     return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+
+@dataclass
+class GlobalAdapter:
+    """server -> leaders: the global adapter round `round` starts from (`final`: the last one)."""
+
+    round: int
+    state: dict[str, torch.Tensor]
+    final: bool = False
+
+
+@dataclass
+class ClientUpdate:
+    """leader -> server: the client's global adapter after round `round`, and its weight."""
+
+    round: int
+    client: int
+    num_samples: float
+    state: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -82,16 +134,14 @@ class Counters:
 
 @dataclass
 class Transport:
-    """One end of the federation communicator (the server or a leader)."""
+    """One end of the federation communicator (the server or a leader). Peers are client ids."""
 
     comm: object  # mpi4py communicator of {server, leaders}
+    plan: object  # topology.RankPlan: client id <-> federation rank
     total: Counters = field(default_factory=Counters)
     round: Counters = field(default_factory=Counters)
     record: list | None = None  # when a list, every sent payload is appended as (kind, dest, dict)
-
-    @property
-    def rank(self) -> int:
-        return self.comm.Get_rank()
+    layout: Layout | None = None  # the global adapter's, agreed at the handshake
 
     def new_round(self) -> None:
         self.round = Counters()
@@ -103,43 +153,102 @@ class Transport:
             c.messages_sent += 1 if sent else 0
             c.messages_received += 1 if received else 0
 
-    # -- layout handshake (pickled, once per run; counted like everything else) --
+    # -- the wire: header + payload in one buffer, one MPI call --
 
-    def send_layout(self, layout: Layout, dest: int, tag: int = TAG_LAYOUT) -> None:
-        import pickle
-
-        self.comm.send(layout, dest=dest, tag=tag)
-        self._count(sent=len(pickle.dumps(layout)))
-
-    def recv_layout(self, source: int, tag: int = TAG_LAYOUT) -> Layout:
-        import pickle
-
-        layout = self.comm.recv(source=source, tag=tag)
-        self._count(received=len(pickle.dumps(layout)))
-        return layout
-
-    # -- payloads: one buffer, one MPI call --
-
-    def send(self, state: dict[str, torch.Tensor], layout: Layout, dest: int, tag: int) -> None:
+    def _send(self, kind: str, dest: int, tag: int, state=None, round: int = 0, client: int = -1,
+              num_samples: float = 0.0, text: str = "") -> None:
         from mpi4py import MPI
 
-        buf = layout.pack(state).numpy()
-        if self.record is not None:
-            self.record.append((KIND_BY_TAG.get(tag, str(tag)), dest, {k: v.detach().clone() for k, v in state.items()}))
+        head = torch.frombuffer(bytearray(HEADER.pack(KINDS.index(kind), round, client, num_samples)), dtype=torch.uint8)
+        body = self.layout.pack(state) if state is not None else torch.frombuffer(bytearray(text.encode() or b" "),
+                                                                                  dtype=torch.uint8)
+        buf = torch.cat([head, body]).numpy()
+        if self.record is not None and state is not None:
+            self.record.append((kind, dest, {k: v.detach().clone() for k, v in state.items()}))
         self.comm.Send([buf, MPI.BYTE], dest=dest, tag=tag)
         self._count(sent=buf.nbytes)
 
-    def recv(self, layout: Layout, source: int, tag: int) -> dict[str, torch.Tensor]:
+    def _recv(self, source: int, tag: int, peer: str) -> tuple[str, int, int, float, torch.Tensor]:
+        """(kind, round, client, num_samples, body) of the next message from `source`; the byte
+        count must be the layout's (an abort may be shorter: its reason is text)."""
         from mpi4py import MPI
 
-        buf = torch.empty(layout.nbytes, dtype=torch.uint8)
-        self.comm.Recv([buf.numpy(), MPI.BYTE], source=source, tag=tag)
-        self._count(received=layout.nbytes)
-        return layout.unpack(buf)
+        buf = torch.empty(HEADER.size + max(self.layout.nbytes, 4096), dtype=torch.uint8)
+        status = MPI.Status()
+        self.comm.Recv([buf.numpy(), MPI.BYTE], source=source, tag=tag, status=status)
+        n = status.Get_count(MPI.BYTE)
+        self._count(received=n)
+        if n < HEADER.size:
+            raise TransportError(f"{peer}: a message of {n} bytes, shorter than the {HEADER.size}-byte header")
+        kind_i, round, client, num_samples = HEADER.unpack(buf[:HEADER.size].numpy().tobytes())
+        if not 0 <= kind_i < len(KINDS):
+            raise TransportError(f"{peer}: unknown message kind {kind_i}")
+        kind, body = KINDS[kind_i], buf[HEADER.size:n]
+        if kind != "abort" and body.numel() != self.layout.nbytes:
+            raise TransportError(f"{peer}: a {kind} message of {body.numel()} bytes, but the agreed layout of the "
+                                 f"global adapter holds {self.layout.nbytes}")
+        return kind, round, client, num_samples, body
 
-    def send_to_all(self, state: dict[str, torch.Tensor], layout: Layout, dests: list[int], tag: int) -> None:
-        for d in dests:
-            self.send(state, layout, d, tag)
+    # -- leader side --
 
-    def recv_from_all(self, layout: Layout, sources: list[int], tag: int) -> dict[int, dict[str, torch.Tensor]]:
-        return {s: self.recv(layout, s, tag) for s in sources}
+    def send_layout(self, layout: Layout) -> None:
+        """Every leader, once: the server checks that all clients carry the same global adapter."""
+        self.layout = layout
+        self.comm.send(layout, dest=0, tag=TAG_LAYOUT)
+        self._count(sent=len(pickle.dumps(layout)))
+
+    def send_init(self, client: int, state: dict[str, torch.Tensor]) -> None:
+        self._send("init", 0, TAG_TO_SERVER, state, client=client)
+
+    def send_update(self, update: ClientUpdate) -> None:
+        self._send("update", 0, TAG_TO_SERVER, update.state, round=update.round, client=update.client,
+                   num_samples=update.num_samples)
+
+    def recv_global(self) -> GlobalAdapter:
+        kind, round, _, _, body = self._recv(0, TAG_TO_LEADER, "the server")
+        if kind == "abort":
+            raise FederationAborted(f"the server stopped the job: {bytes(body.numpy()).decode(errors='replace')}")
+        if kind not in ("global", "final"):
+            raise TransportError(f"the server sent a {kind} message where a global adapter was due")
+        return GlobalAdapter(round, self.layout.unpack(body), final=kind == "final")
+
+    # -- server side --
+
+    def recv_layouts(self, clients: list[int]) -> Layout:
+        """Every leader's layout; they must all agree (else no client's update could be averaged)."""
+        layouts = {}
+        for c in clients:
+            layouts[c] = self.comm.recv(source=self.plan.federation_rank(c), tag=TAG_LAYOUT)
+            self._count(received=len(pickle.dumps(layouts[c])))
+        first = layouts[clients[0]]
+        for c, layout in layouts.items():
+            diff = first.describe_difference(layout)
+            if diff:
+                raise TransportError(f"client {c}'s global adapter differs from client {clients[0]}'s ({diff}); "
+                                     "every client must carry the same lora.global adapter on the same base")
+        self.layout = first
+        return first
+
+    def recv_init(self, client: int) -> dict[str, torch.Tensor]:
+        kind, _, sender, _, body = self._recv(self.plan.federation_rank(client), TAG_TO_SERVER, f"client {client}")
+        if kind != "init" or sender != client:
+            raise TransportError(f"client {client}: expected its start-up adapter, got a {kind} message from client {sender}")
+        return self.layout.unpack(body)
+
+    def recv_update(self, client: int) -> ClientUpdate:
+        """The next update from `client`'s leader, as sent (the caller checks round and values)."""
+        kind, round, sender, num_samples, body = self._recv(self.plan.federation_rank(client), TAG_TO_SERVER,
+                                                            f"client {client}")
+        if kind != "update" or sender != client:
+            raise TransportError(f"client {client}: expected an update, got a {kind} message claiming client {sender}")
+        return ClientUpdate(round, client, num_samples, self.layout.unpack(body))
+
+    def send_global(self, message: GlobalAdapter, clients: list[int]) -> None:
+        for c in clients:
+            self._send("final" if message.final else "global", self.plan.federation_rank(c), TAG_TO_LEADER,
+                       message.state, round=message.round)
+
+    def abort(self, reason: str, clients: list[int]) -> None:
+        """Tell every leader to stop, with the reason (in place of the global adapter it waits for)."""
+        for c in clients:
+            self._send("abort", self.plan.federation_rank(c), TAG_TO_LEADER, text=reason[:4000])

@@ -58,6 +58,9 @@ def job_env() -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed JIT-builds its CPU comm op into torch's per-user cache; two virtualenvs sharing that
+    # cache rebuild it in turn (and wait on each other's lock). One cache per environment.
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
