@@ -100,9 +100,12 @@ def cmd_run(args) -> int:
         if rank == 0:
             print(f"topology error: {e}", file=sys.stderr, flush=True)
         return 2
-    except Exception as e:  # any failure ends the whole job promptly, with its cause on the console
-        print(f"[rank {rank}] error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        if not isinstance(e, _user_errors()):  # bad data or a bad address: the message says it all
+    except BaseException as e:  # any failure ends the whole job promptly, with its cause on the console
+        # BaseException: a sys.exit() or Ctrl-C in the middle of the job must not leave this rank
+        # finalising MPI while the others wait on it forever.
+        what = f"exited early (SystemExit {e.code})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+        print(f"[rank {rank}] error: {what}", file=sys.stderr, flush=True)
+        if isinstance(e, Exception) and not isinstance(e, _user_errors()):  # user errors: the message says it all
             traceback.print_exc()
         sys.stderr.flush()
         if world.Get_size() > 1:

@@ -13,6 +13,7 @@ import os
 import torch
 
 from .engine import ClientEngine
+from .faults import fault
 from .fusion import fuse, search_weights
 from .log import get_logger
 from .model import GLOBAL, PERSONAL, adapter_scaling, lora_config, save_adapter
@@ -78,7 +79,13 @@ class Client:
     def send_update(self, round: int) -> None:
         state = self.engine.read(GLOBAL)
         if self.is_leader:
-            self.transport.send_update(ClientUpdate(round, self.id, float(len(self.engine.data.train)), state))
+            update = ClientUpdate(round, self.id, float(len(self.engine.data.train)), state)
+            what = fault(("nan_update", "nan_samples"), client=self.id, round=round)  # tests only
+            if what == "nan_update":
+                update.state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+            elif what == "nan_samples":
+                update.num_samples = float("nan")
+            self.transport.send_update(update)
 
     # ---------------------------------------------------------------- personal
 

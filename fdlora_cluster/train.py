@@ -18,6 +18,7 @@ import torch
 
 from .config import AdapterConfig, Config
 from .data import check_responses_fit, get_tokenizer, load_clients
+from .faults import maybe_fail
 from .fusion import fused_lora_shape
 from .log import get_logger, setup_logging
 from .model import GLOBAL, PERSONAL, add_adapters, build_base, lora_config, save_adapter
@@ -83,6 +84,7 @@ def server_schedule(cfg, topo, strategy, transport, run_dir) -> dict:
     server = Server(cfg, topo, strategy, transport, run_dir)
     server.init_global()
     for t in range(1, cfg.train.rounds + 1):
+        maybe_fail(topo.rank, t)
         try:
             rec = server.run_round(t)
         except Exception as e:
@@ -134,6 +136,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
 
     # Phase 3: the rounds.
     for t in range(1, cfg.train.rounds + 1):
+        maybe_fail(topo.rank, t)
         if strategy.federated:
             client.receive_global(t)
             prox = engine.read(GLOBAL) if strategy.prox_mu > 0 else None

@@ -65,11 +65,13 @@ def job_env() -> dict:
     return env
 
 
-def run_ranks(n: int, args: list[str], timeout: int = JOB_TIMEOUT, cwd=None) -> subprocess.CompletedProcess:
-    """`mpiexec -n n python -m fdlora_cluster.cli <args>`; a job past `timeout` fails the test."""
+def run_ranks(n: int, args: list[str], timeout: int = JOB_TIMEOUT, cwd=None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`mpiexec -n n python -m fdlora_cluster.cli <args>`; a job past `timeout` fails the test.
+    `env`: extra environment (e.g. FDLORA_FAULT, fdlora_cluster/faults.py)."""
     cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "fdlora_cluster.cli", *args]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env(), cwd=cwd or ROOT)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**job_env(), **(env or {})},
+                              cwd=cwd or ROOT)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"job timed out after {timeout}s: {' '.join(cmd)}\n{(e.stdout or b'')[-3000:]!r}")
 

@@ -1,0 +1,52 @@
+"""Test-only fault injection (env FDLORA_FAULT), so that the failure paths are tested by real jobs.
+
+    FDLORA_FAULT="raise@rank=3,round=2"          that rank raises at the start of round 2
+    FDLORA_FAULT="kill@rank=2,round=1"           that rank SIGKILLs itself
+    FDLORA_FAULT="exit@rank=4,round=1"           that rank calls sys.exit(0) mid-job
+    FDLORA_FAULT="nan_update@client=1,round=2"   client 1's leader sends non-finite weights
+    FDLORA_FAULT="nan_samples@client=1,round=2"  client 1's leader sends a NaN sample count
+
+Several faults are separated by ";". Each prints `injected fault: ...` with the time on stderr
+before it acts. Unset (every real run), `fault()` returns None at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+ENV = "FDLORA_FAULT"
+
+
+def _parse(spec: str) -> list[tuple[str, dict[str, int]]]:
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        what, _, where = item.partition("@")
+        out.append((what, {k: int(v) for k, v in (kv.split("=") for kv in where.split(",") if kv)}))
+    return out
+
+
+def fault(kinds: tuple[str, ...], **at: int) -> str | None:
+    """The injected fault of one of `kinds` that matches `at` (e.g. rank=3, round=2), announced."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return None
+    for what, where in _parse(spec):
+        if what in kinds and all(at.get(k) == v for k, v in where.items()):
+            print(f"injected fault: {what} at {at} (time {time.time():.3f})", file=sys.stderr, flush=True)
+            return what
+    return None
+
+
+def maybe_fail(rank: int, round: int) -> None:
+    """The process faults (raise, kill, exit) a test asked for at the start of `round`."""
+    what = fault(("raise", "kill", "exit"), rank=rank, round=round)
+    if what == "raise":
+        raise RuntimeError(f"injected fault on rank {rank} in round {round}")
+    if what == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what == "exit":
+        sys.exit(0)

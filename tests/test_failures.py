@@ -1,0 +1,82 @@
+"""Failures end the job fast and say so; bad updates are dropped, not averaged (real jobs, faults
+injected with FDLORA_FAULT, fdlora_cluster/faults.py)."""
+
+import re
+import time
+
+import pytest
+
+import torch
+
+from fdlora_cluster.server import rejection
+from fdlora_cluster.transport import ClientUpdate, Layout
+
+from conftest import TINY, assert_ok, read_metrics, run_ranks, write_config
+
+# 1 server + client 0 [1, 2] + client 1 [3, 4]; rank 2 is a follower of client 0
+FAST = {**TINY, "train.rounds": 2, "train.personal_steps": 1, "strategy": "fedavg"}
+
+
+def fault_job(tmp_path, fault: str, **sets):
+    cfg = write_config(tmp_path, **{**FAST, **sets})
+    t0 = time.time()
+    proc = run_ranks(5, ["run", str(cfg)], timeout=240, env={"FDLORA_FAULT": fault})
+    return proc, time.time(), proc.stdout + proc.stderr
+
+
+def seconds_after_fault(out: str, ended: float) -> float:
+    m = re.search(r"injected fault: .* \(time ([0-9.]+)\)", out)
+    assert m, out[-3000:]
+    return ended - float(m.group(1))
+
+
+@pytest.mark.parametrize("fault, who, says", [
+    ("raise@rank=3,round=2", "leader raises: the server waits on it", "[rank 3] error: RuntimeError: injected fault on rank 3"),
+    ("raise@rank=0,round=2", "server raises: the leaders wait on it", "[rank 0] error: RuntimeError: injected fault on rank 0"),
+    ("kill@rank=2,round=1", "a follower is killed: its leader waits in a collective", "Killed (signal 9)"),
+    ("exit@rank=4,round=1", "a follower exits early (status 0)", "[rank 4] error: exited early (SystemExit 0)"),
+])
+def test_a_failure_ends_the_job_within_60s_with_its_cause(tmp_path, fault, who, says):
+    proc, ended, out = fault_job(tmp_path, fault)
+    assert proc.returncode != 0, f"{who}: the job ended with 0\n{out[-3000:]}"
+    assert says in out, f"{who}: the console does not say {says!r}\n{out[-3000:]}"
+    assert seconds_after_fault(out, ended) < 60, who
+
+
+def test_a_non_finite_update_is_dropped_for_its_round_and_the_job_finishes(tmp_path):
+    proc, _, out = fault_job(tmp_path, "nan_update@client=1,round=2")
+    assert_ok(proc)
+    rounds = {m["round"]: m for m in read_metrics(tmp_path / "run") if m["event"] == "round"}
+    assert rounds[1]["clients"] == [0, 1] and rounds[1]["rejected"] == {}
+    assert rounds[2]["clients"] == [0] and "non-finite" in rounds[2]["rejected"]["1"]
+    assert "update of client 1 rejected" in out
+
+
+def test_too_few_usable_updates_fail_the_round_with_the_reason(tmp_path):
+    proc, _, out = fault_job(tmp_path, "nan_samples@client=1,round=1", **{"federation.min_clients": 2})
+    assert proc.returncode != 0
+    assert "round 1: 1 usable update(s), federation.min_clients = 2 (client 1: its sample count nan is not a positive integer)" in out, out[-3000:]
+    assert "Traceback" not in out  # a FederationError is said plainly
+
+
+def test_rejection_names_each_reason():
+    ref = {"a": torch.zeros(2, 3), "b": torch.zeros(3)}
+    ok = ClientUpdate(4, 1, 10.0, {"a": torch.ones(2, 3), "b": torch.ones(3)})
+    assert rejection(ok, 4, ref, None) is None
+    assert rejection(ok, 5, ref, None) == "it is for round 4, not 5"
+    for n in (0.0, -3.0, 2.5, float("nan"), float("inf")):
+        assert "sample count" in rejection(ClientUpdate(4, 1, n, ok.state), 4, ref, None)
+    bad = ClientUpdate(4, 1, 10.0, {"a": torch.ones(2, 3), "b": torch.tensor([1.0, float("inf"), 0.0])})
+    assert "b has non-finite values" in rejection(bad, 4, ref, None)
+    assert "keys differ" in rejection(ClientUpdate(4, 1, 10.0, {"a": torch.ones(2, 3)}), 4, ref, None)
+    assert "norm 3 > federation.max_update_norm = 2" in rejection(ok, 4, ref, 2.0)  # ||ones(9)|| = 3
+    assert rejection(ok, 4, ref, 3.5) is None
+
+
+def test_layouts_that_differ_are_named():
+    a = Layout.of({"x": torch.zeros(2, 3), "y": torch.zeros(4)})
+    assert a.describe_difference(Layout.of({"x": torch.zeros(2, 3), "y": torch.zeros(4)})) is None
+    assert "x: ((2, 3), 'float32') against ((3, 3), 'float32')" in a.describe_difference(
+        Layout.of({"x": torch.zeros(3, 3), "y": torch.zeros(4)}))
+    with pytest.raises(ValueError, match="5 bytes, but the layout holds 40"):
+        a.unpack(torch.zeros(5, dtype=torch.uint8))
