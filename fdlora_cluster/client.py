@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import torch
 
@@ -17,7 +18,7 @@ from .faults import fault
 from .fusion import fuse, search_weights
 from .log import get_logger
 from .model import GLOBAL, PERSONAL, adapter_scaling, lora_config, save_adapter
-from .transport import ClientUpdate, Layout, Transport, TransportError
+from .transport import ClientUpdate, Layout, Transport
 
 FUSED = "fused"
 
@@ -60,27 +61,32 @@ class Client:
             self.log.info("sending the stage-1 personal adapter to the server once (global.init = personal_mean)")
             self.transport.send_init(self.id, start)
 
-    def receive_global(self, round: int, final: bool = False) -> None:
-        """Leader receives the global adapter of `round` (the final one with `final`); every rank of
-        the client ends up holding it."""
-        state = None
-        if self.is_leader:
-            message = self.transport.recv_global()
-            if message.round != round or message.final != final:
-                raise TransportError(f"client {self.id}: expected the {'final ' if final else ''}global adapter of round "
-                                     f"{round}, the server sent {'the final one' if message.final else 'round ' + str(message.round)}")
-            state = message.state
-        state = self.engine.broadcast_from_leader(state, self.layout)
+    def receive_global(self) -> int | None:
+        """The newest global adapter the server sent, on every rank of the client. Returns its round,
+        or None when it is the final one (after which the leader says goodbye to the server)."""
+        message = self.transport.recv_newest_global() if self.is_leader else None
+        round, final, skipped = self.topo.client_comm.bcast(
+            (message.round, message.final, message.skipped) if self.is_leader else None, root=0)
+        if skipped and self.is_leader:
+            self.log.warning(f"  client {self.id} fell behind: skipped the global adapters of rounds {skipped}")
+        state = self.engine.broadcast_from_leader(message.state if self.is_leader else None, self.layout)
         self.engine.write(GLOBAL, state)
         # Proof of synchrony: every rank's digest of what it now holds, gathered at the leader.
         digests = self.topo.client_comm.gather(digest(self.engine.read(GLOBAL)), root=0)
-        self.record("global_received", round, digests=digests)
+        self.record("global_received", round, digests=digests, skipped=skipped)
+        if final:
+            if self.is_leader:
+                self.transport.send_bye(self.id)
+            return None
+        return round
 
     def send_update(self, round: int) -> None:
         state = self.engine.read(GLOBAL)
         if self.is_leader:
             update = ClientUpdate(round, self.id, float(len(self.engine.data.train)), state)
-            what = fault(("nan_update", "nan_samples"), client=self.id, round=round)  # tests only
+            what, args = fault(("nan_update", "nan_samples", "slow"), client=self.id, round=round)  # tests only
+            if what == "slow":
+                time.sleep(args["seconds"])
             if what == "nan_update":
                 update.state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
             elif what == "nan_samples":

@@ -161,6 +161,11 @@ class GlobalConfig:
 
 @dataclass
 class FederationConfig:
+    round_timeout_s: Optional[float] = None
+    """When set, the server aggregates the updates that arrived within this many seconds of sending
+    the round's global adapter; the others count as missing for the round (metrics.jsonl, summary).
+    A late update is recognised by its round and dropped; its client goes on from the newest global.
+    Default: wait for every client."""
     min_clients: int = 1
     """A round needs at least this many accepted updates; fewer fails the job with the clients
     that were missing or rejected and why."""
@@ -566,6 +571,8 @@ def validate(cfg: Config, source: str) -> None:
     fed = cfg.federation
     _require(1 <= fed.min_clients <= n, source,
              f"federation.min_clients = {fed.min_clients} must be in [1, number of clients = {n}]")
+    _require(fed.round_timeout_s is None or fed.round_timeout_s > 0, source,
+             f"federation.round_timeout_s = {fed.round_timeout_s} must be > 0 (or left out: wait for every client)")
     _require(fed.max_update_norm is None or fed.max_update_norm > 0, source,
              f"federation.max_update_norm = {fed.max_update_norm} must be > 0 (or left out)")
     _require(cfg.personal.steps_per_round >= 0, source,

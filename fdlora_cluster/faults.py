@@ -5,6 +5,7 @@
     FDLORA_FAULT="exit@rank=4,round=1"           that rank calls sys.exit(0) mid-job
     FDLORA_FAULT="nan_update@client=1,round=2"   client 1's leader sends non-finite weights
     FDLORA_FAULT="nan_samples@client=1,round=2"  client 1's leader sends a NaN sample count
+    FDLORA_FAULT="slow@client=1,round=2,seconds=12"  client 1's leader sends its update 12 s late
 
 Several faults are separated by ";". Each prints `injected fault: ...` with the time on stderr
 before it acts. Unset (every real run), `fault()` returns None at once.
@@ -27,21 +28,22 @@ def _parse(spec: str) -> list[tuple[str, dict[str, int]]]:
     return out
 
 
-def fault(kinds: tuple[str, ...], **at: int) -> str | None:
-    """The injected fault of one of `kinds` that matches `at` (e.g. rank=3, round=2), announced."""
+def fault(kinds: tuple[str, ...], **at: int) -> tuple[str | None, dict[str, int]]:
+    """The injected fault of one of `kinds` whose place matches `at` (e.g. rank=3, round=2), announced,
+    with its settings (the keys that are not places, e.g. seconds); (None, {}) when there is none."""
     spec = os.environ.get(ENV)
     if not spec:
-        return None
+        return None, {}
     for what, where in _parse(spec):
-        if what in kinds and all(at.get(k) == v for k, v in where.items()):
+        if what in kinds and all(at[k] == v for k, v in where.items() if k in at) and set(at) <= set(where):
             print(f"injected fault: {what} at {at} (time {time.time():.3f})", file=sys.stderr, flush=True)
-            return what
-    return None
+            return what, where
+    return None, {}
 
 
 def maybe_fail(rank: int, round: int) -> None:
     """The process faults (raise, kill, exit) a test asked for at the start of `round`."""
-    what = fault(("raise", "kill", "exit"), rank=rank, round=round)
+    what, _ = fault(("raise", "kill", "exit"), rank=rank, round=round)
     if what == "raise":
         raise RuntimeError(f"injected fault on rank {rank} in round {round}")
     if what == "kill":

@@ -66,38 +66,64 @@ class Server:
             self.log.info(f"global adapter starts as the mean of {n} personal adapters "
                           "(global.init = personal_mean: each personal adapter was sent to the server once)")
             del personal
+        self.transport.post_receives(self.clients)  # updates and byes, from now until each leader's bye
 
     def run_round(self, t: int) -> dict:
-        """send global -> (clients train) -> collect and check -> aggregate. Returns the round's record."""
+        """send global -> (clients train) -> collect and check, until every client answered or the
+        round's deadline -> aggregate. Returns the round's record."""
+        fed = self.cfg.federation
         t0 = time.perf_counter()
         self.transport.new_round()
         self.transport.send_global(GlobalAdapter(t, self.global_state), self.clients)
+        deadline = None if fed.round_timeout_s is None else time.monotonic() + fed.round_timeout_s
         before = self.global_state
         accepted: list[ClientUpdate] = []
         rejected: dict[int, str] = {}
-        for c in self.clients:
-            update = self.transport.recv_update(c)
-            reason = rejection(update, t, before, self.cfg.federation.max_update_norm)
+        late: list[dict] = []
+        waiting = set(self.clients)
+        while waiting:
+            update = self.transport.next_update(deadline)
+            if update is None:
+                break  # the deadline passed
+            if isinstance(update, int):
+                raise FederationError(f"round {t}: client {update}'s leader said goodbye before the final round")
+            if update.round < t:  # sent for an earlier round, after its deadline: recognised, dropped
+                late.append({"client": update.client, "round": update.round})
+                self.log.warning(f"  round {t}: late update of client {update.client} (round {update.round}) dropped")
+                continue
+            waiting.discard(update.client)
+            reason = rejection(update, t, before, fed.max_update_norm)
             if reason:
-                rejected[c] = reason
-                self.log.warning(f"  round {t}: update of client {c} rejected: {reason}")
+                rejected[update.client] = reason
+                self.log.warning(f"  round {t}: update of client {update.client} rejected: {reason}")
             else:
                 accepted.append(update)
-        need = self.cfg.federation.min_clients
+        missing = {c: f"no update within federation.round_timeout_s = {fed.round_timeout_s:g} s" for c in sorted(waiting)}
+        for c, why in missing.items():
+            self.log.warning(f"  round {t}: client {c} missing: {why}")
+        accepted.sort(key=lambda u: u.client)  # arrival order must not change the average's rounding
+        need = fed.min_clients
         if len(accepted) < need:
-            why = "; ".join(f"client {c}: {r}" for c, r in rejected.items())
+            why = "; ".join(f"client {c}: {r}" for c, r in sorted({**rejected, **missing}.items()))
             raise FederationError(f"round {t}: {len(accepted)} usable update(s), federation.min_clients = {need} ({why})")
         self.global_state = self.strategy.aggregate(before, [u.state for u in accepted],
                                                     [u.num_samples for u in accepted])
         return {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0,
                 **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
                 "clients": [u.client for u in accepted], "rejected": {str(c): r for c, r in rejected.items()},
+                "missing": sorted(waiting), "late": late,
                 "update_norms": [l2_distance(u.state, before) for u in accepted],
                 "global_change": l2_distance(self.global_state, before)}
 
     def send_final(self) -> None:
+        """The final global adapter; then every leader's remaining messages until its bye (a late
+        update still in flight is dropped), so that nothing is left unreceived."""
         self.transport.send_global(GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True),
                                    self.clients)
+        while self.transport.inbox:
+            got = self.transport.next_update(None)
+            if not isinstance(got, int):
+                self.log.warning(f"  late update of client {got.client} (round {got.round}) dropped after the last round")
 
     def abort(self, reason: str) -> None:
         """Tell the leaders why the job stops (they wait for a global adapter that will not come)."""

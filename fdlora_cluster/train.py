@@ -134,11 +134,20 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
     if strategy.federated:
         client.send_layout_and_init()
 
-    # Phase 3: the rounds.
-    for t in range(1, cfg.train.rounds + 1):
+    # Phase 3: the rounds. A federated client follows the server's round numbers: one that fell
+    # behind (federation.round_timeout_s) goes on from the newest global adapter, skipping rounds.
+    t = 0
+    while True:
+        if strategy.federated:
+            t = client.receive_global()  # None: the final global adapter arrived
+            if t is None:
+                break
+        elif t == cfg.train.rounds:
+            break
+        else:
+            t += 1
         maybe_fail(topo.rank, t)
         if strategy.federated:
-            client.receive_global(t)
             prox = engine.read(GLOBAL) if strategy.prox_mu > 0 else None
             stats = engine.train(GLOBAL, K, round=t, prox_to=prox, prox_mu=strategy.prox_mu, tag=f"[round {t}] ")
             client.record("train", t, adapter=GLOBAL, **stats)
@@ -149,8 +158,6 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
             client.record("train", t, adapter=PERSONAL, **stats)
         if strategy.federated and cfg.personal.sync_every and t % cfg.personal.sync_every == 0:
             client.sync_personal_from_global(t)
-    if strategy.federated:
-        client.receive_global(cfg.train.rounds + 1, final=True)
 
     # Phase 4: fusion, evaluation, adapters on disk.
     if strategy.fusion:
@@ -189,6 +196,9 @@ def finish(cfg, topo, run_dir, server_summary) -> dict | None:
         s["bytes_total"] = (b["bytes_sent"] + b["bytes_received"]) if b else 0
         s["bytes_per_round"] = s["bytes_total"] / max(1, cfg.train.rounds)
         s["seconds_per_round"] = per_round_seconds
+        # rounds this client's update was not averaged in: missing (round_timeout_s) or rejected
+        s["rounds_missed"] = [r["round"] for r in rounds
+                              if s["client"] in r.get("missing", []) or str(s["client"]) in r.get("rejected", {})]
     summary = {"strategy": cfg.strategy, "rounds": cfg.train.rounds, "world_size": topo.plan.world_size,
                "bytes_per_round": per_round_bytes, "seconds_per_round": per_round_seconds,
                "server": server_summary, "clients": clients}

@@ -8,7 +8,15 @@
     server -> leader   global      GlobalAdapter(round t, state): the adapter round t starts from;
                                    round = rounds + 1 (`final`) is the one the clients keep
     leader -> server   update      ClientUpdate(round t, client, num_samples, state)
+    leader -> server   bye         after the final global: nothing more comes from this leader
     server -> leader   abort       instead of a global: the job stops, with the server's reason
+
+The server always keeps one receive posted per leader (`post_receives`, `next_update`), so a
+leader's send never blocks on it, and it takes updates in the order they arrive, until a round's
+deadline (federation.round_timeout_s). Every message carries its round, so a late update (from an
+earlier round) is recognised and dropped; a leader that fell behind takes only the newest global
+adapter waiting for it (`recv_newest_global`) and goes on from there. After the final global the
+server drains each leader until its `bye`, so no message is left in flight.
 
 A message is ONE contiguous byte buffer moved with one MPI call: a 32-byte header (kind, round,
 client, num_samples) and the adapter packed by its `Layout` (or the abort reason as UTF-8). Both
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +41,7 @@ TAG_LAYOUT = 10
 TAG_TO_LEADER = 11  # global, final, abort
 TAG_TO_SERVER = 12  # init, update
 
-KINDS = ("init", "global", "final", "update", "abort")
+KINDS = ("init", "global", "final", "update", "abort", "bye")
 HEADER = struct.Struct("<qqqd")  # kind, round, client, num_samples
 
 
@@ -109,6 +118,7 @@ class GlobalAdapter:
     round: int
     state: dict[str, torch.Tensor]
     final: bool = False
+    skipped: list[int] = field(default_factory=list)  # older rounds' globals the leader passed over
 
 
 @dataclass
@@ -142,6 +152,7 @@ class Transport:
     round: Counters = field(default_factory=Counters)
     record: list | None = None  # when a list, every sent payload is appended as (kind, dest, dict)
     layout: Layout | None = None  # the global adapter's, agreed at the handshake
+    inbox: dict = field(default_factory=dict)  # server: client -> (buffer, posted MPI receive)
 
     def new_round(self) -> None:
         self.round = Counters()
@@ -184,7 +195,7 @@ class Transport:
         if not 0 <= kind_i < len(KINDS):
             raise TransportError(f"{peer}: unknown message kind {kind_i}")
         kind, body = KINDS[kind_i], buf[HEADER.size:n]
-        if kind != "abort" and body.numel() != self.layout.nbytes:
+        if kind not in ("abort", "bye") and body.numel() != self.layout.nbytes:
             raise TransportError(f"{peer}: a {kind} message of {body.numel()} bytes, but the agreed layout of the "
                                  f"global adapter holds {self.layout.nbytes}")
         return kind, round, client, num_samples, body
@@ -212,6 +223,20 @@ class Transport:
             raise TransportError(f"the server sent a {kind} message where a global adapter was due")
         return GlobalAdapter(round, self.layout.unpack(body), final=kind == "final")
 
+    def recv_newest_global(self) -> GlobalAdapter:
+        """The next global adapter, or the newest of those already waiting (a leader that fell
+        behind skips the older ones; they are received, so the server's sends complete)."""
+        message = self.recv_global()
+        skipped = []
+        while not message.final and self.comm.Iprobe(source=0, tag=TAG_TO_LEADER):
+            skipped.append(message.round)
+            message = self.recv_global()
+        message.skipped = skipped
+        return message
+
+    def send_bye(self, client: int) -> None:
+        self._send("bye", 0, TAG_TO_SERVER, client=client)
+
     # -- server side --
 
     def recv_layouts(self, clients: list[int]) -> Layout:
@@ -235,13 +260,47 @@ class Transport:
             raise TransportError(f"client {client}: expected its start-up adapter, got a {kind} message from client {sender}")
         return self.layout.unpack(body)
 
-    def recv_update(self, client: int) -> ClientUpdate:
-        """The next update from `client`'s leader, as sent (the caller checks round and values)."""
-        kind, round, sender, num_samples, body = self._recv(self.plan.federation_rank(client), TAG_TO_SERVER,
-                                                            f"client {client}")
-        if kind != "update" or sender != client:
-            raise TransportError(f"client {client}: expected an update, got a {kind} message claiming client {sender}")
-        return ClientUpdate(round, client, num_samples, self.layout.unpack(body))
+    def post_receives(self, clients: list[int]) -> None:
+        """Keep one receive posted for each leader from now on (until its bye)."""
+        for c in clients:
+            self._post(c)
+
+    def _post(self, client: int) -> None:
+        from mpi4py import MPI
+
+        buf = torch.empty(HEADER.size + self.layout.nbytes, dtype=torch.uint8)
+        request = self.comm.Irecv([buf.numpy(), MPI.BYTE], source=self.plan.federation_rank(client), tag=TAG_TO_SERVER)
+        self.inbox[client] = (buf, request)
+
+    def next_update(self, deadline: float | None) -> ClientUpdate | int | None:
+        """The next message any leader sent, as it arrives: a ClientUpdate (as sent: the caller checks
+        its round and values), or the client id of a leader's bye; None once `deadline`
+        (time.monotonic()) passes. Polls every millisecond: MPI has no wait with a timeout."""
+        from mpi4py import MPI
+
+        while self.inbox:
+            for client, (buf, request) in list(self.inbox.items()):
+                status = MPI.Status()
+                if not request.Test(status):
+                    continue
+                n = status.Get_count(MPI.BYTE)
+                self._count(received=n)
+                kind_i, round, sender, num_samples = HEADER.unpack(buf[:HEADER.size].numpy().tobytes())
+                kind = KINDS[kind_i] if 0 <= kind_i < len(KINDS) else f"unknown ({kind_i})"
+                if sender != client or kind not in ("update", "bye"):
+                    raise TransportError(f"client {client}: expected an update, got a {kind} message claiming client {sender}")
+                if kind == "bye":
+                    del self.inbox[client]
+                    return client
+                if n != HEADER.size + self.layout.nbytes:
+                    raise TransportError(f"client {client}: an update of {n - HEADER.size} bytes, but the agreed "
+                                         f"layout of the global adapter holds {self.layout.nbytes}")
+                self._post(client)
+                return ClientUpdate(round, client, num_samples, self.layout.unpack(buf[HEADER.size:n]))
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.001)
+        raise TransportError("no leader is left to receive from")
 
     def send_global(self, message: GlobalAdapter, clients: list[int]) -> None:
         for c in clients:

@@ -11,7 +11,7 @@ import torch
 from fdlora_cluster.server import rejection
 from fdlora_cluster.transport import ClientUpdate, Layout
 
-from conftest import TINY, assert_ok, read_metrics, run_ranks, write_config
+from conftest import TINY, assert_ok, read_metrics, read_summary, run_ranks, write_config
 
 # 1 server + client 0 [1, 2] + client 1 [3, 4]; rank 2 is a follower of client 0
 FAST = {**TINY, "train.rounds": 2, "train.personal_steps": 1, "strategy": "fedavg"}
@@ -80,3 +80,23 @@ def test_layouts_that_differ_are_named():
         Layout.of({"x": torch.zeros(3, 3), "y": torch.zeros(4)}))
     with pytest.raises(ValueError, match="5 bytes, but the layout holds 40"):
         a.unpack(torch.zeros(5, dtype=torch.uint8))
+
+
+def test_a_slow_client_misses_a_round_and_the_run_finishes(tmp_path):
+    """Client 1's leader sends its round-2 update 12 s late; with round_timeout_s = 6 the server
+    aggregates round 2 without it, recognises the late update in round 3 and drops it, and client 1
+    goes on from the newest global adapter: the run finishes and the summary says what was missed."""
+    proc, _, out = fault_job(tmp_path, "slow@client=1,round=2,seconds=12",
+                             **{"train.rounds": 4, "federation.round_timeout_s": 6})
+    assert_ok(proc)
+    metrics = read_metrics(tmp_path / "run")
+    rounds = {m["round"]: m for m in metrics if m["event"] == "round"}
+    assert rounds[1]["clients"] == [0, 1]
+    assert rounds[2]["clients"] == [0] and rounds[2]["missing"] == [1]
+    late = [x for r in rounds.values() for x in r["late"]]
+    assert {"client": 1, "round": 2} in late, rounds
+    assert rounds[4]["clients"] == [0, 1]  # back in step
+    summary = read_summary(tmp_path / "run")
+    assert {s["client"]: s["rounds_missed"] for s in summary["clients"]}[1] == [2] + [
+        r for r in (3,) if 1 in rounds[3]["missing"]]
+    assert "late update of client 1 (round 2) dropped" in out
