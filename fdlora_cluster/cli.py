@@ -166,7 +166,7 @@ def cmd_run(args) -> int:
 
 def _user_errors() -> tuple[type, ...]:
     from .data import DataError
-    from .engine import RendezvousError
+    from .rendezvous import RendezvousError
 
     return (DataError, RendezvousError, ConfigError)
 
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run this rank of the job (under mpiexec/srun/deepspeed)")
     _add_config_args(p)
-    # We take the local rank from MPI (engine.node_local_rank), never from this flag.
+    # The local rank comes from the topology (topology.place_gpus), never from this flag.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("launch", help="start every rank on this machine with mpiexec")

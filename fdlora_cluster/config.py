@@ -38,8 +38,12 @@ class ModelConfig:
     pretrained: Optional[str] = None
     """Directory of a base produced by `fdlora-cluster pretrain` (only with `config`): when set and
     present, its weights replace the random initialisation."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Precision of the frozen base. bf16/fp16 also need the matching DeepSpeed section."""
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """Precision of the frozen base. Default: DeepSpeed's own config decides (`bf16: {enabled: true}`
+    -> bfloat16, `fp16: {enabled: true}` -> float16, else float32). bfloat16/float16 here turn on
+    DeepSpeed's matching section; a disagreement between the two is refused. Either way DeepSpeed
+    keeps fp32 master weights and optimizer state for the trained adapters, and the adapters
+    travel, fuse and save in fp32 (docs/LAUNCH.md, "Mixed precision")."""
     pretrain_steps: int = 400
     """`fdlora-cluster pretrain`: full-parameter steps on the scenario's general text."""
     pretrain_lr: float = 3e-3
@@ -87,6 +91,10 @@ class TopologyConfig:
     several networks. Only clients that span hosts use it (a client on one host meets on loopback).
     Default: the leader host's address, never loopback (env FDLORA_RENDEZVOUS_ADDR overrides both;
     docs/LAUNCH.md)."""
+    share_gpus: bool = False
+    """Allow ranks of DIFFERENT clients on one GPU (a one-GPU workstation, small adapters). Ranks of
+    one client never share a GPU (NCCL refuses it); without this, any sharing is refused at start
+    with the host, its GPUs and the ranks (topology.place_gpus, docs/LAUNCH.md)."""
 
     def client_sizes(self) -> list[int]:
         if self.clients is not None:
@@ -251,6 +259,23 @@ class Config:
 
     def world_size(self) -> int:
         return 1 + sum(self.client_sizes())
+
+    def base_dtype(self, client: int) -> str:
+        """The frozen base's dtype for `client`, as its DeepSpeed config says (model.dtype agrees)."""
+        ds = deepspeed_dict(self, client)
+        for key, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+            if ds.get(key, {}).get("enabled", False):
+                return dtype
+        return "float32"
+
+    def client_backend(self) -> str:
+        """The clients' torch.distributed backend: topology.backend, with auto = nccl when CUDA is
+        present (one rank per GPU), else gloo (CPU)."""
+        if self.topology.backend == "auto":
+            import torch
+
+            return "nccl" if torch.cuda.is_available() else "gloo"
+        return self.topology.backend
 
     def inner_steps(self, client: int) -> int:
         o = self.client_overrides.get(client)
@@ -634,6 +659,7 @@ def deepspeed_dict(cfg: Config, client: int) -> dict:
             raise ConfigError(f"{where}: {key} = {ds[key]!r} must be an integer >= 1")
     if isinstance(params["lr"], bool) or not isinstance(params["lr"], (int, float)) or params["lr"] <= 0:
         raise ConfigError(f"{where}: optimizer.params.lr = {params['lr']!r} must be a number > 0")
+    _mixed_precision(ds, cfg.model.dtype, where)
     ds.setdefault("zero_optimization", {"stage": 0})
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
@@ -642,6 +668,32 @@ def deepspeed_dict(cfg: Config, client: int) -> dict:
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage = {stage!r} (client {client}); expected 0, 1, 2 or 3")
     return ds
+
+
+def _mixed_precision(ds: dict, dtype: str | None, where: str) -> None:
+    """One source for precision: DeepSpeed's bf16/fp16 sections, which model.dtype may switch on."""
+    if "bfloat16" in ds:  # DeepSpeed's alias of the bf16 section
+        ds["bf16"] = _merge(ds.pop("bfloat16"), ds.get("bf16", {}))
+    for key in ("bf16", "fp16"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"{where}: {key} must be a mapping such as {{enabled: true}}, got {ds[key]!r}")
+    enabled = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled", False)]
+    if len(enabled) == 2:
+        raise ConfigError(f"{where}: bf16 and fp16 are both enabled; enable one")
+    wanted = {"bfloat16": "bf16", "float16": "fp16", "float32": None}.get(dtype or "", "unset")
+    if dtype is None:
+        return
+    if wanted is None and enabled:
+        raise ConfigError(f"{where}: {enabled[0]}.enabled is true but model.dtype = float32; "
+                          f"remove model.dtype (DeepSpeed's section then decides) or the {enabled[0]} section")
+    if wanted and enabled and enabled[0] != wanted:
+        raise ConfigError(f"{where}: model.dtype = {dtype} but DeepSpeed's {enabled[0]} section is enabled; "
+                          f"use {wanted}, or remove model.dtype")
+    if wanted and ds.get(wanted, {}).get("enabled", True) is False:
+        raise ConfigError(f"{where}: model.dtype = {dtype} but DeepSpeed's {wanted}.enabled is false; "
+                          f"remove one of them")
+    if wanted:
+        ds.setdefault(wanted, {})["enabled"] = True
 
 
 def _merge(a: dict, b: dict) -> dict:

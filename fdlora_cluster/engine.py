@@ -1,9 +1,5 @@
-"""The client engine: one DeepSpeed engine over one client's ranks, in its own torch.distributed world.
-
-Why a world per client: one shared world with DeepSpeed `mpu=` sub-groups breaks ZeRO-3 (its
-init calls a world-wide barrier), so each client's leader picks a rendezvous address and port,
-broadcasts them over the MPI client communicator, and every rank of the client initialises
-torch.distributed with client-local RANK / WORLD_SIZE (measured in SPEC.md).
+"""The client engine: one DeepSpeed engine over one client's ranks, in its own torch.distributed world
+(joined in rendezvous.py: why a world per client is said there).
 
 Why one engine for both adapters: a second DeepSpeed engine on the same module would register a
 second set of ZeRO-3 parameter hooks. Instead both adapters are the engine's two parameter groups;
@@ -14,10 +10,7 @@ training phase starts with fresh AdamW state for the adapter it trains.
 
 from __future__ import annotations
 
-import ipaddress
 import math
-import os
-import socket
 import time
 import zlib
 
@@ -28,96 +21,7 @@ from .config import Config, deepspeed_dict
 from .data import ClientData, Example, collate
 from .log import get_logger
 from .model import GLOBAL, PERSONAL, adapter_params, read_adapter, set_active, write_adapter
-
-RENDEZVOUS_ENV = "FDLORA_RENDEZVOUS_ADDR"
-
-
-class RendezvousError(RuntimeError):
-    pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _interface_address(name: str) -> str | None:
-    """IPv4 address of the local network interface `name` (eth0, ib0, ...), None if there is none."""
-    import fcntl
-    import struct
-
-    if name not in {n for _, n in socket.if_nameindex()}:
-        return None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:  # SIOCGIFADDR
-            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
-        except OSError:
-            return None  # the interface has no IPv4 address
-    return socket.inet_ntoa(packed[20:24])
-
-
-def _route_address(peer_hosts: list[str]) -> str | None:
-    """The local address this host uses to reach the first resolvable, non-loopback peer host
-    (a UDP connect sends nothing; it only asks the kernel for the route's source address)."""
-    for host in peer_hosts:
-        try:
-            ip = socket.gethostbyname(host)
-            if ipaddress.ip_address(ip).is_loopback:
-                continue
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.connect((ip, 9))
-                addr = s.getsockname()[0]
-        except OSError:
-            continue
-        if not ipaddress.ip_address(addr).is_loopback:
-            return addr
-    return None
-
-
-def rendezvous_address(client_hosts: list[str], configured: str | None) -> str:
-    """The address the leader publishes: env override, then config, then the leader's host address.
-
-    The override (env FDLORA_RENDEZVOUS_ADDR, else topology.rendezvous_addr) is an address, a host
-    name, or the name of a network interface of the leader's host (`eth0`, `ib0`); an interface
-    name is the form that suits every leader of a job at once, since each leader resolves it on
-    its own host. A client on one host always uses loopback (so one override for the whole job
-    cannot misdirect it). A client spanning hosts uses the override, else the address its
-    leader's host name resolves to, or, when that is loopback (Debian maps the host name to
-    127.0.1.1), the local address of the route to the client's other hosts. A loopback address
-    for a client spanning hosts is refused (the other hosts would connect to themselves), with
-    how to fix it."""
-    if len(set(client_hosts)) <= 1:
-        return "127.0.0.1"
-    addr = os.environ.get(RENDEZVOUS_ENV) or configured
-    me = socket.gethostname()
-    if addr is None:
-        addr = socket.gethostbyname(me)
-        source = f"the address of host {me!r}"
-        if ipaddress.ip_address(addr).is_loopback:
-            routed = _route_address([h for h in client_hosts if h != me])
-            if routed is not None:
-                addr, source = routed, f"the address of host {me!r} on the route to the client's other hosts"
-    else:
-        source = f"{RENDEZVOUS_ENV} / topology.rendezvous_addr = {addr!r}"
-        addr = _interface_address(addr) or addr
-    try:
-        loopback = ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
-    except (OSError, ValueError):
-        raise RendezvousError(f"rendezvous address {addr!r} (from {source}) does not resolve") from None
-    if loopback:
-        raise RendezvousError(
-            f"this client spans hosts {sorted(set(client_hosts))}, but {source} is loopback ({addr}); "
-            f"set {RENDEZVOUS_ENV} or topology.rendezvous_addr to an address or a network interface "
-            f"(e.g. eth0) that the other hosts reach")
-    return addr
-
-
-def node_local_rank(topo) -> int:
-    """Index of this rank among the job's client ranks on the same host (picks the GPU)."""
-    me = topo.hosts[topo.rank]
-    return sum(1 for r in range(1, topo.rank) if topo.hosts[r] == me)
-
+from .rendezvous import join_client_world
 
 class BatchStream:
     """Seeded, resumable stream of training rows for one client and one adapter.
@@ -160,7 +64,10 @@ class ClientEngine:
         self.size = self.comm.Get_size()
         self.ds_config = deepspeed_dict(cfg, self.client)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.device = self._init_world()
+        # bf16/fp16 from DeepSpeed's own config: base and adapters run in that dtype, DeepSpeed keeps
+        # fp32 masters of the trained adapters, and read/write go through those (model.read_adapter).
+        self.mixed_precision = cfg.base_dtype(self.client) != "float32"
+        self.device = join_client_world(topo, cfg.client_backend(), cfg.topology.rendezvous_addr)
         # lr and micro batch from the DeepSpeed dict: train.* unless the user's DeepSpeed keys say otherwise
         self.lr = float(self.ds_config["optimizer"]["params"]["lr"])
         self.micro_batch = int(self.ds_config["train_micro_batch_size_per_gpu"])
@@ -174,41 +81,18 @@ class ClientEngine:
 
     # ------------------------------------------------------------------ world
 
-    def _init_world(self) -> torch.device:
-        import deepspeed
-
-        backend = self.cfg.topology.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            device = torch.device("cuda", node_local_rank(self.topo) % torch.cuda.device_count())
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
-        addr = port = None
-        if self.local_rank == 0:
-            addr = rendezvous_address(self.topo.client_hosts(self.client), self.cfg.topology.rendezvous_addr)
-            port = _free_port()
-        addr, port = self.comm.bcast((addr, port), root=0)
-        # The launcher's one-world variables must not leak into this client's world.
-        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.local_rank),
-                          WORLD_SIZE=str(self.size), LOCAL_RANK=str(node_local_rank(self.topo)))
-        self.log.debug(f"client world: {backend} tcp://{addr}:{port} rank {self.local_rank}/{self.size}")
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   init_method=f"tcp://{addr}:{port}", rank=self.local_rank, world_size=self.size)
-        return device
-
     # ------------------------------------------------------------------ adapters
 
     def read(self, name: str) -> dict[str, torch.Tensor]:
-        """Full CPU copy of an adapter (collective on the client's ranks under ZeRO-3)."""
-        return read_adapter(self.model, name, self.zero_stage)
+        """Full fp32 CPU copy of an adapter (collective on the client's ranks under ZeRO-3)."""
+        return read_adapter(self.model, name, self.zero_stage, self.mixed_precision)
 
     def write(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Overwrite an adapter on every rank and refresh the optimizer's fp32 master copies,
-        which ZeRO keeps apart from the model's parameters (else the next step would undo this)."""
-        write_adapter(self.model, name, state, self.zero_stage)
-        if hasattr(self.optimizer, "refresh_fp32_params"):
+        """Overwrite an adapter on every rank, and the optimizer's fp32 master copies, which ZeRO
+        and DeepSpeed's bf16/fp16 optimizers keep apart from the model's parameters (else the next
+        step would undo this)."""
+        write_adapter(self.model, name, state, self.zero_stage, self.mixed_precision)
+        if not self.mixed_precision and hasattr(self.optimizer, "refresh_fp32_params"):
             self.optimizer.refresh_fp32_params()
 
     def broadcast_from_leader(self, state: dict[str, torch.Tensor] | None, like: str) -> dict[str, torch.Tensor]:
@@ -217,7 +101,7 @@ class ClientEngine:
 
         ref = {k: (tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for k, p in adapter_params(self.model, like).items()}
         sizes = [math.prod(s) for s, _ in ref.values()]
-        dtype = next(iter(ref.values()))[1]
+        dtype = torch.float32  # adapters travel as their fp32 (master) weights, also under bf16/fp16
         if self.local_rank == 0:
             flat = torch.cat([state[k].reshape(-1).to(dtype) for k in ref]).to(self.device)
         else:

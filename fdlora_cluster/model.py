@@ -21,11 +21,12 @@ ADAPTERS = (PERSONAL, GLOBAL)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_base(model_cfg, seed: int, vocab_size: int | None = None):
-    """A causal LM: a local checkpoint (`path`) or built from a transformers config (`config`)."""
+def build_base(model_cfg, seed: int, vocab_size: int | None = None, dtype: str | None = None):
+    """A causal LM: a local checkpoint (`path`) or built from a transformers config (`config`), in
+    `dtype` (default model.dtype, else float32; the trainer passes Config.base_dtype)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = _DTYPES[model_cfg.dtype]
+    dtype = _DTYPES[dtype or model_cfg.dtype or "float32"]
     if model_cfg.path:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype, local_files_only=True)
     else:
@@ -137,23 +138,42 @@ def gathered(params, zero_stage: int, modifier_rank: int | None = None):
         yield
 
 
-def read_adapter(model, name: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """A CPU copy of the adapter's full weights (gathered under ZeRO-3; collective then)."""
+def read_adapter(model, name: str, zero_stage: int, mixed_precision: bool = False) -> dict[str, torch.Tensor]:
+    """A CPU fp32 copy of the adapter's full weights (gathered under ZeRO-3; collective then).
+
+    With DeepSpeed bf16/fp16 the model's adapter weights are low-precision copies; a trained
+    adapter is read from DeepSpeed's fp32 master weights instead (`safe_get_full_fp32_param`,
+    every ZeRO stage), so what is sent, fused and saved is the fp32 adapter the optimizer holds."""
     params = adapter_params(model, name)
+    if mixed_precision:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = {k: safe_get_full_fp32_param(p) for k, p in params.items()}  # collective under ZeRO-3
+        if all(m is not None for m in masters.values()):
+            return {k: m.detach().to("cpu", torch.float32, copy=True).reshape(tuple(getattr(params[k], "ds_shape",
+                                                                                            params[k].shape)))
+                    for k, m in masters.items()}
     with gathered(params.values(), zero_stage):
-        return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in params.items()}
 
 
-def write_adapter(model, name: str, state: dict[str, torch.Tensor], zero_stage: int) -> None:
-    """Overwrite the adapter's weights with `state` on every rank (collective under ZeRO-3).
-
-    The caller refreshes the optimizer's fp32 master copies afterwards."""
+def write_adapter(model, name: str, state: dict[str, torch.Tensor], zero_stage: int,
+                  mixed_precision: bool = False) -> None:
+    """Overwrite the adapter's weights with `state` on every rank (collective under ZeRO-3): the
+    model's copy and, with DeepSpeed bf16/fp16, the optimizer's fp32 master (`safe_set_full_fp32_param`)
+    so that the next step starts from the exact fp32 values, not their low-precision rounding.
+    In fp32 the caller refreshes the optimizer's master copies from the model afterwards."""
     params = adapter_params(model, name)
     check_same_layout(params, state, what=f"adapter {name!r}")
     with gathered(params.values(), zero_stage, modifier_rank=0):
         with torch.no_grad():
             for k, p in params.items():
                 p.data.copy_(state[k].to(p.device, p.dtype))
+    if mixed_precision:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for k, p in params.items():
+            safe_set_full_fp32_param(p, state[k].to(p.device, torch.float32))  # no-op for a frozen adapter
 
 
 def key_diff(ref: dict, state: dict) -> str | None:

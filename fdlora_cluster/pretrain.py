@@ -68,7 +68,7 @@ def pretrain(cfg, log=print, force: bool = False) -> dict:
             return json.load(f)
     tok = get_tokenizer(None)
     base_cfg = type(m)(**{**m.__dict__, "pretrained": None})  # the random init, not the (stale) cache
-    model = build_base(base_cfg, m.pretrain_seed, vocab_size=tok.vocab_size)
+    model = build_base(base_cfg, m.pretrain_seed, vocab_size=tok.vocab_size, dtype="float32")  # cached in fp32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     for p in model.parameters():

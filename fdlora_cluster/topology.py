@@ -7,13 +7,22 @@ The layout is fixed by SPEC.md. For `clients: [2, 2]`:
 `RankPlan` is the pure arithmetic (no MPI, unit-tested). `Topology` binds it to a live MPI world:
 `COMM_WORLD.Split` gives each client its intra-client communicator and gives {server, leaders}
 the federation communicator (federation rank 0 is the server, rank 1+i is client i's leader).
-Everything else asks `topo.is_server`, `topo.is_leader`, `topo.client_id`; nobody re-derives ranks.
+Everything else asks `topo.is_server`, `topo.is_leader`, `topo.client_id`, `topo.gpu`; nobody
+re-derives ranks or GPU indices.
+
+Which GPU a client rank uses is one rule, `place_gpus` (pure, unit-tested): on each host, the
+client ranks that see the same GPUs take them in rank order; the server takes none. For
+2 nodes x 8 GPUs and `clients: [5, 5, 5]`:
+
+    node1: rank 0 server | client 0 ranks 1-5 -> GPUs 0-4 | client 1 ranks 6-7 -> GPUs 5-6 (7 idle)
+    node2: client 1 ranks 8-10 -> GPUs 0-2 | client 2 ranks 11-15 -> GPUs 3-7
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 SERVER_RANK = 0
@@ -83,6 +92,7 @@ class Topology:
     client_comm: object | None  # this client's ranks (None on the server)
     federation_comm: object | None  # server + leaders (None on followers)
     hosts: list[str] = field(default_factory=list)  # hostname of every world rank
+    gpus: list[int | None] = field(default_factory=list)  # every rank's GPU index (place_gpus); [] on CPU
 
     @property
     def is_server(self) -> bool:
@@ -111,6 +121,16 @@ class Topology:
             return "server"
         return f"client {self.client_id} leader" if self.is_leader else f"client {self.client_id} rank {self.rank}"
 
+    @property
+    def gpu(self) -> int | None:
+        """This rank's GPU, as an index into the GPUs it sees (None: CPU, or the server)."""
+        return self.gpus[self.rank] if self.gpus else None
+
+    @property
+    def host_local_index(self) -> int:
+        """Index of this rank among the job's client ranks on its host (LOCAL_RANK on CPU)."""
+        return host_local_indices(self.plan, self.hosts)[self.rank]
+
     def client_hosts(self, client: int) -> list[str]:
         return [self.hosts[r] for r in self.plan.client_ranks(client)]
 
@@ -128,6 +148,85 @@ class Topology:
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r) for r in rows]
         return "\n".join(lines)
+
+
+def host_local_indices(plan: RankPlan, hosts: list[str]) -> list[int | None]:
+    """Per world rank: its index among the client ranks on its host (None for the server)."""
+    seen: dict[str, int] = defaultdict(int)
+    out: list[int | None] = [None]
+    for r in range(1, plan.world_size):
+        out.append(seen[hosts[r]])
+        seen[hosts[r]] += 1
+    return out
+
+
+def place_gpus(plan: RankPlan, hosts: list[str], visible: list[list[str]], share_gpus: bool = False) -> list[int | None]:
+    """The GPU of every client rank, as an index into the GPUs that rank sees (None for the server).
+
+    `hosts[r]` is world rank r's host; `visible[r]` the GPUs it sees, by id (CUDA_VISIBLE_DEVICES
+    entries, or "0".."n-1" when that is unset; see `visible_gpus`). On each host, the client ranks
+    that see the same list take its GPUs in rank order, wrapping around when they outnumber them;
+    a launcher that binds each rank to its own GPU (srun --gpus-per-task, a per-rank
+    CUDA_VISIBLE_DEVICES) gives every rank its own list, so each takes that one GPU.
+
+    The result is what DeepSpeed and torch must agree on (LOCAL_RANK, set_device, NCCL's device_id).
+    Refused with a TopologyError naming the host, its GPUs and the ranks: a client rank that sees no
+    GPU; two ranks of ONE client on one GPU (NCCL refuses two ranks of a communicator on one device);
+    ranks of DIFFERENT clients on one GPU unless `share_gpus` (topology.share_gpus) allows it."""
+    if len(hosts) != plan.world_size or len(visible) != plan.world_size:
+        raise ValueError(f"place_gpus: {len(hosts)} hosts and {len(visible)} GPU lists for {plan.world_size} ranks")
+    taken: dict[tuple[str, tuple[str, ...]], int] = defaultdict(int)  # (host, GPU list) -> ranks placed
+    gpus: list[int | None] = [None]
+    users: dict[tuple[str, str], list[int]] = defaultdict(list)  # (host, GPU id) -> ranks on it
+    for r in range(1, plan.world_size):
+        seen = tuple(visible[r])
+        if not seen:
+            raise TopologyError(f"rank {r} (client {plan.client_of(r)}) on host {hosts[r]} sees no GPU, "
+                                "but the job runs on GPUs (topology.backend nccl, or auto with CUDA present); "
+                                "check CUDA_VISIBLE_DEVICES and the GPUs the launcher gives each task, or set "
+                                "topology.backend: gloo to run on CPU")
+        index = taken[hosts[r], seen] % len(seen)
+        taken[hosts[r], seen] += 1
+        gpus.append(index)
+        users[hosts[r], seen[index]].append(r)
+    for (host, gpu_id), ranks in users.items():
+        if len(ranks) == 1:
+            continue
+        n_gpus = len(_ids_on(host, visible, hosts))
+        by_client = defaultdict(list)
+        for r in ranks:
+            by_client[plan.client_of(r)].append(r)
+        for client, rs in by_client.items():
+            if len(rs) > 1:
+                raise TopologyError(
+                    f"host {host} has {n_gpus} GPU(s) (ids {_ranks(sorted(_ids_on(host, visible, hosts)))}), and ranks "
+                    f"{_ranks(rs)} of client {client} would share GPU {gpu_id}: NCCL refuses two ranks of one "
+                    f"client on one GPU. Give that "
+                    f"host at least as many GPUs as the client has ranks there, or fewer ranks per client on it")
+        if not share_gpus:
+            listed = ", ".join(f"{r} (client {plan.client_of(r)})" for r in ranks)
+            raise TopologyError(
+                f"host {host} has {n_gpus} GPU(s) (ids {_ranks(sorted(_ids_on(host, visible, hosts)))}), and ranks "
+                f"{listed} would share GPU {gpu_id}. Ranks of different clients may share a GPU only when the config says so "
+                f"(topology.share_gpus: true; docs/LAUNCH.md), or give the host more GPUs")
+    return gpus
+
+
+def _ids_on(host: str, visible: list[list[str]], hosts: list[str]) -> set[str]:
+    return {g for r in range(1, len(hosts)) if hosts[r] == host for g in visible[r]}
+
+
+def _ranks(rs: list[int]) -> str:
+    return ",".join(map(str, rs))
+
+
+def visible_gpus() -> list[str]:
+    """Ids of the GPUs this process sees: CUDA_VISIBLE_DEVICES entries, else "0".."n-1"."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ids = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return ids[:n] if len(ids) >= n and ids else [str(i) for i in range(n)]
 
 
 def _env_int(env, *names: str) -> int | None:
@@ -174,8 +273,10 @@ def _launcher_hint(env=None, mpi_library: str = "") -> str:
     return how
 
 
-def build_topology(client_sizes: list[int]) -> Topology:
-    """Split COMM_WORLD into the client and federation communicators (collective on all ranks)."""
+def build_topology(client_sizes: list[int], use_gpus: bool = False, share_gpus: bool = False) -> Topology:
+    """Split COMM_WORLD into the client and federation communicators and, with `use_gpus`, place
+    every client rank on a GPU (`place_gpus`). Collective on all ranks; a placement that does not
+    fit raises the same TopologyError on every rank."""
     from mpi4py import MPI  # heavy import at the seam
 
     world = MPI.COMM_WORLD
@@ -192,8 +293,10 @@ def build_topology(client_sizes: list[int]) -> Topology:
     in_fed = rank in plan.federation_ranks()
     federation_comm = world.Split(0 if in_fed else MPI.UNDEFINED, rank)
     hosts = world.allgather(socket.gethostname())
+    gpus = place_gpus(plan, hosts, world.allgather(visible_gpus() if rank != SERVER_RANK else []), share_gpus) \
+        if use_gpus else []
     return Topology(
         plan=plan, rank=rank, world=world,
         client_comm=None if client_comm == MPI.COMM_NULL else client_comm,
         federation_comm=None if federation_comm == MPI.COMM_NULL else federation_comm,
-        hosts=hosts)
+        hosts=hosts, gpus=gpus)

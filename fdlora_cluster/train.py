@@ -49,7 +49,7 @@ def fused_adapter_config(cfg: Config) -> AdapterConfig:
 def run(cfg: Config, record_payloads: list | None = None):
     """Run the job on this rank. Returns the summary on the server and the Client elsewhere
     (tests inspect its engine); `record_payloads` collects every payload this rank sends."""
-    topo = build_topology(cfg.client_sizes())
+    topo = build_topology(cfg.client_sizes(), use_gpus=cfg.client_backend() == "nccl", share_gpus=cfg.topology.share_gpus)
     run_dir = RunDir(cfg.output_dir, topo.rank)
     os.makedirs(os.path.join(run_dir.dir, "logs"), exist_ok=True)
     console = topo.is_server or topo.is_leader or cfg.log.followers_on_console
@@ -107,7 +107,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
     tok = get_tokenizer(cfg.model.path)
     data = load_clients(cfg.data, topo.plan.num_clients, cfg.seed)[topo.client_id]
     check_responses_fit(tok, data, cfg.train.max_seq_len)
-    base = build_base(cfg.model, cfg.seed, vocab_size=tok.vocab_size)
+    base = build_base(cfg.model, cfg.seed, vocab_size=tok.vocab_size, dtype=cfg.base_dtype(topo.client_id))
     adapters = {PERSONAL: cfg.lora.personal, GLOBAL: cfg.lora.global_}
     if strategy.fusion:
         adapters[FUSED] = fused_adapter_config(cfg)

@@ -14,7 +14,7 @@ import pytest
 
 from cluster import hosts
 from cluster.jobs import DEMO, JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, show
-from fdlora_cluster.engine import RendezvousError, rendezvous_address
+from fdlora_cluster.rendezvous import RendezvousError, rendezvous_address
 from fdlora_cluster.topology import _launcher_hint
 
 # ---------------------------------------------------------------- pure checks (no processes)
