@@ -64,8 +64,55 @@ def cmd_check(args) -> int:
     return 0
 
 
+# Which MPI started this rank, told by the variables each launcher sets in every rank it starts:
+# (variable, MPI, its libmpi soname). Open MPI's mpirun sets OMPI_COMM_WORLD_SIZE (and PMIX_RANK);
+# MPICH's Hydra sets PMI_SIZE; srun --mpi=pmix sets only PMIX_RANK, and PMIx is Open MPI's way of
+# starting ranks (the pip mpich wheel does not speak it). The first match wins.
+_LAUNCHER_MPI = (("OMPI_COMM_WORLD_SIZE", "Open MPI", "libmpi.so.40"),
+                 ("PMI_SIZE", "MPICH", "libmpi.so.12"),
+                 ("PMIX_RANK", "Open MPI", "libmpi.so.40"))
+
+
+def select_mpi_library(env=None) -> str | None:
+    """Point mpi4py at the MPI of the launcher that started this rank; returns what was chosen.
+
+    The mpi4py wheel (4.1+) carries one extension per MPI ABI (MPI.mpich.*.so, MPI.openmpi.*.so)
+    and loads the first libmpi it finds, the pip `mpich` wheel's (next to this Python) before the
+    system's, even when Open MPI's mpirun started the rank, which then is a world of its own. So
+    when the environment names the launcher's MPI, the user chose no library (MPI4PY_MPIABI and
+    MPI4PY_LIBMPI unset) and mpi4py is that wheel, set MPI4PY_LIBMPI to the first of this
+    Python's lib/<soname> (an MPI wheel in the virtualenv) and <soname> on the loader's path (the
+    system's or a `module load`ed MPI) that loads. When none loads, mpi4py's own search stands,
+    and a rank left alone says so at start (topology._launcher_hint). A site-built mpi4py (one
+    extension, linked to one MPI) is left alone."""
+    env = os.environ if env is None else env
+    if env.get("MPI4PY_MPIABI") or env.get("MPI4PY_LIBMPI"):
+        return None  # the user's choice
+    launcher = next(((var, mpi, so) for var, mpi, so in _LAUNCHER_MPI if var in env), None)
+    if launcher is None:
+        return None
+    import ctypes
+    import importlib.util
+
+    spec = importlib.util.find_spec("mpi4py")
+    where = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    names = os.listdir(where) if os.path.isdir(where) else []
+    if not all(any(n.startswith(f"MPI.{abi}.") for n in names) for abi in ("mpich", "openmpi")):
+        return None  # not the multi-ABI wheel
+    var, mpi, soname = launcher
+    for lib in (os.path.join(sys.prefix, "lib", soname), soname):
+        try:
+            ctypes.CDLL(lib, os.RTLD_LOCAL).MPI_Get_version  # mpi4py reopens the same library
+        except (OSError, AttributeError):
+            continue
+        env["MPI4PY_LIBMPI"] = lib
+        return f"{mpi} ({var} is set): MPI4PY_LIBMPI={lib}"
+    return None
+
+
 def cmd_run(args) -> int:
     """The per-rank entry point (mpiexec, srun, or the DeepSpeed launcher start one per rank)."""
+    chosen = select_mpi_library()
     import torch
 
     if not torch.cuda.is_available():
@@ -75,7 +122,13 @@ def cmd_run(args) -> int:
     # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5.x marks deprecated:
     # one warning per rank and adapter on the console, nothing for a user to act on.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as e:  # no loadable MPI library: say which was tried
+        why = f"chosen for the launcher: {chosen}" if chosen else "MPI4PY_MPIABI / MPI4PY_LIBMPI, or mpi4py's search"
+        print(f"mpi error: mpi4py could not load its MPI library ({why}): {e}\nSet MPI4PY_LIBMPI to the libmpi "
+              "of the MPI whose launcher starts the ranks (docs/LAUNCH.md, 'Which MPI library').", file=sys.stderr)
+        return 2
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
@@ -145,8 +198,11 @@ def cmd_launch(args) -> int:
     env = dict(os.environ)
     # n processes share this machine's cores; unbounded intra-op threads only fight each other.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")  # harmless for MPICH; Open MPI refuses root without it
+    # Open MPI's mpirun (harmless for MPICH): it refuses to start as root without these two, and
+    # refuses more ranks than cores unless told to oversubscribe (this machine is all we have).
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
     from .pretrain import ensure_pretrained
 
     ensure_pretrained(cfg)  # in this one process, with every core, before the ranks start

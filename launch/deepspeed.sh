@@ -22,8 +22,15 @@
 #   DS_LAUNCHER  mpich | openmpi (default mpich)
 #   MASTER_ADDR  passed to deepspeed (default: the hostfile's first host). Our clients build their
 #                own torch.distributed worlds, so this is only DeepSpeed's bookkeeping.
-#   DS_ARGS      extra deepspeed flags, e.g. '--launcher_args "--mca btl_tcp_if_include ib0"'
-#                (DeepSpeed's openmpi runner otherwise forces btl_tcp_if_include eth0)
+#   DS_ARGS      extra deepspeed flags
+# Open MPI only (DS_LAUNCHER=openmpi). DeepSpeed runs `mpirun` from PATH, so the script puts the
+# directory of `ompi_info` first on PATH (the pip mpich wheel has an `mpirun` of its own), and
+# writes mpirun's flags into --launcher_args:
+#   TCP_IF       the network for MPI's TCP traffic: interface(s) or a subnet, e.g. ib0 or
+#                10.0.0.0/16 (default: lo for a one-host hostfile, else eth0, DeepSpeed's default)
+#   MPI_ARGS     more mpirun flags. Remote ranks get only the variables named by -x (and DeepSpeed's
+#                own list); the script adds -x for PATH, LD_LIBRARY_PATH, OMP_NUM_THREADS,
+#                DS_ACCELERATOR, FDLORA_RENDEZVOUS_ADDR, GLOO/NCCL_SOCKET_IFNAME, MPI4PY_* when set.
 #   FDLORA       the entry point (default: fdlora-cluster on PATH, as an absolute path)
 #   DRY_RUN      1 = print the command only
 # Arguments: passed on to `fdlora-cluster run` (e.g. --set train.rounds=5).
@@ -34,6 +41,8 @@ OUTPUT=${OUTPUT:-}
 HOSTFILE=${HOSTFILE:-hostfiles/localhost-5}
 DS_LAUNCHER=${DS_LAUNCHER:-mpich}
 DS_ARGS=${DS_ARGS:-}
+TCP_IF=${TCP_IF:-}
+MPI_ARGS=${MPI_ARGS:-}
 FDLORA=${FDLORA:-$(command -v fdlora-cluster || true)}
 DRY_RUN=${DRY_RUN:-0}
 [[ -n "$FDLORA" ]] || { echo "fdlora-cluster not found: activate the virtualenv or set FDLORA" >&2; exit 2; }
@@ -54,12 +63,25 @@ if [[ "$slots" != "$world" ]]; then
 fi
 [[ -n "$OUTPUT" ]] && set -- --output "$OUTPUT" "$@"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-if [[ "$DS_LAUNCHER" == openmpi ]]; then
-    export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
-fi
+DEEPSPEED=$(command -v deepspeed || true)
+[[ -n "$DEEPSPEED" ]] || { echo "deepspeed not found: activate the virtualenv" >&2; exit 2; }
+nhosts=$(wc -l <<<"$hosts")
 
-cmd=(deepspeed --hostfile "$HOSTFILE" --launcher "$DS_LAUNCHER" --master_addr "$MASTER_ADDR")
-[[ $(wc -l <<<"$hosts") == 1 ]] && cmd+=(--force_multi)  # one host: else no MPI world
+cmd=("$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "$DS_LAUNCHER" --master_addr "$MASTER_ADDR")
+(( nhosts == 1 )) && cmd+=(--force_multi)  # one host: else no MPI world
+if [[ "$DS_LAUNCHER" == openmpi ]]; then
+    ompi_info=$(command -v ompi_info || true)
+    [[ -n "$ompi_info" ]] || { echo "DS_LAUNCHER=openmpi: ompi_info is not on PATH; put Open MPI's bin on PATH" >&2; exit 2; }
+    export PATH="$(dirname "$ompi_info"):$PATH"  # DeepSpeed's `mpirun`: Open MPI's, not the mpich wheel's
+    export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
+    TCP_IF=${TCP_IF:-$( (( nhosts == 1 )) && echo lo || echo eth0)}
+    mpi_args="--mca btl_tcp_if_include $TCP_IF"
+    for v in PATH LD_LIBRARY_PATH OMP_NUM_THREADS DS_ACCELERATOR FDLORA_RENDEZVOUS_ADDR GLOO_SOCKET_IFNAME \
+             NCCL_SOCKET_IFNAME MPI4PY_MPIABI MPI4PY_LIBMPI; do
+        [[ -n "${!v:-}" ]] && mpi_args+=" -x $v"
+    done
+    cmd+=(--launcher_args "$mpi_args${MPI_ARGS:+ $MPI_ARGS}")
+fi
 # The user script is the console script itself (a Python file): DeepSpeed's MPI runners run
 # `python -u SCRIPT ARGS` on every rank; its --module flag breaks with the mpich runner.
 eval "extra=($DS_ARGS)"  # a list of flags, with shell quoting (--launcher_args "...")

@@ -17,8 +17,9 @@
 #   OUTPUT   the run directory (default: the config's output_dir)
 #   HOSTS    host:slots,host:slots,...; empty = this machine only (default empty)
 #   NP       number of ranks (default: 1 + sum(topology.clients), from `fdlora-cluster check`)
-#   MPIEXEC  the launcher (default: mpiexec next to this Python, else mpiexec/mpirun on PATH)
-#   MPI      mpich | openmpi: which flag style to use (default: asked from `$MPIEXEC --version`)
+#   MPI      mpich | openmpi: which MPI starts the ranks (default: asked from `$MPIEXEC --version`)
+#   MPIEXEC  the launcher (default: MPI=openmpi: the mpirun beside `ompi_info` on PATH; otherwise
+#            mpiexec next to this Python (the pip mpich wheel), else mpiexec/mpirun on PATH)
 #   MPI_ARGS extra launcher flags, e.g. "-iface eth0" (MPICH) or "--mca btl_tcp_if_include eth0" (Open MPI)
 #   FDLORA   the entry point (default: fdlora-cluster on PATH, as an absolute path for remote hosts)
 #   DRY_RUN  1 = print the command only
@@ -27,10 +28,13 @@
 # The flags this script writes, for reference (rank blocks stay contiguous per host):
 #   MPICH:    mpiexec -n NP -hosts node-a:3,node-b:2 fdlora-cluster run CONFIG
 #             (Hydra passes the whole environment to every rank; -genv K V sets one more)
-#   Open MPI: mpirun -np NP --host node-a:3,node-b:2 --map-by slot -x PATH -x LD_LIBRARY_PATH
+#   Open MPI: mpirun -np NP --map-by slot --host node-a:3,node-b:2 -x PATH -x LD_LIBRARY_PATH
 #             -x OMP_NUM_THREADS ... fdlora-cluster run CONFIG
-#             (Open MPI passes only the variables named by -x; as root it also needs
-#             OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+#             (remote ranks get only the variables named by -x; as root mpirun also needs
+#             OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; without HOSTS it may
+#             start more ranks than cores: --oversubscribe, as MPICH does)
+# Each rank's mpi4py loads the library of the MPI that started it (fdlora-cluster run reads the
+# launcher's variables; MPI4PY_LIBMPI / MPI4PY_MPIABI, forwarded when set, override it).
 set -euo pipefail
 
 CONFIG=${CONFIG:-configs/demo.yaml}
@@ -40,6 +44,11 @@ FDLORA=${FDLORA:-$(command -v fdlora-cluster || true)}
 MPI_ARGS=${MPI_ARGS:-}
 DRY_RUN=${DRY_RUN:-0}
 [[ -n "$FDLORA" ]] || { echo "fdlora-cluster not found: activate the virtualenv or set FDLORA" >&2; exit 2; }
+if [[ -z "${MPIEXEC:-}" && "${MPI:-}" == openmpi ]]; then
+    ompi_info=$(command -v ompi_info || true)
+    [[ -n "$ompi_info" ]] || { echo "MPI=openmpi: ompi_info is not on PATH; put Open MPI's bin on PATH or set MPIEXEC" >&2; exit 2; }
+    MPIEXEC=$(dirname "$ompi_info")/mpirun
+fi
 if [[ -z "${MPIEXEC:-}" ]]; then
     py_bin=$(dirname "$(head -1 "$FDLORA" | sed 's/^#!//')")
     MPIEXEC=$( { [[ -x "$py_bin/mpiexec" ]] && echo "$py_bin/mpiexec"; } || command -v mpiexec || command -v mpirun || true)
@@ -62,9 +71,9 @@ case "$MPI" in
     openmpi)
         export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
         cmd=("$MPIEXEC" -np "$NP" --map-by slot)
-        [[ -n "$HOSTS" ]] && cmd+=(--host "$HOSTS")
+        if [[ -n "$HOSTS" ]]; then cmd+=(--host "$HOSTS"); else cmd+=(--oversubscribe); fi
         for v in PATH LD_LIBRARY_PATH PYTHONPATH OMP_NUM_THREADS DS_ACCELERATOR FDLORA_RENDEZVOUS_ADDR \
-                 GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME CUDA_VISIBLE_DEVICES; do
+                 GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME CUDA_VISIBLE_DEVICES MPI4PY_MPIABI MPI4PY_LIBMPI; do
             [[ -n "${!v:-}" ]] && cmd+=(-x "$v")
         done
         ;;

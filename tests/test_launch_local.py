@@ -1,19 +1,24 @@
-"""Launching on one machine: the launcher detection, the rendezvous address, the scripts' own
-logic, and the DeepSpeed launcher with a hostfile on localhost through a real sshd.
+"""Launching on one machine: the launcher detection, the MPI library choice, the rendezvous
+address, the scripts' own logic, `fdlora-cluster launch` with Open MPI's mpirun, and the DeepSpeed
+launcher (MPICH and Open MPI runners) with a hostfile on localhost through a real sshd.
 
 The DeepSpeed tests need root (they start an sshd on 127.0.0.1:2222 and write an ssh client
-config under /etc/ssh/ssh_config.d; both are removed afterwards).
+config under /etc/ssh/ssh_config.d; both are removed afterwards); the Open MPI tests need Open MPI
+(tests/cluster/install.sh).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from cluster import hosts
-from cluster.jobs import DEMO, JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, show
+from cluster.jobs import (DEMO, JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun,
+                          run_launcher, show)
+from fdlora_cluster.cli import select_mpi_library
 from fdlora_cluster.rendezvous import RendezvousError, rendezvous_address
 from fdlora_cluster.topology import _launcher_hint
 
@@ -30,6 +35,23 @@ from fdlora_cluster.topology import _launcher_hint
 ])
 def test_launcher_hint_names_the_launcher_and_the_fix(env, says):
     assert says in _launcher_hint(env, mpi_library="MPICH Version: 5.0.2")
+
+
+def test_mpi_library_follows_the_launcher_unless_the_user_chose():
+    """The mpi4py wheel would load the pip mpich wheel's libmpi under any launcher; `run` points it
+    at the launcher's MPI, found by the variables that launcher sets, and only then."""
+    venv_mpich = os.path.join(sys.prefix, "lib", "libmpi.so.12")  # the mpich wheel (a test extra)
+    env = {"PMI_SIZE": "5", "PMI_RANK": "1"}  # MPICH's Hydra
+    assert select_mpi_library(env).startswith("MPICH (PMI_SIZE is set)") and env["MPI4PY_LIBMPI"] == venv_mpich
+    for env in ({}, {"WORLD_SIZE": "5", "LOCAL_RANK": "0"}, {"SLURM_STEP_NUM_TASKS": "5"},  # no MPI launcher
+                {"OMPI_COMM_WORLD_SIZE": "5", "MPI4PY_MPIABI": "mpich"},  # the user's choice stands
+                {"PMI_SIZE": "5", "MPI4PY_LIBMPI": "/opt/mpi/lib/libmpi.so"}):
+        before = dict(env)
+        assert select_mpi_library(env) is None and env == before, before
+    if openmpi_mpirun():
+        for env in ({"OMPI_COMM_WORLD_SIZE": "5", "PMIX_RANK": "0"},  # Open MPI's mpirun
+                    {"PMIX_RANK": "2", "SLURM_STEP_NUM_TASKS": "5"}):  # srun --mpi=pmix
+            assert "Open MPI" in select_mpi_library(env) and env["MPI4PY_LIBMPI"].endswith("libmpi.so.40"), env
 
 
 def test_rendezvous_address_refuses_loopback_for_a_client_spanning_hosts(monkeypatch):
@@ -55,10 +77,16 @@ def test_scripts_print_the_command_they_run():
     p = _script("launch/mpirun.sh", {**env, "HOSTS": "node-a:3,node-b:2"}, *TINY_ARGS)
     assert p.returncode == 0, show(p)
     assert "-n 5 -hosts node-a:3,node-b:2" in p.stdout and "run configs/demo.yaml --set train.rounds=1" in p.stdout
-    p = _script("launch/mpirun.sh", {**env, "MPI": "openmpi", "HOSTS": "a:3,b:2"})
+    p = _script("launch/mpirun.sh", {**env, "MPI": "openmpi", "MPIEXEC": "mpirun", "HOSTS": "a:3,b:2"})
     assert "-np 5 --map-by slot --host a:3,b:2 -x PATH" in p.stdout, show(p)
+    p = _script("launch/mpirun.sh", {**env, "MPI": "openmpi", "MPIEXEC": "mpirun", "NP": "5", "MPI4PY_MPIABI": "openmpi"})
+    assert "-np 5 --map-by slot --oversubscribe -x PATH" in p.stdout and "-x MPI4PY_MPIABI" in p.stdout, show(p)
     p = _script("launch/deepspeed.sh", env)
     assert "--hostfile hostfiles/localhost-5 --launcher mpich --master_addr localhost --force_multi" in p.stdout, show(p)
+    if openmpi_mpirun():  # DS_LAUNCHER=openmpi needs Open MPI's bin (ompi_info) on PATH
+        p = _script("launch/deepspeed.sh", {**env, "DS_LAUNCHER": "openmpi"})
+        assert "--launcher openmpi --master_addr localhost --force_multi --launcher_args --mca btl_tcp_if_include lo -x PATH" \
+            in p.stdout, show(p)
     p = _script("launch/deepspeed.sh", {**env, "HOSTFILE": "hostfiles/2nodes-8gpus"})
     assert p.returncode == 2 and "16 slots, but configs/demo.yaml needs world=5" in p.stderr, show(p)
     p = _script("launch/deepspeed.sh", {**env, "DS_LAUNCHER": "pdsh"})
@@ -112,3 +140,31 @@ def test_deepspeed_spawning_without_mpi_is_stopped_with_the_fix(localhost_ssh, t
     assert p.returncode != 0, show(p)
     assert "spawned the ranks itself, without an MPI world" in out and "--force_multi" in out, show(p)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------- Open MPI, for real
+
+OPENMPI_SKIP = openmpi_missing()
+
+
+@pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
+def test_openmpi_fdlora_launch_runs_the_demo(tmp_path):
+    """`fdlora-cluster launch --mpiexec <Open MPI's mpirun>`: 5 ranks on a 2-core machine (launch
+    lets Open MPI oversubscribe, and allows root); each rank's mpi4py loads Open MPI, or every rank
+    would be a world of its own and the job would stop at start."""
+    fdlora = job_env()["FDLORA"]
+    cmd = [fdlora, "launch", "--mpiexec", openmpi_mpirun(), DEMO, "--output", str(tmp_path / "run"), *TINY_ARGS]
+    p = run_launcher(cmd, job_env())
+    assert p.returncode == 0, show(p)
+    assert f"+ {openmpi_mpirun()} -n 5 " in p.stdout, show(p)
+    check_run(tmp_path / "run", [2, 2])
+
+
+@pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
+def test_openmpi_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tmp_path):
+    """DS_LAUNCHER=openmpi launch/deepspeed.sh = deepspeed --launcher openmpi --force_multi, whose
+    runner calls `mpirun -n 5 -hostfile ...`: Open MPI's, put first on PATH by the script."""
+    p = run_launcher(["bash", "launch/deepspeed.sh", *TINY_ARGS], job_env(OUTPUT=str(tmp_path / "run"), DS_LAUNCHER="openmpi"))
+    assert p.returncode == 0, show(p)
+    assert "mpirun -n 5 -hostfile hostfiles/localhost-5" in p.stdout + p.stderr, "DeepSpeed did not use its openmpi runner"
+    check_run(tmp_path / "run", [2, 2])

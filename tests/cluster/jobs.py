@@ -1,9 +1,13 @@
-"""What every launch test checks in a finished job, and the environment its ranks get."""
+"""What every launch test checks in a finished job, the environment its ranks get, and where
+Open MPI is (the second MPI the launch tests run, beside the pip `mpich` wheel)."""
 
 from __future__ import annotations
 
 import json
+import functools
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +30,20 @@ def job_env(**extra) -> dict:
     env["FDLORA"] = os.path.join(os.path.dirname(sys.executable), "fdlora-cluster")
     env.update(extra)
     return env
+
+
+def run_launcher(cmd: list[str], env: dict, timeout: int = JOB_TIMEOUT, cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group; on timeout kill the whole group (mpirun, its
+    daemons and the ranks would otherwise outlive the test) and return exit 124 with the output."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        return subprocess.CompletedProcess(cmd, 124, out, f"{err}\n[timed out after {timeout}s: process group killed]")
 
 
 def show(p: subprocess.CompletedProcess) -> str:
@@ -60,3 +78,23 @@ def client_hosts(run_dir: Path, client: int) -> set[str]:
         if parts[:2] == ["client", str(client)] and len(parts) >= 4:
             return set(parts[3].split(","))
     raise AssertionError(f"no topology row for client {client} in {run_dir}/logs/rank-0.log")
+
+
+@functools.cache
+def openmpi_mpirun() -> str | None:
+    """Open MPI's mpirun (the one beside `ompi_info`, as DeepSpeed's openmpi runner finds it; Debian's
+    openmpi-bin), or None when Open MPI is not installed. Not the venv's `mpirun`: that is MPICH's."""
+    info = shutil.which("ompi_info")
+    mpirun = os.path.join(os.path.dirname(info), "mpirun") if info else None
+    if mpirun is None or not os.path.exists(mpirun):
+        return None
+    p = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    return mpirun if "Open MPI" in p.stdout + p.stderr else None
+
+
+def openmpi_missing() -> str | None:
+    """Why the Open MPI tests cannot run here (None when they can)."""
+    if openmpi_mpirun():
+        return None
+    return ("Open MPI is not installed (no ompi_info + mpirun on PATH): tests/cluster/install.sh installs "
+            "Debian's openmpi-bin when run as root" + ("" if os.geteuid() == 0 else ", and this is not root"))
