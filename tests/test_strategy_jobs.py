@@ -73,7 +73,10 @@ def test_fusion_reads_only_its_rows(tmp_path, rows):
     assert_ok(mpi_python(3, "inspect_run.py", cfg_path, out, timeout=300))
     for r in (1, 2):
         audit = json.loads((out / f"fusion-rows-rank-{r}.json").read_text())
-        assert audit["search_calls"] == 4
+        # the three anchors, then budget - 3 = 1 more candidate in the search and in each of the
+        # 4 folds' searches (fewer when one re-asks a point already scored)
+        assert 3 <= audit["search_calls"] <= 3 + (1 + 4) * 1
+        assert audit["other_eval_calls"] == 0
         assert not audit["search_touches_test"]
         assert audit["search_rows"] == (["fewshot"] if rows == "heldout" else ["train"])
         assert audit["test_eval_calls"] == 3  # personal, global, fused on the test split, once each
