@@ -207,10 +207,12 @@ class FusionConfig:
     granularity: Literal["adapter", "layer", "module"] = "adapter"
     """One (w_p, w_g) pair for the whole adapter (the paper's AdaFusion), one per transformer
     layer, or one per target module (2 x groups weights for nevergrad to search)."""
-    folds: int = 1
+    folds: int = 4
     """k of a k-fold check over the search rows (1 = off): the search is rerun on every k-1 folds;
     when its picks do worse on the held-out folds than the best anchor's, the best anchor is
-    chosen (the search fitted noise). Each fold costs another `budget` - 3 evaluations."""
+    chosen (the search fitted noise). Each fold costs another `budget` - 3 evaluations. Default 4:
+    on a development run (docs/ALGORITHMS.md) every unchecked search did worse on new rows than
+    the personal adapter alone, and the check caught it."""
 
 
 @dataclass
@@ -580,7 +582,7 @@ def validate(cfg: Config, source: str) -> None:
              "global only and both at 1 first)")
     _require(0.0 <= f.mix <= 1.0, source, f"fusion.mix = {f.mix} must be in [0, 1]")
     _require(f.folds >= 1, source, f"fusion.folds = {f.folds} must be >= 1 (1 = no k-fold check)")
-    if cfg.strategy == "fdlora" and f.folds > 1:
+    if cfg.strategy == "fdlora" and f.folds > 1 and cfg.data.fewshot_rows >= 1:  # 0 is refused below
         few = cfg.data.fewshot_rows
         _require(f.folds <= few, source, f"fusion.folds = {f.folds} needs at least one search row per fold, "
                  f"but data.fewshot_rows = {few}; set fusion.folds <= {few}")
