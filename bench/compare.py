@@ -6,7 +6,10 @@
 Every job runs with `fdlora-cluster launch` (1 server + 2 clients x 2 ranks on this machine, as
 configs/demo.yaml says), each into OUT/<strategy>; the tiny base is pretrained once first. At the
 end it prints the per-client table of each method's headline adapter (fused for fdlora, personal
-for local, global for fedavg / diloco) and writes OUT/report/REPORT.md with the plots.
+for local, global for fedavg / diloco) under the headline accuracy (`eval.headline` of the runs:
+`accuracy`, over each client's own label set, by default) and under the other one
+(`accuracy_all`, over every client's labels), every adapter with both accuracies, FDLoRA's fusion
+choices, and writes OUT/report/REPORT.md with the plots.
 A job that fails stops the comparison with its exit status.
 """
 
@@ -24,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from fdlora_cluster.config import load_config  # noqa: E402
 from fdlora_cluster.pretrain import ensure_pretrained  # noqa: E402
-from fdlora_cluster.report import ReportError, comparison_table, load_run, per_client_table, write_report  # noqa: E402
+from fdlora_cluster.report import ReportError, comparison_table, load_run, write_report  # noqa: E402
 
 DEFAULT = ["fdlora", "local", "fedavg", "diloco"]
 
@@ -76,6 +79,46 @@ def breakdown(run_dirs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def accuracies_table(runs) -> str:
+    """Every adapter of every run with both accuracies (own label set and union) and the loss."""
+    lines = ["| method | client | adapter | accuracy (own labels) | accuracy_all (union) | loss |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        by: dict[str, list[dict]] = {}
+        for s in sorted(run.summary["clients"], key=lambda s: s["client"]):
+            for adapter, m in s["metrics"].items():
+                by.setdefault(adapter, []).append(m)
+                lines.append(f"| {run.method} | {s['client']} | {adapter} | {_fmt(m.get('accuracy'))} | "
+                             f"{_fmt(m.get('accuracy_all'))} | {m['loss']:.4f} |")
+        for adapter, ms in by.items():
+            mean = {k: (sum(m[k] for m in ms) / len(ms) if all(k in m for m in ms) else None)
+                    for k in ("accuracy", "accuracy_all", "loss")}
+            lines.append(f"| {run.method} | mean | {adapter} | {_fmt(mean['accuracy'])} | "
+                         f"{_fmt(mean['accuracy_all'])} | {mean['loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def fusion_choices(runs) -> str:
+    """Per fusing client: the chosen weights, how they were chosen, and the search rows' objective
+    of the choice against the three anchors (personal only, global only, both at 1)."""
+    lines = ["| method | client | weights (w_p, w_g) per group | chosen by | objective | personal | global | both |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for rec in run.metrics:
+            if rec.get("event") != "fusion" or "objective" not in rec:
+                continue
+            c = rec["client"]
+            anchors = [m["objective"] for m in run.metrics
+                       if m.get("event") == "fusion_step" and m.get("client") == c and m.get("phase") == "anchor"]
+            w = "; ".join(f"{g}: ({p:.2f}, {q:.2f})" for g, (p, q) in rec["weights"].items())
+            lines.append(f"| {run.method} | {c} | {w} | {rec['chosen_by']} | {rec['objective']:.4f} | "
+                         + " | ".join(f"{a:.4f}" for a in anchors[:3]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else "(no fusion search in these runs)"
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strategies", nargs="+", default=DEFAULT, help=f"configs/<name>.yaml to run (default {DEFAULT})")
@@ -116,10 +159,16 @@ def main(argv=None) -> int:
     report = write_report(run_dirs, out_dir=os.path.join(args.out, "report"),
                           title="Strategy comparison on the shipped scenario",
                           preamble=f"Made by `{cmdline.strip()}`.")
-    print("\nPer-client test accuracy, headline adapter of each method:\n")
-    print(comparison_table(runs))
+    headline = runs[0].config.get("eval", {}).get("headline", "accuracy")
+    other = "accuracy_all" if headline == "accuracy" else "accuracy"
+    print(f"\nPer-client test {headline} (eval.headline), headline adapter of each method:\n")
+    print(comparison_table(runs, metric=headline))
+    print(f"\nThe same under {other}:\n")
+    print(comparison_table(runs, metric=other))
     print("\nEvery adapter each method evaluates:\n")
-    print(per_client_table(runs))
+    print(accuracies_table(runs))
+    print("\nFusion choices (objective on the search rows; the anchors' for comparison):\n")
+    print(fusion_choices(runs))
     if args.breakdown:
         print("\nTest accuracy per kind of line (from the saved adapters):\n")
         print(breakdown(run_dirs))

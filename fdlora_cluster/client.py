@@ -15,7 +15,7 @@ import torch
 
 from .engine import ClientEngine
 from .faults import fault
-from .fusion import fuse, search_weights
+from .fusion import fuse, modules_of, per_module, search_weights, weight_groups
 from .log import get_logger
 from .model import GLOBAL, PERSONAL, adapter_scaling, lora_config, save_adapter
 from .transport import ClientUpdate, Layout, Transport
@@ -110,38 +110,81 @@ class Client:
             return d.fewshot
         return d.train[: max(1, self.cfg.data.fewshot_rows)]
 
+    def headline_candidates(self) -> list[str]:
+        """The label set the headline accuracy (eval.headline) scores among."""
+        d = self.engine.data
+        return d.candidates_all if self.cfg.eval.headline == "accuracy_all" else d.candidates
+
     def fuse(self) -> None:
-        """Find (w_p, w_g) (searched or fixed), merge into the `fused` adapter, record the curve."""
+        """Find the fusion weights (searched or fixed), merge into the `fused` adapter, record the curve.
+
+        Every candidate is scored as the adapter that would be saved: with merge `exact`, both
+        adapters active and each module's contribution scaled by its weight, which computes the
+        saved adapter's function; with merge `params`, whose A/B products have cross terms no
+        scaling reproduces, the candidate is merged and written into the `fused` slot, and that
+        adapter alone is scored."""
         f = self.cfg.fusion
         s_p = adapter_scaling(self.engine.model, PERSONAL)
         s_g = adapter_scaling(self.engine.model, GLOBAL)
+        personal, glob = self.engine.read(PERSONAL), self.engine.read(GLOBAL)
+        groups = weight_groups(modules_of(personal), f.granularity)
         if self.strategy.fusion == "search":
             rows = self.fusion_rows()
             if not rows:
                 raise ValueError(f"client {self.id}: the fusion search needs few-shot rows; set data.fewshot_rows > 0")
+            cands = self.headline_candidates() if f.objective != "loss" else None
+            if f.objective != "loss" and not cands:
+                raise ValueError(f"client {self.id}: fusion.objective = {f.objective!r} scores accuracy, but this "
+                                 "client's rows have no candidate responses (labelled rows with few distinct "
+                                 "responses); use fusion.objective: loss")
             comm = self.topo.client_comm
 
-            def loss_at(w_p, w_g):
-                w_p, w_g = comm.bcast((w_p, w_g), root=0)  # followers learn the leader's candidate
-                return self.engine.evaluate(rows, [PERSONAL, GLOBAL], {PERSONAL: w_p, GLOBAL: w_g})["loss"]
+            def score(w):
+                wm = per_module(w, groups)
+                if f.merge == "exact":
+                    scales = {PERSONAL: {m: p for m, (p, _) in wm.items()}, GLOBAL: {m: g for m, (_, g) in wm.items()}}
+                    return self.engine.score_rows(rows, [PERSONAL, GLOBAL], scales, cands)
+                self.engine.write(FUSED, fuse(personal, glob, {m: p for m, (p, _) in wm.items()},
+                                              {m: g for m, (_, g) in wm.items()}, s_p, s_g, f.merge))
+                return self.engine.score_rows(rows, FUSED, None, cands)
 
             if self.is_leader:
-                w_p, w_g, curve = search_weights(loss_at, f.optimizer, f.budget, f.bounds, f.l1,
-                                                 seed=self.cfg.seed * 1009 + self.id)
-                for c in curve:
+                def score_everywhere(w):
+                    comm.bcast(w, root=0)  # followers score the leader's candidate with it
+                    return score(w)
+
+                result = search_weights(score_everywhere, len(groups), f.optimizer, f.budget, f.bounds, f.l1,
+                                        seed=self.cfg.seed * 1009 + self.id, objective=f.objective,
+                                        mix=f.mix, folds=f.folds)
+                comm.bcast(None, root=0)  # the search is over
+                for c in result.curve:
                     self.record("fusion_step", None, **c)
             else:
-                for _ in range(f.budget):
-                    loss_at(None, None)
-            w_p, w_g = comm.bcast((w_p, w_g) if self.is_leader else None, root=0)
+                while (w := comm.bcast(None, root=0)) is not None:
+                    score(w)
+                result = None
+            weights = comm.bcast(result.weights if self.is_leader else None, root=0)
         else:
-            w_p, w_g = f.fixed_weights
-        self.fusion_weights = (w_p, w_g)
-        fused = fuse(self.engine.read(PERSONAL), self.engine.read(GLOBAL), w_p, w_g, s_p, s_g, f.merge)
-        self.engine.write(FUSED, fused)
-        self.record("fusion", None, w_personal=w_p, w_global=w_g, merge=f.merge, rows=f.rows)
+            weights = [list(f.fixed_weights)] * len(groups)
+            result = None
+        wm = per_module(weights, groups)
+        w_p, w_g = {m: p for m, (p, _) in wm.items()}, {m: g for m, (_, g) in wm.items()}
+        self.engine.write(FUSED, fuse(personal, glob, w_p, w_g, s_p, s_g, f.merge))
+        mean_p = sum(w_p.values()) / len(w_p)
+        mean_g = sum(w_g.values()) / len(w_g)
+        by_group = {g: [float(x) for x in w] for g, w in zip(groups, [list(r) for r in weights])}
+        self.fusion_weights = (mean_p, mean_g)
+        self.fusion_groups = by_group
+        extra = {}
+        if result is not None:
+            extra = {"objective": result.objective, "loss": result.loss, "accuracy": result.accuracy,
+                     "chosen_by": result.chosen_by, "cv": result.cv, "search_objective": f.objective}
+        self.record("fusion", None, w_personal=mean_p, w_global=mean_g, weights=by_group, merge=f.merge,
+                    rows=f.rows, granularity=f.granularity, **extra)
         if self.is_leader:
-            self.log.info(f"fusion weights w_personal={w_p:.3f} w_global={w_g:.3f} (merge {f.merge})")
+            how = f" chosen by {result.chosen_by}, few-shot {f.objective} objective {result.objective:.4f}" if result else ""
+            self.log.info(f"fusion weights w_personal={mean_p:.3f} w_global={mean_g:.3f} "
+                          f"(merge {f.merge}, {len(groups)} weight group(s) by {f.granularity}){how}")
 
     # ---------------------------------------------------------------- evaluation and saving
 
@@ -149,7 +192,7 @@ class Client:
         d = self.engine.data
         out = {}
         for name in self.strategy.evaluated:
-            out[name] = self.engine.evaluate(d.test, name, candidates=d.candidates)
+            out[name] = self.engine.evaluate(d.test, name, candidates=d.candidates, candidates_all=d.candidates_all)
             self.record("eval", None, adapter=name, split="test", **out[name])
         return out
 

@@ -137,17 +137,37 @@ class ClientOverride:
 
 @dataclass
 class OuterConfig:
-    optimizer: Literal["sgd", "nesterov", "adam"] = "sgd"
+    optimizer: Optional[Literal["sgd", "nesterov", "adam"]] = None
     """Server optimizer over the averaged pseudo-gradient: sgd with lr 1.0 is FedAvg, nesterov
-    is DiLoCo-style, adam is FedAdam."""
-    lr: float = 1.0
-    """Outer learning rate."""
-    momentum: float = 0.9
-    """Momentum for `nesterov`."""
+    is DiLoCo-style, adam is FedAdam. Left out: the strategy's own (OUTER_DEFAULTS: nesterov for
+    fdlora and diloco, as their papers; sgd for fedavg, fedprox and feddpa)."""
+    lr: Optional[float] = None
+    """Outer learning rate. Left out: the optimizer's default (sgd 1.0, nesterov 0.7, adam 1.0)."""
+    momentum: Optional[float] = None
+    """Momentum for `nesterov`. Left out: 0.9 (DiLoCo's)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     """Adam betas for `adam`."""
     eps: float = 1e-8
     """Adam epsilon for `adam`."""
+
+
+# What a strategy's outer step is when the config does not say: the method's own, so that an
+# fdlora config written from scratch runs FDLoRA's Nesterov outer step and not FedAvg.
+OUTER_DEFAULTS = {"fdlora": "nesterov", "diloco": "nesterov", "fedavg": "sgd", "fedprox": "sgd",
+                  "feddpa": "sgd", "local": "sgd"}
+OUTER_OPTIMIZER_DEFAULTS = {"sgd": {"lr": 1.0, "momentum": 0.9}, "nesterov": {"lr": 0.7, "momentum": 0.9},
+                            "adam": {"lr": 1.0, "momentum": 0.9}}
+
+
+def resolve_outer(cfg: "Config") -> OuterConfig:
+    """cfg.outer with every field the config left out filled in: the optimizer from the strategy,
+    lr and momentum from the optimizer. What the YAML gives wins, key by key."""
+    o = cfg.outer
+    opt = o.optimizer or OUTER_DEFAULTS.get(cfg.strategy, "sgd")
+    d = OUTER_OPTIMIZER_DEFAULTS[opt]
+    return OuterConfig(optimizer=opt, lr=d["lr"] if o.lr is None else o.lr,
+                       momentum=d["momentum"] if o.momentum is None else o.momentum,
+                       betas=list(o.betas), eps=o.eps)
 
 
 @dataclass
@@ -188,7 +208,8 @@ class FusionConfig:
     optimizer: str = "NGOpt"
     """nevergrad optimizer name (NGOpt, Shiwa, CMA, ...)."""
     budget: int = 20
-    """Loss evaluations the search may spend."""
+    """Evaluations one search spends, its three anchors included (personal only, global only,
+    both at 1: scored first, so the choice is never worse than any of them on the search rows)."""
     bounds: list[float] = field(default_factory=lambda: [-1.5, 1.5])
     """Search box for each weight."""
     l1: float = 0.05
@@ -200,6 +221,21 @@ class FusionConfig:
     separately, LoraHub's reading (needs equal ranks)."""
     fixed_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
     """(w_p, w_g) for strategies that fuse without searching."""
+    objective: Literal["loss", "accuracy", "mix"] = "loss"
+    """What the search minimises on its rows (plus l1): `loss` (mean token loss), `accuracy` (the
+    error rate under eval.headline's label set, loss breaking ties), or `mix` (mix * error rate +
+    (1 - mix) * loss). docs/ALGORITHMS.md gives the measurements behind the default."""
+    mix: float = 0.5
+    """Weight of the error rate in `objective: mix`, in [0, 1]."""
+    granularity: Literal["adapter", "layer", "module"] = "adapter"
+    """One (w_p, w_g) pair for the whole adapter (the paper's AdaFusion), one per transformer
+    layer, or one per target module (2 x groups weights for nevergrad to search)."""
+    folds: int = 4
+    """k of a k-fold check over the search rows (1 = off): the search is rerun on every k-1 folds;
+    when its picks do worse on the held-out folds than the best anchor's, the best anchor is
+    chosen (the search fitted noise). Each fold costs another `budget` - 3 evaluations. Default 4:
+    on a development run (docs/ALGORITHMS.md) every unchecked search did worse on new rows than
+    the personal adapter alone, and the check caught it."""
 
 
 @dataclass
@@ -223,6 +259,16 @@ class DataConfig:
     skew: float = 1.0
     """generator: how different the clients' line mixes are (a Dirichlet concentration; small =
     strong label skew between clients, large = alike)."""
+
+
+@dataclass
+class EvalConfig:
+    headline: Literal["accuracy", "accuracy_all"] = "accuracy"
+    """The accuracy that judges a method (comparison tables, fusion.objective accuracy / mix).
+    Both are always reported: `accuracy` picks each row's answer among the client's own label set
+    (the responses in its own rows), `accuracy_all` among every client's labels together. They
+    differ when clients name their labels differently; the union then charges a shared adapter
+    for answering with another client's name for the same label."""
 
 
 @dataclass
@@ -266,6 +312,7 @@ class Config:
     fedprox_mu: float = 0.01
     """Proximal weight mu for `fedprox`."""
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source_file: Optional[str] = field(default=None, metadata={"internal": True})
 
@@ -561,7 +608,7 @@ def validate(cfg: Config, source: str) -> None:
             _require(o.inner_steps >= 0, source, f"client_overrides.{c}.inner_steps must be >= 0")
         if o.micro_batch_size is not None:
             _require(o.micro_batch_size >= 1, source, f"client_overrides.{c}.micro_batch_size must be >= 1")
-    out = cfg.outer
+    cfg.outer = out = resolve_outer(cfg)  # the resolved config.yaml then shows what ran
     _require(out.lr > 0, source, f"outer.lr = {out.lr} must be > 0")
     _require(0 <= out.momentum < 1, source, f"outer.momentum = {out.momentum} must be in [0, 1)")
     _require(len(out.betas) == 2 and all(0 <= b < 1 for b in out.betas), source,
@@ -580,7 +627,14 @@ def validate(cfg: Config, source: str) -> None:
     f = cfg.fusion
     _require(len(f.bounds) == 2 and f.bounds[0] < f.bounds[1], source,
              f"fusion.bounds = {f.bounds}: need [low, high] with low < high")
-    _require(f.budget >= 1, source, f"fusion.budget = {f.budget} must be >= 1")
+    _require(f.budget >= 3, source, f"fusion.budget = {f.budget} must be >= 3 (the search scores personal only, "
+             "global only and both at 1 first)")
+    _require(0.0 <= f.mix <= 1.0, source, f"fusion.mix = {f.mix} must be in [0, 1]")
+    _require(f.folds >= 1, source, f"fusion.folds = {f.folds} must be >= 1 (1 = no k-fold check)")
+    if cfg.strategy == "fdlora" and f.folds > 1 and cfg.data.fewshot_rows >= 1:  # 0 is refused below
+        few = cfg.data.fewshot_rows
+        _require(f.folds <= few, source, f"fusion.folds = {f.folds} needs at least one search row per fold, "
+                 f"but data.fewshot_rows = {few}; set fusion.folds <= {few}")
     _require(f.l1 >= 0, source, f"fusion.l1 = {f.l1} must be >= 0")
     _require(len(f.fixed_weights) == 2, source, "fusion.fixed_weights needs (w_personal, w_global)")
     if f.merge == "params":

@@ -232,3 +232,45 @@ def test_output_is_a_path_never_yaml(tmp_path, capsys):
 
     assert main(["check", str(CONFIGS / "demo.yaml"), "--output", "2024"]) == 0
     assert "output 2024" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy, want", [
+    ("fdlora", ("nesterov", 0.7, 0.9)), ("diloco", ("nesterov", 0.7, 0.9)),
+    ("fedavg", ("sgd", 1.0, 0.9)), ("fedprox", ("sgd", 1.0, 0.9)),
+])
+def test_outer_step_defaults_to_the_strategys_own(tmp_path, strategy, want):
+    """A config written from scratch, with no `outer:` section, gets its method's outer step;
+    the resolved config (what config.yaml records) says which."""
+    raw = demo_raw()
+    raw.pop("outer")
+    raw["strategy"] = strategy
+    o = config_from_dict(raw).outer
+    assert (o.optimizer, o.lr, o.momentum) == want
+    assert config_from_dict(raw).to_dict()["outer"]["optimizer"] == want[0]
+
+
+def test_an_explicit_outer_section_wins_key_by_key():
+    raw = demo_raw()
+    raw["outer"] = {"optimizer": "sgd"}
+    o = config_from_dict({**raw, "strategy": "fdlora"}).outer
+    assert (o.optimizer, o.lr) == ("sgd", 1.0)  # the optimizer given, its own lr
+    raw["outer"] = {"lr": 0.3}
+    o = config_from_dict({**raw, "strategy": "fdlora"}).outer
+    assert (o.optimizer, o.lr, o.momentum) == ("nesterov", 0.3, 0.9)
+    # a resolved config loads back to the same thing
+    cfg = config_from_dict({**raw, "strategy": "fedavg"})
+    assert config_from_dict(cfg.to_dict()).outer == cfg.outer
+
+
+@pytest.mark.parametrize("override, message", [
+    ("fusion.objective=f1", r"fusion.objective = 'f1' is not valid; expected one of 'loss', 'accuracy', 'mix'"),
+    ("fusion.granularity=row", r"fusion.granularity = 'row' is not valid; expected one of 'adapter', 'layer', 'module'"),
+    ("fusion.mix=1.5", r"fusion.mix = 1.5 must be in \[0, 1\]"),
+    ("fusion.folds=0", r"fusion.folds = 0 must be >= 1"),
+    ("fusion.folds=40", r"fusion.folds = 40 needs at least one search row per fold, but data.fewshot_rows = 16"),
+    ("fusion.budget=2", r"fusion.budget = 2 must be >= 3"),
+    ("eval.headline=f1", r"eval.headline = 'f1' is not valid; expected one of 'accuracy', 'accuracy_all'"),
+])
+def test_fusion_and_eval_settings_are_checked_on_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "fdlora.yaml", [override])

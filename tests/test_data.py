@@ -106,7 +106,8 @@ def test_one_file_split_by_dirichlet_iid_and_field(tmp_path):
         clients = load_clients(cfg(tmp_path, [path], partition=how, alpha=5.0), 3, seed=0)
         assert len(clients) == 3
         assert sum(len(c.train) + len(c.fewshot) + len(c.test) for c in clients) == 300
-        assert all(c.candidates == [" a", " b", " c"] for c in clients)
+        assert all(c.candidates_all == [" a", " b", " c"] for c in clients)
+        assert all(set(c.candidates) <= {" a", " b", " c"} and c.candidates for c in clients)
     by_field = load_clients(cfg(tmp_path, [path], partition="field"), 3, seed=0)
     assert all(int(ex.prompt[1:-3]) % 3 == c.client for c in by_field for ex in c.train + c.test)
 
@@ -135,7 +136,9 @@ def test_per_client_files_and_small_client(tmp_path):
     b = write(tmp_path / "b.jsonl", rows(40, labels=("x", "y")))
     c0, c1 = load_clients(cfg(tmp_path, [a, b]), 2, seed=0)
     assert (len(c0.test), len(c0.fewshot), len(c0.train)) == (8, 2, 30)
-    assert c1.candidates == [" a", " b", " c", " x", " y"]  # one label set for all clients
+    # accuracy scores each client among its own labels; accuracy_all among every client's
+    assert (c0.candidates, c1.candidates) == ([" a", " b", " c"], [" x", " y"])
+    assert c0.candidates_all == c1.candidates_all == [" a", " b", " c", " x", " y"]
 
 
 def test_splits_are_seeded_and_disjoint(tmp_path):

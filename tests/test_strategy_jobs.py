@@ -38,7 +38,8 @@ def test_strategy_runs(tmp_path, name):
         assert (run_dir / "adapters" / GLOBAL / "adapter_model.safetensors").exists()
     if name.startswith("fdlora"):
         steps = [m for m in metrics if m["event"] == "fusion_step"]
-        assert len(steps) == 2 * 4 and {m["client"] for m in steps} == {0, 1}
+        # per client: the 3 anchors, then budget - 3 = 1 candidate in the search and in each of the 4 folds' searches
+        assert len(steps) == 2 * (3 + (1 + 4) * (4 - 3)) and {m["client"] for m in steps} == {0, 1}
         for c in summary["clients"]:
             assert set(c["fusion_weights"]) == {"personal", "global"}
         assert (run_dir / "adapters" / "client-1" / "fused" / "adapter_config.json").exists()
@@ -73,7 +74,10 @@ def test_fusion_reads_only_its_rows(tmp_path, rows):
     assert_ok(mpi_python(3, "inspect_run.py", cfg_path, out, timeout=300))
     for r in (1, 2):
         audit = json.loads((out / f"fusion-rows-rank-{r}.json").read_text())
-        assert audit["search_calls"] == 4
+        # the three anchors, then budget - 3 = 1 more candidate in the search and in each of the
+        # 4 folds' searches (fewer when one re-asks a point already scored)
+        assert 3 <= audit["search_calls"] <= 3 + (1 + 4) * 1
+        assert audit["other_eval_calls"] == 0
         assert not audit["search_touches_test"]
         assert audit["search_rows"] == (["fewshot"] if rows == "heldout" else ["train"])
         assert audit["test_eval_calls"] == 3  # personal, global, fused on the test split, once each

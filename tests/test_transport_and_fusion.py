@@ -48,7 +48,15 @@ def test_params_merge_has_cross_terms():
 
 
 def test_search_finds_a_known_minimum():
-    from fdlora_cluster.fusion import search_weights
+    import numpy as np
 
-    w_p, w_g, curve = search_weights(lambda a, b: (a - 0.8) ** 2 + (b + 0.3) ** 2, "NGOpt", 60, (-1.5, 1.5), 0.0, seed=0)
-    assert len(curve) == 60 and abs(w_p - 0.8) < 0.15 and abs(w_g + 0.3) < 0.15
+    from fdlora_cluster.fusion import RowScores, search_weights
+
+    def score(w):  # one row whose loss is a bowl around (0.8, -0.3)
+        (a, b), = w
+        return RowScores(np.array([(a - 0.8) ** 2 + (b + 0.3) ** 2]), np.array([1.0]))
+
+    res = search_weights(score, 1, "NGOpt", 60, (-1.5, 1.5), 0.0, seed=0)
+    assert len(res.curve) == 60 and res.chosen_by == "search"
+    (w_p, w_g), = res.weights
+    assert abs(w_p - 0.8) < 0.15 and abs(w_g + 0.3) < 0.15

@@ -24,9 +24,12 @@ MAX_CANDIDATES = 16  # labelled rows with at most this many distinct responses a
 
 
 def candidate_responses(per_client: list[list[Example]]) -> list[str]:
-    """The responses scored for accuracy: the distinct responses of all clients together (a client
-    whose partition lacks a label can still be wrong towards it), when every row has a label and
-    there are at most MAX_CANDIDATES of them; otherwise [] and evaluation is by loss only."""
+    """The responses scored for accuracy among the given rows: their distinct responses, when every
+    row has a label and there are at most MAX_CANDIDATES of them; otherwise [] (loss only).
+
+    Over one client's rows it is the client's own label set (`accuracy`); over every client's rows
+    the union (`accuracy_all`: a client whose partition lacks a label can still be wrong towards
+    it, and a shared adapter is charged for answering with another client's name for a label)."""
     every = [e for rows in per_client for e in rows]
     responses = {e.response for e in every}
     if all(e.label is not None for e in every) and len(responses) <= MAX_CANDIDATES:
@@ -35,10 +38,11 @@ def candidate_responses(per_client: list[list[Example]]) -> list[str]:
 
 
 def split_client(client: int, rows: list[Example], cfg, seed: int, where: str = "",
-                 candidates: list[str] | None = None) -> ClientData:
+                 candidates_all: list[str] | None = None) -> ClientData:
     """Shuffle one client's rows (seeded by seed and client) into test, few-shot and train.
 
-    `candidates` defaults to `candidate_responses([rows])` (this client's own label set)."""
+    `candidates` is this client's own label set (`candidate_responses([rows])`, all its rows before
+    the split); `candidates_all` is every client's (default: the client's own)."""
     rng = random.Random(f"fdlora-split:{seed}:{client}")
     rows = list(rows)
     rng.shuffle(rows)
@@ -50,9 +54,11 @@ def split_client(client: int, rows: list[Example], cfg, seed: int, where: str = 
         raise DataError(f"{where}client {client} has {len(rows)} rows; it needs more than test ({n_test}) + "
                         f"few-shot ({n_few}) to keep at least one training row")
     test, few, train = rows[:n_test], rows[n_test:n_test + n_few], rows[n_test + n_few:]
-    if candidates is None:
-        candidates = candidate_responses([rows])
-    return ClientData(client=client, train=train, fewshot=few, test=test, candidates=candidates)
+    candidates = candidate_responses([rows])
+    if candidates_all is None:
+        candidates_all = candidates
+    return ClientData(client=client, train=train, fewshot=few, test=test, candidates=candidates,
+                      candidates_all=candidates_all)
 
 
 def load_rows(cfg, num_clients: int, seed: int) -> tuple[list[list[Example]], list[str]]:
@@ -75,7 +81,7 @@ def check_responses_fit(tok, data: ClientData, max_len: int) -> None:
     """Every response of a client (and every candidate label) fits `max_len` with its eos: checked
     once at start, so a long row fails the job before training, not when its batch comes up."""
     rows = [("train", ex) for ex in data.train] + [("few-shot", ex) for ex in data.fewshot] + \
-           [("test", ex) for ex in data.test] + [("candidate", Example("", c)) for c in data.candidates]
+           [("test", ex) for ex in data.test] + [("candidate", Example("", c)) for c in data.candidates_all]
     seen = set()
     for split, ex in rows:
         if ex.response in seen:
@@ -90,8 +96,8 @@ def check_responses_fit(tok, data: ClientData, max_len: int) -> None:
 def load_clients(cfg, num_clients: int, seed: int) -> list[ClientData]:
     """Every client's train / few-shot / test rows (deterministic in seed). `cfg` is a DataConfig."""
     rows, where = load_rows(cfg, num_clients, seed)
-    candidates = candidate_responses(rows)
-    return [split_client(c, r, cfg, seed, where[c], candidates) for c, r in enumerate(rows)]
+    every = candidate_responses(rows)
+    return [split_client(c, r, cfg, seed, where[c], every) for c, r in enumerate(rows)]
 
 
 __all__ = ["ByteTokenizer", "ClientData", "candidate_responses", "check_responses_fit", "DataError", "Example", "HFTokenizer", "IGNORE_INDEX", "LABELS",

@@ -16,13 +16,16 @@ class Example:
 
 @dataclass
 class ClientData:
-    """One client's rows. `candidates`: the responses scored for accuracy ([] = loss only)."""
+    """One client's rows. `candidates`: the responses scored for `accuracy`, the client's own label
+    set (the distinct responses of its own rows; [] = loss only). `candidates_all`: the responses
+    scored for `accuracy_all`, every client's labels together."""
 
     client: int
     train: list[Example]
     fewshot: list[Example]
     test: list[Example]
     candidates: list[str] = field(default_factory=list)
+    candidates_all: list[str] = field(default_factory=list)
 
 
 def encode_example(tok, ex: Example, max_len: int) -> tuple[list[int], list[int]]:

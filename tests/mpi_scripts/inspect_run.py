@@ -22,16 +22,22 @@ cfg = load_config(cfg_path)
 # Instrument (not mock) the one evaluation path: remember which rows every call was given.
 from fdlora_cluster.engine import ClientEngine
 
-seen_rows = []
-_evaluate = ClientEngine.evaluate
+seen_rows = []  # (kind of call, active adapters, ids of the rows): "eval" (evaluate) or "search" (score_rows)
+_evaluate, _score_rows = ClientEngine.evaluate, ClientEngine.score_rows
 
 
-def recording_evaluate(self, rows, active, scales=None, candidates=None):
-    seen_rows.append((list(active) if not isinstance(active, str) else [active], {id(r) for r in rows}))
-    return _evaluate(self, rows, active, scales, candidates)
+def recording_evaluate(self, rows, active, *args, **kwargs):
+    seen_rows.append(("eval", list(active) if not isinstance(active, str) else [active], {id(r) for r in rows}))
+    return _evaluate(self, rows, active, *args, **kwargs)
+
+
+def recording_score_rows(self, rows, active, *args, **kwargs):
+    seen_rows.append(("search", list(active) if not isinstance(active, str) else [active], {id(r) for r in rows}))
+    return _score_rows(self, rows, active, *args, **kwargs)
 
 
 ClientEngine.evaluate = recording_evaluate
+ClientEngine.score_rows = recording_score_rows
 payloads: list = []
 result = run(cfg, record_payloads=payloads)
 rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
@@ -44,11 +50,12 @@ if not isinstance(result, dict):  # a client rank: result is the Client
     engine = client.engine
     data = engine.data
     ids = {split: {id(r) for r in getattr(data, split)} for split in ("train", "fewshot", "test")}
-    search = [rows for active, rows in seen_rows if len(active) == 2]
+    search = [rows for kind, active, rows in seen_rows if kind == "search"]
     audit = {"search_calls": len(search),
              "search_rows": sorted({s for rows in search for s in ({k for k, v in ids.items() if rows & v})}),
              "search_touches_test": any(rows & ids["test"] for rows in search),
-             "test_eval_calls": sum(1 for active, rows in seen_rows if rows == ids["test"])}
+             "test_eval_calls": sum(1 for kind, active, rows in seen_rows if kind == "eval" and rows == ids["test"]),
+             "other_eval_calls": sum(1 for kind, active, rows in seen_rows if kind == "eval" and rows != ids["test"])}
     import json
 
     with open(os.path.join(out, f"fusion-rows-rank-{rank}.json"), "w") as f:

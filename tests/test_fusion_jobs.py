@@ -1,0 +1,108 @@
+"""Fusion in real jobs (issue 10): every candidate is scored as the adapter that is saved, and the
+choice is never worse than personal only, global only or both at 1 on the search rows."""
+
+import pytest
+import torch
+
+from fdlora_cluster.config import load_config
+
+from conftest import TINY, assert_ok, read_metrics, read_summary, run_job, write_config
+
+
+def fewshot_loss_of_saved(cfg, client: int, path) -> float:
+    """Mean token loss of the saved PEFT adapter on the client's search rows, with plain PEFT."""
+    from peft import PeftModel
+
+    from fdlora_cluster.data import collate, get_tokenizer, load_clients
+    from fdlora_cluster.model import build_base
+
+    tok = get_tokenizer(cfg.model.path)
+    data = load_clients(cfg.data, len(cfg.client_sizes()), cfg.seed)[client]
+    rows = data.fewshot if cfg.fusion.rows == "heldout" else data.train[: cfg.data.fewshot_rows]
+    model = PeftModel.from_pretrained(build_base(cfg.model, cfg.seed, tok.vocab_size), str(path)).eval()
+    b = collate(tok, rows, cfg.train.max_seq_len)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+    labels = b["labels"][:, 1:]
+    mask = labels != -100
+    nll = -torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return float((nll * mask).sum() / mask.sum())
+
+
+def accuracies_of_saved(cfg, client: int, path) -> tuple[float, float]:
+    """(accuracy over the client's own labels, accuracy over every client's) of a saved adapter on
+    the client's test rows, recomputed with plain PEFT."""
+    from peft import PeftModel
+
+    from fdlora_cluster.data import Example, collate, get_tokenizer, load_clients
+    from fdlora_cluster.model import build_base
+
+    tok = get_tokenizer(cfg.model.path)
+    data = load_clients(cfg.data, len(cfg.client_sizes()), cfg.seed)[client]
+    model = PeftModel.from_pretrained(build_base(cfg.model, cfg.seed, tok.vocab_size), str(path)).eval()
+    out = []
+    for cands in (data.candidates, data.candidates_all):
+        b = collate(tok, [Example(ex.prompt, c) for ex in data.test for c in cands], cfg.train.max_seq_len)
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        labels = b["labels"][:, 1:]
+        lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        best = (lp * (labels != -100)).sum(-1).view(len(data.test), len(cands)).argmax(-1)
+        out.append(sum(cands[int(i)] == ex.response for i, ex in zip(best, data.test)) / len(data.test))
+    return out[0], out[1]
+
+
+def label_files(tmp_path) -> list[str]:
+    """Two clients that name the same two labels differently (" yes"/" no" and " good"/" bad")."""
+    import json
+
+    files = []
+    for c, (pos, neg) in enumerate(((" yes", " no"), (" good", " bad"))):
+        path = tmp_path / f"client{c}.jsonl"
+        with open(path, "w") as f:
+            for i in range(60):
+                hot = i % 3 == 0
+                f.write(json.dumps({"prompt": f"log: item {i} {'panic' if hot else 'ok'} =>",
+                                    "response": pos if hot else neg, "label": "hot" if hot else "cold"}) + "\n")
+        files.append(str(path))
+    return files
+
+
+@pytest.mark.parametrize("merge,granularity,objective,folds,own_labels", [
+    ("exact", "layer", "loss", 1, False),
+    ("params", "adapter", "mix", 2, True),
+])
+def test_recorded_choice_is_the_saved_adapter_and_never_worse_than_its_anchors(tmp_path, merge, granularity,
+                                                                               objective, folds, own_labels):
+    data = {"data.source": "jsonl", "data.files": label_files(tmp_path)} if own_labels else {}
+    cfg_path = write_config(tmp_path, "fdlora.yaml", **{
+        **TINY, "topology.clients": [1, 1], "fusion.budget": 6, "fusion.merge": merge,
+        "fusion.granularity": granularity, "fusion.objective": objective, "fusion.folds": folds, **data})
+    proc, run_dir = run_job(cfg_path)
+    assert_ok(proc)
+    cfg = load_config(cfg_path)
+    metrics = read_metrics(run_dir)
+    summary = read_summary(run_dir)
+    for c in range(2):
+        chosen = next(m for m in metrics if m["event"] == "fusion" and m["client"] == c)
+        steps = [m for m in metrics if m["event"] == "fusion_step" and m["client"] == c]
+        anchors = [m for m in steps if m["phase"] == "anchor"]
+        assert [tuple(m["weights"][0]) for m in anchors] == [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+        assert all(chosen["objective"] <= a["objective"] for a in anchors), (chosen, anchors)
+        assert chosen["granularity"] == granularity and len(chosen["weights"]) == (2 if granularity == "layer" else 1)
+        assert (chosen["cv"] is not None) == (folds > 1)
+        # the loss the search recorded for its choice is the saved fused adapter's, reloaded with PEFT
+        saved = fewshot_loss_of_saved(cfg, c, run_dir / "adapters" / f"client-{c}" / "fused")
+        assert saved == pytest.approx(chosen["loss"], rel=1e-4, abs=1e-6)
+        fw = next(s for s in summary["clients"] if s["client"] == c)["fusion_weights"]
+        assert fw["personal"] == pytest.approx(chosen["w_personal"])
+        metrics_c = next(s for s in summary["clients"] if s["client"] == c)["metrics"]
+        for m in metrics_c.values():
+            # a row right among all labels is right among the client's own (a subset holding its answer)
+            assert 0.0 <= m["accuracy_all"] <= m["accuracy"] <= 1.0
+        if own_labels:
+            # both accuracies are what plain PEFT finds on the saved adapters, each over its label set
+            for name, path in (("global", run_dir / "adapters" / "global"),
+                               ("fused", run_dir / "adapters" / f"client-{c}" / "fused")):
+                own, union = accuracies_of_saved(cfg, c, path)
+                assert (metrics_c[name]["accuracy"], metrics_c[name]["accuracy_all"]) == pytest.approx((own, union))

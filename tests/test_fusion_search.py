@@ -1,0 +1,125 @@
+"""The fusion search as a pure function (issue 10, part 2): never worse than personal only,
+global only and both at 1 on its rows; objectives; weight groups; the k-fold check."""
+
+import numpy as np
+import pytest
+import torch
+
+from fdlora_cluster.fusion import (ANCHORS, Objective, RowScores, delta_weight, fuse, per_module, search_weights,
+                                   weight_groups)
+
+MODULES = [f"base_model.model.model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+
+
+def rows_scorer(n_rows=16, seed=0, best=(0.3, 0.4)):
+    """Per-row losses that make every anchor look bad next to an interior point: a bowl around
+    `best` plus fixed per-row noise, with accuracy = the share of rows whose loss is under 0.5."""
+    noise = np.random.default_rng(seed).uniform(0.0, 0.4, size=n_rows)
+    calls = []
+
+    def score(w):
+        calls.append(np.array(w))
+        d = float(((np.asarray(w) - np.asarray(best)) ** 2).sum())
+        nll = d + noise
+        return RowScores(nll, np.ones(n_rows), (nll < 0.5).astype(float))
+
+    return score, calls
+
+
+@pytest.mark.parametrize("objective", ["loss", "accuracy", "mix"])
+@pytest.mark.parametrize("folds", [1, 4])
+def test_search_is_never_worse_than_its_anchors(objective, folds):
+    score, calls = rows_scorer()
+    res = search_weights(score, 1, "NGOpt", 12, (-1.5, 1.5), 0.05, seed=3, objective=objective, folds=folds)
+    # the anchors are the first three evaluations, in order
+    assert [c["phase"] for c in res.curve[:3]] == ["anchor"] * 3
+    assert [tuple(c["weights"][0]) for c in res.curve[:3]] == list(ANCHORS.values())
+    anchor_objectives = [c["objective"] for c in res.curve[:3]]
+    assert all(res.objective <= a for a in anchor_objectives)
+    # and here the search does better than all of them (the bowl's minimum is inside the box)
+    assert res.objective < min(anchor_objectives)
+    # the recorded objective is the chosen weights' objective, recomputed from scratch
+    obj = Objective(objective, 0.05, 0.5)
+    assert obj(score(res.weights), np.arange(16), res.weights) == pytest.approx(res.objective)
+    searches = {c["phase"] for c in res.curve}
+    assert searches == ({"anchor", "search"} | ({f"fold {j}" for j in range(folds)} if folds > 1 else set()))
+    assert len(res.curve) == 3 + (1 + (folds if folds > 1 else 0)) * (12 - 3)
+
+
+def test_search_keeps_an_anchor_when_every_other_point_is_worse():
+    # the loss is lowest exactly at the personal-only anchor: nothing in the box beats it
+    def score(w):
+        (a, b), = w
+        return RowScores(np.array([(a - 1.0) ** 2 + b ** 2 + 0.1]), np.array([1.0]))
+
+    res = search_weights(score, 1, "NGOpt", 15, (-1.5, 1.5), 0.0, seed=0)
+    np.testing.assert_array_equal(res.weights, [[1.0, 0.0]])
+    assert res.objective == pytest.approx(0.1)
+
+
+def test_kfold_falls_back_to_the_best_anchor_when_the_search_fits_noise():
+    # Every row's loss depends on w through its own random direction: a point that is good on
+    # some rows is bad on others, so what the search gains on k-1 folds it loses on the held-out one.
+    rng = np.random.default_rng(1)
+    n = 12
+    dirs = rng.normal(size=(n, 2)) * 3.0
+
+    def score(w):
+        (a, b), = w
+        x = np.array([a - 1.0, b])  # all rows agree only at the personal anchor
+        return RowScores(0.5 + (dirs @ x) + 2.0 * (x ** 2).sum(), np.ones(n))
+
+    res = search_weights(score, 1, "NGOpt", 15, (-1.5, 1.5), 0.0, seed=0, folds=4)
+    assert res.cv is not None and len(res.cv["folds"]) == 4
+    assert res.cv["search"] > res.cv["anchor"]
+    assert res.chosen_by == "anchor personal"
+    np.testing.assert_array_equal(res.weights, [[1.0, 0.0]])
+    # a real decision: on all rows the search had found something better than the anchor
+    assert min(c["objective"] for c in res.curve if c["phase"] == "search") < res.objective
+    assert all(res.objective <= c["objective"] for c in res.curve if c["phase"] == "anchor")
+    # without the k-fold check the search's fitted point is taken
+    assert search_weights(score, 1, "NGOpt", 15, (-1.5, 1.5), 0.0, seed=0).chosen_by == "search"
+
+
+def test_accuracy_objective_breaks_ties_by_loss_and_never_overturns_a_row():
+    obj = Objective("accuracy")
+    idx = np.arange(4)
+    w = np.zeros((1, 2))
+    right3_high_loss = RowScores(np.array([5.0] * 4), np.ones(4), np.array([1, 1, 1, 0.0]))
+    right2_low_loss = RowScores(np.array([0.01] * 4), np.ones(4), np.array([1, 1, 0, 0.0]))
+    right2_lower_loss = RowScores(np.array([0.001] * 4), np.ones(4), np.array([1, 1, 0, 0.0]))
+    assert obj(right3_high_loss, idx, w) < obj(right2_low_loss, idx, w)  # one more row right wins
+    assert obj(right2_lower_loss, idx, w) < obj(right2_low_loss, idx, w)  # same rows right: lower loss wins
+    with pytest.raises(ValueError, match="fusion.objective = 'accuracy' needs accuracy"):
+        obj(RowScores(np.ones(4), np.ones(4)), idx, w)
+
+
+def test_weight_groups_by_adapter_layer_and_module():
+    assert weight_groups(MODULES, "adapter") == {"adapter": MODULES}
+    layers = weight_groups(MODULES, "layer")
+    assert list(layers) == ["layer 0", "layer 1"] and all(len(v) == 2 for v in layers.values())
+    assert weight_groups(MODULES, "module") == {m: [m] for m in MODULES}
+    with pytest.raises(ValueError, match="fusion.granularity = 'row'; expected one of adapter, layer, module"):
+        weight_groups(MODULES, "row")
+
+
+def test_per_layer_exact_merge_is_the_per_layer_weighted_sum():
+    g = torch.Generator().manual_seed(0)
+    p = {f"{m}.lora_A.weight": torch.randn(2, 6, generator=g) for m in MODULES}
+    p |= {f"{m}.lora_B.weight": torch.randn(5, 2, generator=g) for m in MODULES}
+    q = {k: torch.randn(v.shape, generator=g) for k, v in p.items()}
+    groups = weight_groups(MODULES, "layer")
+    w = np.array([[0.9, 0.2], [-0.3, 1.1]])
+    wm = per_module(w, groups)
+    f = fuse(p, q, {m: a for m, (a, _) in wm.items()}, {m: b for m, (_, b) in wm.items()}, 2.0, 0.5, "exact")
+    for i, m in enumerate(MODULES):
+        layer = int(m.split(".layers.")[1].split(".")[0])
+        k = f"{m}.lora_A.weight"
+        want = w[layer, 0] * delta_weight(p, 2.0, k) + w[layer, 1] * delta_weight(q, 0.5, k)
+        torch.testing.assert_close(delta_weight(f, 1.0, k), want, rtol=1e-5, atol=1e-6)
+
+
+def test_search_refuses_a_budget_below_its_anchors():
+    score, _ = rows_scorer()
+    with pytest.raises(ValueError, match=r"fusion.budget = 2 must be >= 3"):
+        search_weights(score, 1, "NGOpt", 2, (-1.5, 1.5), 0.0, seed=0)

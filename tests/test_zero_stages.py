@@ -1,0 +1,55 @@
+"""The same config trains the same way on ZeRO-1, 2 and 3 (issue 10): every phase restarts the
+trained adapter's AdamW state, the frozen adapter's state does not advance, and the adapters a
+short fdlora job saves agree across stages within float tolerance."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, assert_ok, write_config
+from test_jobs import load_saved, mpi_python
+
+PERSONAL_STEPS, K = 3, 2
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory):
+    """One short fdlora job (1 client x 2 ranks) per ZeRO stage, each dumping its optimizer state."""
+    runs = {}
+    for stage in (1, 2, 3):
+        where = tmp_path_factory.mktemp(f"stage{stage}")
+        cfg = write_config(where, "fdlora.yaml", **{
+            **TINY, "topology.clients": [2], "fusion.budget": 3, "train.personal_steps": PERSONAL_STEPS,
+            "train.inner_steps": K, "deepspeed": {"zero_optimization": {"stage": stage}}})
+        assert_ok(mpi_python(3, "optimizer_state.py", cfg, where / "inspect", timeout=400))
+        runs[stage] = where
+    return runs
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_phase_restarts_adamw_and_the_frozen_adapter_does_not_advance(stage_runs, stage):
+    for rank in (1, 2):
+        dumped = json.loads((stage_runs[stage] / "inspect" / f"optimizer-state-rank-{rank}.json").read_text())
+        assert dumped["stage"] == stage
+        steps = dumped["groups"]
+        # group 0 = personal: its stage's steps, not one more while the global adapter trained;
+        # group 1 = global: K steps of the last round, counted from a fresh start
+        assert steps["0"] and all(s == PERSONAL_STEPS for s in steps["0"]), (rank, steps)
+        assert steps["1"] and all(s == K for s in steps["1"]), (rank, steps)
+
+
+@pytest.mark.parametrize("stage", [
+    1,
+    pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
+        "open: after a personal stage, ZeRO-3's first global round sends an update that differs from "
+        "ZeRO-2's by ~0.3% (global moved 0.4305 vs 0.4292); with no personal stage the two agree, and "
+        "the per-group AdamW step counts agree on every stage; cause not found yet"))),
+])
+def test_the_saved_adapters_match_zero_2(stage_runs, stage):
+    for name in ("client-0/personal", "global", "client-0/fused"):
+        ref = load_saved(stage_runs[2] / "run" / "adapters" / name)
+        got = load_saved(stage_runs[stage] / "run" / "adapters" / name)
+        assert set(got) == set(ref)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"ZeRO-{stage} vs ZeRO-2: {name} {k}")
