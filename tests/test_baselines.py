@@ -141,3 +141,103 @@ def test_shipped_configs_load():
     assert load_config(CONFIGS / "ditto.yaml").ditto.lam == 1.0
     assert load_config(CONFIGS / "feddpa.yaml").feddpa.variant == "T"
     assert load_config(CONFIGS / "feddpa_f.yaml").feddpa.variant == "F"
+
+
+# ---------------------------------------------------------------- the model-level mechanisms, in process
+
+
+class OneRank:
+    """The slice of a ClientEngine that evaluation.py uses, on one process: the real PEFT model and
+    the engine's own scoring code (ClientEngine._sequence_nll / evaluate), a one-rank 'comm'."""
+
+    def __init__(self):
+        import types
+
+        from fdlora_cluster.data import get_tokenizer, load_clients
+        from fdlora_cluster.engine import ClientEngine
+        from fdlora_cluster.model import add_adapters, adapter_params, build_base
+
+        self.cfg = load_config(CONFIGS / "demo.yaml")
+        self.tok = get_tokenizer(None)
+        self.model = add_adapters(build_base(self.cfg.model, self.cfg.seed, vocab_size=self.tok.vocab_size),
+                                  {PERSONAL: self.cfg.lora.personal, GLOBAL: self.cfg.lora.global_}, self.cfg.seed)
+        g = torch.Generator().manual_seed(5)
+        for name in (PERSONAL, GLOBAL):  # non-zero B so both adapters change the output, differently
+            for p in adapter_params(self.model, name).values():
+                p.data = 0.2 * torch.randn(p.shape, generator=g)
+        self.engine = self.model
+        self.device = torch.device("cpu")
+        self.size, self.local_rank = 1, 0
+        self.comm = types.SimpleNamespace(allreduce=lambda x: x, allgather=lambda x: [x])
+        self.data = load_clients(self.cfg.data, 2, self.cfg.seed)[0]
+        self._sequence_nll = types.MethodType(ClientEngine._sequence_nll, self)
+        self.evaluate = types.MethodType(ClientEngine.evaluate, self)
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    return OneRank()
+
+
+def test_row_weights_score_each_row_as_the_fixed_scales_would(one_rank):
+    from fdlora_cluster.evaluation import evaluate_instance_weighted
+
+    e, d = one_rank, one_rank.data
+    rows = d.test[:5]
+    w = torch.tensor([0.0, 0.5, 1.0, 0.2, -0.3], dtype=torch.float64)
+    batched = evaluate_instance_weighted(e, rows, w, candidates=d.candidates)
+    # one row at a time with the per-call scales of ClientEngine.evaluate (scales multiply alpha/r)
+    singles = [e.evaluate([r], [PERSONAL, GLOBAL], {PERSONAL: 1 - float(wi), GLOBAL: float(wi)}, d.candidates)
+               for r, wi in zip(rows, w)]
+    for r, wi, s in zip(rows, w, singles):
+        alone = evaluate_instance_weighted(e, [r], wi.reshape(1), candidates=d.candidates)
+        assert alone["loss"] == pytest.approx(s["loss"], rel=1e-5) and alone["accuracy"] == s["accuracy"]
+    tokens = [len(e.tok.encode(r.response)) + 1 for r in rows]  # response + eos are the scored tokens
+    expected = sum(s["loss"] * t for s, t in zip(singles, tokens)) / sum(tokens)
+    assert batched["loss"] == pytest.approx(expected, rel=1e-5)
+    assert batched["accuracy"] == pytest.approx(sum(s["accuracy"] for s in singles) / len(rows))
+    # and the weights matter: all-global differs from all-local
+    g = evaluate_instance_weighted(e, rows, torch.ones(5, dtype=torch.float64))
+    p = evaluate_instance_weighted(e, rows, torch.zeros(5, dtype=torch.float64))
+    assert abs(g["loss"] - p["loss"]) > 1e-4
+
+
+def test_representations_use_the_local_adapter_and_the_last_prompt_token(one_rank):
+    from fdlora_cluster.evaluation import representations
+    from fdlora_cluster.model import set_active
+
+    e, rows = one_rank, one_rank.data.test[:3]
+    reps = representations(e, rows, PERSONAL, "last")
+    set_active(e.model, PERSONAL)
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            ids = torch.tensor([e.tok.encode(r.prompt)[-e.cfg.train.max_seq_len:]])
+            h = e.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+            torch.testing.assert_close(reps[i], h.float(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(reps, representations(e, rows, GLOBAL, "last"))
+
+
+def test_frozen_branch_adds_its_output_but_takes_no_gradient(one_rank):
+    from fdlora_cluster.engine import frozen_branches
+    from fdlora_cluster.model import adapter_params, set_active
+
+    e = one_rank
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    set_active(e.model, [PERSONAL, GLOBAL], {PERSONAL: 0.5, GLOBAL: 0.5})
+    hooks = frozen_branches(e.model, [GLOBAL])
+    try:
+        e.model.zero_grad(set_to_none=True)
+        out = e.model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        frozen_logits = out.logits.detach()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(p.grad is None for p in adapter_params(e.model, GLOBAL).values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_params(e.model, PERSONAL).values())
+    with torch.no_grad():
+        same = e.model(input_ids=ids).logits  # the same mix without the hooks: the forward is unchanged
+        set_active(e.model, PERSONAL, {PERSONAL: 0.5})
+        alone = e.model(input_ids=ids).logits
+    torch.testing.assert_close(frozen_logits, same)
+    assert not torch.allclose(frozen_logits, alone)  # the global adapter is really in the forward
