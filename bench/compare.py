@@ -1,6 +1,6 @@
 """Compare strategies on the shipped scenario: one job per `configs/<strategy>.yaml`, one table.
 
-    python bench/compare.py                                   # fdlora, local, fedavg, diloco
+    python bench/compare.py                                   # fdlora, local, fedavg, diloco, feddpa, ditto
     python bench/compare.py --strategies fdlora fedprox --set seed=1 --out runs/compare-seed1
 
 Every job runs with `fdlora-cluster launch` (1 server + 2 clients x 2 ranks on this machine, as
@@ -29,7 +29,7 @@ from fdlora_cluster.config import load_config  # noqa: E402
 from fdlora_cluster.pretrain import ensure_pretrained  # noqa: E402
 from fdlora_cluster.report import ReportError, comparison_table, load_run, write_report  # noqa: E402
 
-DEFAULT = ["fdlora", "local", "fedavg", "diloco"]
+DEFAULT = ["fdlora", "local", "fedavg", "diloco", "feddpa", "ditto"]
 
 
 def breakdown(run_dirs: list[str]) -> str:

@@ -239,6 +239,43 @@ class FusionConfig:
 
 
 @dataclass
+class FedDPAConfig:
+    """FedDPA (Yang et al., NeurIPS 2024; docs/ALGORITHMS.md says what is from the paper, what from
+    the authors' code, and what is our choice)."""
+
+    variant: Literal["T", "F"] = "T"
+    """T: the local (personal) adapter trains every round from round 2 on, before the global steps,
+    with the just-received global adapter active and frozen. F: plain FedAvg of the global adapter,
+    then the local adapter trains once after the rounds, with the final global active and frozen."""
+    local_weight: float = 0.5
+    """While the local adapter trains, its output is scaled by this and the frozen global one's by
+    1 - this (the authors' --local_weight, default 0.5). In [0, 1]."""
+    finetune_steps: Optional[int] = None
+    """F only: steps on the local adapter after the rounds. None: the local steps T takes, (rounds - 1)
+    x the per-round personal steps (personal.steps_per_round, else K)."""
+    weighting: Literal["dynamic", "fixed"] = "dynamic"
+    """Test time. dynamic: per test row, global weight = max_global_weight x mean cosine similarity
+    of the row's representation to `reference_rows` random training rows, local weight = 1 - that.
+    fixed: the `fused` adapter with fusion.fixed_weights (w_personal, w_global)."""
+    max_global_weight: float = 0.5
+    """dynamic: the largest global weight (the authors' --max_weight, default 0.5). In (0, 1]."""
+    reference_rows: int = 5
+    """dynamic: training rows each test row is compared with (the authors' --instance_num, 5)."""
+    representation: Literal["last", "mean"] = "last"
+    """dynamic: the prompt's last-layer hidden state at its last token, or the mean over its tokens
+    (the authors' --emb_type last / avg), computed with the local adapter alone active."""
+
+
+@dataclass
+class DittoConfig:
+    """Ditto (Li et al., ICML 2021)."""
+
+    lam: float = field(default=1.0, metadata={"key": "lambda"})
+    """lambda: the personal adapter v trains on loss + (lambda/2)||v - w||^2, w the global adapter
+    received at the round's start (YAML key `lambda`; the authors' run scripts use 1). >= 0."""
+
+
+@dataclass
 class DataConfig:
     source: Literal["generator", "jsonl"] = "generator"
     """generator: the built-in seeded scenario; jsonl: files below."""
@@ -281,7 +318,7 @@ class LogConfig:
     """Log a step line every this many optimizer steps."""
 
 
-STRATEGIES = ("fdlora", "fedavg", "fedprox", "diloco", "local", "feddpa")  # fdlora_cluster.strategies
+STRATEGIES = ("fdlora", "fedavg", "fedprox", "diloco", "local", "feddpa", "ditto")  # fdlora_cluster.strategies
 
 
 @dataclass
@@ -311,6 +348,10 @@ class Config:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     fedprox_mu: float = 0.01
     """Proximal weight mu for `fedprox`."""
+    feddpa: FedDPAConfig = field(default_factory=FedDPAConfig)
+    """Settings of strategy `feddpa`."""
+    ditto: DittoConfig = field(default_factory=DittoConfig)
+    """Settings of strategy `ditto`."""
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -624,6 +665,22 @@ def validate(cfg: Config, source: str) -> None:
              f"federation.max_update_norm = {fed.max_update_norm} must be > 0 (or left out)")
     _require(cfg.personal.steps_per_round >= 0, source,
              f"personal.steps_per_round = {cfg.personal.steps_per_round} must be >= 0")
+    dpa = cfg.feddpa
+    _require(0.0 <= dpa.local_weight <= 1.0, source,
+             f"feddpa.local_weight = {dpa.local_weight} must be in [0, 1] (the frozen global adapter gets 1 - it)")
+    _require(0.0 < dpa.max_global_weight <= 1.0, source,
+             f"feddpa.max_global_weight = {dpa.max_global_weight} must be in (0, 1]")
+    _require(dpa.reference_rows >= 1, source, f"feddpa.reference_rows = {dpa.reference_rows} must be >= 1")
+    _require(dpa.finetune_steps is None or dpa.finetune_steps >= 0, source,
+             f"feddpa.finetune_steps = {dpa.finetune_steps} must be >= 0 (or left out)")
+    _require(cfg.ditto.lam >= 0, source, f"ditto.lambda = {cfg.ditto.lam} must be >= 0")
+    if cfg.strategy == "ditto":
+        p_, g_ = cfg.lora.personal, cfg.lora.global_
+        _require(p_.r == g_.r and p_.alpha == g_.alpha and p_.target_modules == g_.target_modules, source,
+                 "strategy ditto pulls the personal adapter towards the global one parameter by parameter and "
+                 "starts it as a copy of it, so lora.personal and lora.global need the same r, alpha and "
+                 f"target_modules (now r {p_.r} vs {g_.r}, alpha {p_.alpha} vs {g_.alpha}, "
+                 f"targets {p_.target_modules} vs {g_.target_modules})")
     f = cfg.fusion
     _require(len(f.bounds) == 2 and f.bounds[0] < f.bounds[1], source,
              f"fusion.bounds = {f.bounds}: need [low, high] with low < high")
@@ -686,9 +743,9 @@ def validate(cfg: Config, source: str) -> None:
     _require(cfg.log.every >= 1, source, "log.every must be >= 1")
     for c in range(n):  # builds each client's DeepSpeed dict now, so a bad file or stage fails on load
         stage = deepspeed_dict(cfg, c)["zero_optimization"].get("stage", 0)
-        _require(not (cfg.strategy == "fedprox" and stage == 3), source,
-                 f"strategy fedprox adds a proximal term over the full adapter on every rank, which ZeRO-3 "
-                 f"partitions: client {c} has zero_optimization.stage = 3; use stage 0, 1 or 2 for fedprox")
+        _require(not (cfg.strategy in ("fedprox", "ditto") and stage == 3), source,
+                 f"strategy {cfg.strategy} adds a proximal term over the full adapter on every rank, which ZeRO-3 "
+                 f"partitions: client {c} has zero_optimization.stage = 3; use stage 0, 1 or 2 for {cfg.strategy}")
 
 
 def deepspeed_dict(cfg: Config, client: int) -> dict:

@@ -24,6 +24,29 @@ from .model import GLOBAL, PERSONAL, adapter_params, read_adapter, set_active, w
 from .rendezvous import join_client_world
 from .transport import Layout
 
+def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """(mu/2) * ||w - anchor||^2 summed over an adapter's tensors (A and B each, as the adapter's
+    parameters are what the optimizer moves). Its gradient is mu * (w - anchor): FedProx's term on
+    the global adapter, Ditto's lambda term on the personal one."""
+    return 0.5 * mu * sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
+
+
+def frozen_branches(model, names: list[str]) -> list:
+    """Forward hooks that cut the named adapters' LoRA outputs from the autograd graph; returns the
+    handles (call .remove()). The adapters still add their (scaled) output to the layer, but no
+    gradient reaches their weights, nor flows back through their branch, as the FedDPA authors'
+    layer does (`tmp_result.detach()` in their peft/tuners/lora/layer.py)."""
+    from peft.tuners.lora import LoraLayer
+
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer):
+            for n in names:
+                if n in mod.lora_B:
+                    handles.append(mod.lora_B[n].register_forward_hook(lambda m, args, out: out.detach()))
+    return handles
+
+
 class BatchStream:
     """Seeded, resumable stream of training rows for one client and one adapter.
 
@@ -199,13 +222,33 @@ class ClientEngine:
                 self._frozen.add(id(group))
 
     def train(self, name: str, steps: int, round: int, prox_to: dict[str, torch.Tensor] | None = None,
-              prox_mu: float = 0.0, tag: str = "") -> dict:
+              prox_mu: float = 0.0, tag: str = "", frozen_active: dict[str, float] | None = None,
+              weight: float = 1.0) -> dict:
         """`steps` optimizer steps on adapter `name`; returns {"loss": mean, "steps", "seconds"}.
 
-        With prox_mu > 0 the loss adds (mu/2) * ||w - prox_to||^2 over the adapter (FedProx)."""
+        With prox_mu > 0 the loss adds (mu/2) * ||w - prox_to||^2 over the adapter (FedProx on the
+        global adapter, Ditto on the personal one; `proximal_term`).
+
+        With frozen_active = {other: w_o} the other adapter also takes part in the forward, its
+        output scaled by w_o and cut from the autograd graph, so it shapes the loss but gets no
+        gradient (and its group's lr is 0, so it cannot move); `weight` scales `name`'s own output.
+        This is FedDPA's local training with the global adapter active."""
         if steps == 0:
             return {"loss": None, "steps": 0, "seconds": 0.0}
         self._start_phase(name)
+        detach_hooks = []
+        if frozen_active:
+            set_active(self.model, [name, *frozen_active], {name: weight, **frozen_active})
+            detach_hooks = frozen_branches(self.model, list(frozen_active))
+        try:
+            return self._train_steps(name, steps, round, prox_to, prox_mu, tag)
+        finally:
+            for h in detach_hooks:
+                h.remove()
+            if frozen_active:
+                set_active(self.model, name)  # back to the plain scaling for whatever runs next
+
+    def _train_steps(self, name: str, steps: int, round: int, prox_to, prox_mu: float, tag: str) -> dict:
         self.engine.train()
         # dropout stream seeded per client, round and adapter (the same on every rank of the client)
         torch.manual_seed(zlib.crc32(f"{self.cfg.seed}:{self.client}:{round}:{name}".encode()))
@@ -223,7 +266,7 @@ class ClientEngine:
                                                                    self.cfg.train.max_seq_len).items()}
                 loss = self.engine(**batch).loss
                 if anchor is not None:
-                    loss = loss + 0.5 * prox_mu * sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
+                    loss = loss + proximal_term(params, anchor, prox_mu)
                 self.engine.backward(loss)
                 self.engine.step()
                 step_loss += float(loss.detach()) / accum

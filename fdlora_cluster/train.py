@@ -1,8 +1,9 @@
 """The job, top to bottom: topology -> run directory -> roles -> schedule -> results.
 
     server:  init global -> [ROUND t: send global -> collect -> aggregate] x T -> send final
-    client:  personal stage -> init global -> [ROUND t: receive -> K local steps -> send update
-             -> personal steps -> sync every H] x T -> receive final -> fuse -> evaluate -> save
+    client:  personal stage -> init global -> [ROUND t: receive -> (personal steps, FedDPA-T)
+             -> K local steps -> send update -> (personal steps: local, Ditto) -> sync every H] x T
+             -> receive final -> (personal steps, FedDPA-F) -> fuse -> evaluate -> save
 
 Both schedules are below, each in one function, so the protocol can be read side by side.
 """
@@ -45,6 +46,21 @@ class RunDir:
 def fused_adapter_config(cfg: Config) -> AdapterConfig:
     r, alpha = fused_lora_shape(cfg.lora.personal, cfg.lora.global_, cfg.fusion.merge)
     return AdapterConfig(r=r, alpha=alpha, dropout=0.0, target_modules=list(cfg.lora.personal.target_modules))
+
+
+def evaluate_dynamic(cfg, topo, engine, client, data) -> tuple[dict, dict]:
+    """FedDPA's test-time evaluation: both adapters, a global weight per test row (evaluation.py).
+    Returns the metrics and the weights' mean / min / max."""
+    from .evaluation import dynamic_weights, evaluate_instance_weighted
+
+    w_g = dynamic_weights(engine, data.test, data.train, cfg.feddpa, cfg.seed, topo.client_id)
+    out = evaluate_instance_weighted(engine, data.test, w_g, candidates=data.candidates)
+    stats = {"mean": float(w_g.mean()), "min": float(w_g.min()), "max": float(w_g.max())}
+    client.record("eval", None, adapter="fused", split="test", global_weight=stats, **out)
+    if topo.is_leader:
+        get_logger().info(f"instance-wise global weight over {len(w_g)} test rows: mean {stats['mean']:.3f} "
+                          f"(min {stats['min']:.3f}, max {stats['max']:.3f}); local weight = 1 - it")
+    return out, stats
 
 
 def run(cfg: Config, record_payloads: list | None = None):
@@ -134,9 +150,16 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
     if strategy.federated:
         client.send_layout_and_init()
 
+    def train_personal(how, t: int, anchor, tag: str) -> None:
+        """One personal phase as the strategy describes it (Local, Ditto, FedDPA)."""
+        stats = engine.train(PERSONAL, how.steps, round=t, prox_to=anchor, prox_mu=how.prox_mu, tag=tag,
+                             frozen_active=None if how.global_weight is None else {GLOBAL: how.global_weight},
+                             weight=how.personal_weight)
+        client.record("train", t, adapter=PERSONAL, **stats)
+
     # Phase 3: the rounds. A federated client follows the server's round numbers: one that fell
     # behind (federation.round_timeout_s) goes on from the newest global adapter, skipping rounds.
-    t = 0
+    t, first = 0, True
     while True:
         if strategy.federated:
             t = client.receive_global()  # None: the final global adapter arrived
@@ -147,28 +170,44 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
         else:
             t += 1
         maybe_fail(topo.rank, t)
+        personal = strategy.personal_in_round(t, K)
+        round_global = None  # the global adapter as received: FedProx's and Ditto's anchor
         if strategy.federated:
-            prox = engine.read(GLOBAL) if strategy.prox_mu > 0 else None
-            stats = engine.train(GLOBAL, K, round=t, prox_to=prox, prox_mu=strategy.prox_mu, tag=f"[round {t}] ")
+            if strategy.prox_mu > 0 or (personal and personal.prox_mu > 0) or strategy.personal_starts_as_global:
+                round_global = engine.read(GLOBAL)
+            if first and strategy.personal_starts_as_global:
+                engine.write(PERSONAL, round_global)  # Ditto: v starts as the global model
+                client.record("personal_init", t, source=GLOBAL)
+        first = False
+        if personal and personal.before_global:  # FedDPA-T: with the server's aggregate active
+            train_personal(personal, t, round_global, f"[round {t}] ")
+        if strategy.federated:
+            stats = engine.train(GLOBAL, K, round=t, prox_to=round_global, prox_mu=strategy.prox_mu, tag=f"[round {t}] ")
             client.record("train", t, adapter=GLOBAL, **stats)
             client.send_update(t)
-        if strategy.personal_each_round:
-            steps = cfg.personal.steps_per_round or K
-            stats = engine.train(PERSONAL, steps, round=t, tag=f"[round {t}] ")
-            client.record("train", t, adapter=PERSONAL, **stats)
+        if personal and not personal.before_global:  # Local, Ditto
+            train_personal(personal, t, round_global, f"[round {t}] ")
         if strategy.federated and cfg.personal.sync_every and t % cfg.personal.sync_every == 0:
             client.sync_personal_from_global(t)
 
-    # Phase 4: fusion, evaluation, adapters on disk.
+    # Phase 4: personal training after the rounds (FedDPA-F), fusion, evaluation, adapters on disk.
+    after = strategy.personal_after_rounds(K)
+    if after:
+        train_personal(after, cfg.train.rounds + 1, None, "[after the rounds] ")
     if strategy.fusion:
         client.fuse()
     results = client.evaluate()
+    instance_weights = None
+    if strategy.instance_weighting:
+        results["fused"], instance_weights = evaluate_dynamic(cfg, topo, engine, client, data)
     client.save(adapters.get(FUSED))
     client.summary = {"client": topo.client_id, "method": strategy.name, "ranks": topo.client_size,
                       "train_rows": len(data.train), "fewshot_rows": len(data.fewshot), "test_rows": len(data.test),
                       "zero_stage": engine.zero_stage, "inner_steps": K, "metrics": results}
     if client.fusion_weights:
         client.summary["fusion_weights"] = {"personal": client.fusion_weights[0], "global": client.fusion_weights[1]}
+    if instance_weights:
+        client.summary["instance_global_weight"] = instance_weights
     if transport is not None:
         client.summary["bytes"] = transport.total.snapshot()
     run_dir.summary = client.summary if topo.is_leader else None

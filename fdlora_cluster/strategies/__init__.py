@@ -2,7 +2,9 @@
 
 from .aggregate import (OuterOptimizer, UpdateError, check_update, client_weights, l2_distance, pseudo_gradient,
                         weighted_average)
-from .methods import STRATEGIES, DiLoCo, FDLoRA, FedAvg, FedDPA, FedProx, Local, Strategy, make_strategy
+from .methods import (STRATEGIES, DiLoCo, Ditto, FDLoRA, FedAvg, FedDPA, FedProx, Local, PersonalTraining, Strategy,
+                      make_strategy)
 
-__all__ = ["STRATEGIES", "DiLoCo", "FDLoRA", "FedAvg", "FedDPA", "FedProx", "Local", "OuterOptimizer", "Strategy",
+__all__ = ["STRATEGIES", "DiLoCo", "Ditto", "FDLoRA", "FedAvg", "FedDPA", "FedProx", "Local", "OuterOptimizer",
+           "PersonalTraining", "Strategy",
            "UpdateError", "check_update", "client_weights", "l2_distance", "make_strategy", "pseudo_gradient", "weighted_average"]

@@ -2,16 +2,38 @@
 server does with the updates). The schedule that runs them is `fdlora_cluster.train`.
 
 A strategy answers a few questions; it imports neither MPI nor DeepSpeed:
-  - does the client train its personal adapter before the rounds (`personal_stage`),
-    and/or during every round (`personal_each_round`)?
+  - does the client train its personal adapter before the rounds (`personal_stage`), in a round
+    (`personal_in_round(t)`), and/or once after the rounds (`personal_after_rounds()`), and how
+    (`PersonalTraining`: steps, proximal pull to the global adapter, global adapter active)?
   - does the global adapter travel (`federated`) and with which proximal weight (`prox_mu`)?
   - how does the server turn updates into the next global adapter (`aggregate`)?
-  - which adapters are evaluated, and is there a fusion phase (`fusion`: None, "search", "fixed")?
+  - which adapters are evaluated, and is there a fusion phase (`fusion`: None, "search", "fixed")
+    or a per-test-row weighting of the two adapters (`instance_weighting`)?
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..model import GLOBAL, PERSONAL
+
+
+@dataclass(frozen=True)
+class PersonalTraining:
+    """How the personal adapter trains in one phase (the schedule passes this to ClientEngine.train)."""
+
+    steps: int
+    prox_mu: float = 0.0
+    """> 0: the loss adds (prox_mu/2)||personal - w||^2, w the global adapter as received at the
+    round's start (Ditto's lambda)."""
+    global_weight: float | None = None
+    """Not None: the global adapter takes part in the forward, frozen (no gradient, no update), its
+    output scaled by this (FedDPA). None: the personal adapter alone."""
+    personal_weight: float = 1.0
+    """Scale of the personal adapter's own output while it trains (FedDPA's local_weight)."""
+    before_global: bool = False
+    """Train right after the global adapter is received, before the round's global steps, so the
+    active global adapter is the server's aggregate and not this client's half-trained copy."""
 from .aggregate import OuterOptimizer, State, check_update, client_weights, pseudo_gradient, weighted_average
 
 
@@ -29,9 +51,25 @@ class Strategy:
         o = cfg.outer
         self.outer = OuterOptimizer(o.optimizer, o.lr, o.momentum, o.betas, o.eps)
 
+    # Set by strategies that evaluate the two adapters with per-test-row weights (FedDPA dynamic).
+    instance_weighting = False
+    # Ditto: the personal adapter starts as a copy of the first global adapter received.
+    personal_starts_as_global = False
+
     @property
     def prox_mu(self) -> float:
         return 0.0
+
+    def personal_in_round(self, t: int, inner_steps: int) -> PersonalTraining | None:
+        """How the personal adapter trains in round t (None: it does not). By default: alone, for
+        personal.steps_per_round steps (else K), when the strategy trains it every round."""
+        if not self.personal_each_round:
+            return None
+        return PersonalTraining(steps=self.cfg.personal.steps_per_round or inner_steps)
+
+    def personal_after_rounds(self, inner_steps: int) -> PersonalTraining | None:
+        """How the personal adapter trains once after the last round (None: it does not)."""
+        return None
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -103,19 +141,69 @@ class FDLoRA(Strategy):
 
 
 class FedDPA(Strategy):
-    """FedDPA-style dual adapters with fixed weights (after Yang et al., "Dual-Personalizing
-    Adapter for Federated Foundation Models", NeurIPS 2024, without its instance-wise weighting):
-    the global adapter is federated by FedAvg, the personal one trains locally every round, and
-    the two are fused with the fixed `fusion.fixed_weights`, no search."""
+    """FedDPA (Yang, Long, Shen, Jiang, Blumenstein, "Dual-Personalizing Adapter for Federated
+    Foundation Models", NeurIPS 2024; code github.com/Lydia-yang/FedDPA): a global adapter federated
+    by FedAvg and a local (personal) adapter trained with the global one active and frozen in the
+    forward pass (output = w_l * local + (1 - w_l) * global, w_l = feddpa.local_weight).
+
+    -T (`feddpa.variant: T`, iterative): from round 2 on, each round first trains the local adapter
+    with the just-received global one active, then the global one for K steps as in FedAvg.
+    -F (`variant: F`, fine-tuning): FedAvg rounds only, then the local adapter trains once with the
+    final global adapter active. At test time (`weighting: dynamic`) each test row gets its own
+    global weight, max_global_weight x the mean cosine similarity of its representation to a few
+    of the client's training rows (fdlora_cluster.evaluation); `fixed` fuses with
+    fusion.fixed_weights instead. docs/ALGORITHMS.md lists what is confirmed and what is not."""
 
     name = "feddpa"
-    personal_stage = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d = cfg.feddpa
+        self.variant = d.variant
+        self.instance_weighting = d.weighting == "dynamic"
+        self.fusion = None if self.instance_weighting else "fixed"
+        # fixed: the `fused` adapter is evaluated like any adapter. dynamic: there is no one fused
+        # adapter (the weights differ per test row); the schedule adds the weighted pair as "fused".
+        self.evaluated = (PERSONAL, GLOBAL) if self.instance_weighting else (PERSONAL, GLOBAL, "fused")
+
+    def _local(self, steps: int, before_global: bool) -> PersonalTraining:
+        w = self.cfg.feddpa.local_weight
+        return PersonalTraining(steps=steps, global_weight=1.0 - w, personal_weight=w, before_global=before_global)
+
+    def personal_in_round(self, t: int, inner_steps: int) -> PersonalTraining | None:
+        # Authors' code (main.py, `local_model and epoch > 0`): no local training in the first round,
+        # whose global adapter is still the untrained initialisation.
+        if self.variant != "T" or t < 2:
+            return None
+        return self._local(self.cfg.personal.steps_per_round or inner_steps, before_global=True)
+
+    def personal_after_rounds(self, inner_steps: int) -> PersonalTraining | None:
+        if self.variant != "F":
+            return None
+        steps = self.cfg.feddpa.finetune_steps
+        if steps is None:  # the local steps -T takes: every round but the first
+            steps = max(self.cfg.train.rounds - 1, 0) * (self.cfg.personal.steps_per_round or inner_steps)
+        return self._local(steps, before_global=False)
+
+
+class Ditto(Strategy):
+    """Ditto (Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through
+    Personalization", ICML 2021; code github.com/litian96/ditto): the global adapter w is trained by
+    FedAvg as usual; every round each client also trains its personal adapter v on
+    loss + (lambda/2)||v - w_t||^2, w_t the global adapter received at the round's start
+    (`ditto.lambda`). v starts as a copy of the first global adapter and never travels. Both v
+    (Ditto's personalised model) and the global adapter are evaluated."""
+
+    name = "ditto"
     personal_each_round = True
-    fusion = "fixed"
-    evaluated = (PERSONAL, GLOBAL, "fused")
+    personal_starts_as_global = True
+    evaluated = (PERSONAL, GLOBAL)
+
+    def personal_in_round(self, t: int, inner_steps: int) -> PersonalTraining | None:
+        return PersonalTraining(steps=self.cfg.personal.steps_per_round or inner_steps, prox_mu=self.cfg.ditto.lam)
 
 
-STRATEGIES = {s.name: s for s in (FDLoRA, FedAvg, FedProx, DiLoCo, Local, FedDPA)}
+STRATEGIES = {s.name: s for s in (FDLoRA, FedAvg, FedProx, DiLoCo, Local, FedDPA, Ditto)}
 
 
 def make_strategy(cfg) -> Strategy:
