@@ -55,6 +55,10 @@ def evaluate_dynamic(cfg, topo, engine, client, data) -> tuple[dict, dict]:
 
     w_g = dynamic_weights(engine, data.test, data.train, cfg.feddpa, cfg.seed, topo.client_id)
     out = evaluate_instance_weighted(engine, data.test, w_g, candidates=data.candidates)
+    if data.candidates:  # accuracy among every client's labels too, as ClientEngine.evaluate reports
+        same = list(data.candidates_all) == list(data.candidates)
+        out["accuracy_all"] = out["accuracy"] if same else \
+            evaluate_instance_weighted(engine, data.test, w_g, candidates=data.candidates_all)["accuracy"]
     stats = {"mean": float(w_g.mean()), "min": float(w_g.min()), "max": float(w_g.max())}
     client.record("eval", None, adapter="fused", split="test", global_weight=stats, **out)
     if topo.is_leader:

@@ -170,8 +170,8 @@ class OneRank:
         self.size, self.local_rank = 1, 0
         self.comm = types.SimpleNamespace(allreduce=lambda x: x, allgather=lambda x: [x])
         self.data = load_clients(self.cfg.data, 2, self.cfg.seed)[0]
-        self._sequence_nll = types.MethodType(ClientEngine._sequence_nll, self)
-        self.evaluate = types.MethodType(ClientEngine.evaluate, self)
+        for name in ("_sequence_nll", "evaluate", "_set_scales", "_score_mine"):  # the engine's own scoring code
+            setattr(self, name, types.MethodType(getattr(ClientEngine, name), self))
 
 
 @pytest.fixture(scope="module")
