@@ -268,8 +268,9 @@ def _launcher_hint(env=None, mpi_library: str = "") -> str:
     if mpi_size is not None and mpi_size > 1:
         return (f"An MPI launcher started {mpi_size} processes, but each one is a world of its own: that "
                 f"launcher belongs to another MPI than the one mpi4py uses ({mpi_library or 'see MPI.Get_library_version()'}). "
-                "Use the mpiexec of mpi4py's MPI (`python -c 'import mpi4py; print(mpi4py.get_config())'`), "
-                "or rebuild mpi4py against your cluster's MPI. " + how)
+                "Use the mpiexec of mpi4py's MPI (`python -c 'import mpi4py; print(mpi4py.get_config())'`); with "
+                "the pip mpi4py wheel, set MPI4PY_LIBMPI to the launcher's libmpi (docs/LAUNCH.md, 'Which MPI "
+                "library'); or rebuild mpi4py against your cluster's MPI. " + how)
     tasks = _env_int(env, "SLURM_STEP_NUM_TASKS")
     if tasks is not None and tasks > 1:
         return (f"srun started {tasks} tasks, but they are not one MPI world: srun needs an MPI plugin that "
