@@ -63,8 +63,6 @@ def test_deepspeed_launcher_two_host_hostfile(two_hosts, tmp_path):
     check_run(tmp_path / "run", [3, 2], spans={0: {A.name, B.name}, 1: {B.name}})
 
 
-
-
 def test_loopback_rendezvous_for_a_spanning_client_is_refused(two_hosts, tmp_path):
     """A client on node-a and node-b told to meet at 127.0.0.1 would have node-b connect to
     itself: the job must stop promptly with the cause, not hang."""
