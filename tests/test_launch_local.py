@@ -168,3 +168,4 @@ def test_openmpi_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tm
     assert p.returncode == 0, show(p)
     assert "mpirun -n 5 -hostfile hostfiles/localhost-5" in p.stdout + p.stderr, "DeepSpeed did not use its openmpi runner"
     check_run(tmp_path / "run", [2, 2])
+
