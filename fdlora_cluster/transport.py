@@ -187,7 +187,11 @@ class Transport:
         buf = torch.empty(HEADER.size + max(self.layout.nbytes, 4096), dtype=torch.uint8)
         status = MPI.Status()
         self.comm.Recv([buf.numpy(), MPI.BYTE], source=source, tag=tag, status=status)
-        n = status.Get_count(MPI.BYTE)
+        return self._decode(buf, status.Get_count(MPI.BYTE), peer)
+
+    def _decode(self, buf: torch.Tensor, n: int, peer: str) -> tuple[str, int, int, float, torch.Tensor]:
+        """Count and check a received message of `n` bytes in `buf`: a known kind, and an adapter
+        message's byte count equal to the layout's (abort and bye carry text)."""
         self._count(received=n)
         if n < HEADER.size:
             raise TransportError(f"{peer}: a message of {n} bytes, shorter than the {HEADER.size}-byte header")
@@ -283,20 +287,14 @@ class Transport:
                 status = MPI.Status()
                 if not request.Test(status):
                     continue
-                n = status.Get_count(MPI.BYTE)
-                self._count(received=n)
-                kind_i, round, sender, num_samples = HEADER.unpack(buf[:HEADER.size].numpy().tobytes())
-                kind = KINDS[kind_i] if 0 <= kind_i < len(KINDS) else f"unknown ({kind_i})"
+                kind, round, sender, num_samples, body = self._decode(buf, status.Get_count(MPI.BYTE), f"client {client}")
                 if sender != client or kind not in ("update", "bye"):
                     raise TransportError(f"client {client}: expected an update, got a {kind} message claiming client {sender}")
                 if kind == "bye":
                     del self.inbox[client]
                     return client
-                if n != HEADER.size + self.layout.nbytes:
-                    raise TransportError(f"client {client}: an update of {n - HEADER.size} bytes, but the agreed "
-                                         f"layout of the global adapter holds {self.layout.nbytes}")
                 self._post(client)
-                return ClientUpdate(round, client, num_samples, self.layout.unpack(buf[HEADER.size:n]))
+                return ClientUpdate(round, client, num_samples, self.layout.unpack(body))
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             time.sleep(0.001)
