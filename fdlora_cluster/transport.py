@@ -175,7 +175,7 @@ class Transport:
                                                                                   dtype=torch.uint8)
         buf = torch.cat([head, body]).numpy()
         if self.record is not None and state is not None:
-            self.record.append((kind, dest, {k: v.detach().clone() for k, v in state.items()}))
+            self.record.append((kind, dest, {k: v.detach().clone() for k, v in state.items()}, num_samples))
         self.comm.Send([buf, MPI.BYTE], dest=dest, tag=tag)
         self._count(sent=buf.nbytes)
 

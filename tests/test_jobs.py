@@ -125,7 +125,7 @@ def test_personal_never_travels_and_saved_adapters_reload(tmp_path):
     kinds = set()
     n_payloads = 0
     for r in range(5):
-        for kind, dest, state in torch.load(out / f"payloads-rank-{r}.pt"):
+        for kind, dest, state, _ in torch.load(out / f"payloads-rank-{r}.pt"):
             kinds.add(kind)
             n_payloads += 1
             for k, v in state.items():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -79,13 +80,10 @@ def missing_prerequisites(*commands: str) -> str | None:
 
 def kill_pidfiles(*paths: Path, timeout: float = 10) -> None:
     """SIGTERM the processes named in pid files (all at once), SIGKILL those that linger after
-    `timeout`, remove the files. Only processes these helpers started have pid files here."""
-    pids = []
-    for path in paths:
-        try:
-            pids.append(int(path.read_text().split()[0]))
-        except (OSError, ValueError, IndexError):
-            pass
+    `timeout`, remove the files. A pid file left by a daemon that died long ago may name an
+    unrelated process by now: only a process whose command name is the pid file's daemon
+    (slurmd-node-a.pid -> slurmd) is signalled."""
+    pids = [pid for pid in map(_daemon_pid, paths) if pid is not None]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -98,6 +96,17 @@ def kill_pidfiles(*paths: Path, timeout: float = 10) -> None:
             os.kill(pid, signal.SIGKILL)
     for path in paths:
         path.unlink(missing_ok=True)
+
+
+def _daemon_pid(path: Path) -> int | None:
+    """The live process a daemon's pid file names, if it is still that daemon."""
+    try:
+        pid = int(path.read_text().split()[0])
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    daemon = path.stem.split("-")[0]  # slurmctld, slurmd, munged, sshd
+    return pid if comm == daemon else None
 
 
 def _alive(pid: int) -> bool:
@@ -332,6 +341,10 @@ def _slurm_conf(d: Path, ctld: tuple[str, str], nodes: list[tuple[str, str]], so
     conf = d / "slurm.conf"
     conf.write_text(f"""# written by tests/cluster/hosts.py
 ClusterName=fdlora-test
+# Job ids start afresh with each test cluster (its state directory is new). MPICH names its
+# shared-memory segments after the PMI job id (/dev/shm/mpich_shm_*), and a segment left by a
+# killed job of an earlier cluster with the same id makes MPI_Init fail ("Out of memory") or hang.
+FirstJobId={random.randrange(1000, 60_000_000)}
 SlurmctldHost={ctld[0]}({ctld[1]})
 SlurmUser=root
 SlurmdUser=root
@@ -363,9 +376,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
 def _slurm_stop(d: Path) -> None:
     conf = d / "slurm.conf"
-    if conf.exists() and (d / "slurmctld.pid").exists():
-        sh(["scancel", "--full", "--partition=debug"], check=False, timeout=20,
-           env={**os.environ, "SLURM_CONF": str(conf)})
+    if conf.exists() and _daemon_pid(d / "slurmctld.pid") is not None:  # scancel waits long on a dead controller
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            sh(["scancel", "--full", "--partition=debug"], check=False, timeout=20,
+               env={**os.environ, "SLURM_CONF": str(conf)})
     kill_pidfiles(*sorted(d.glob("slurmd-*.pid")), d / "slurmctld.pid")
     kill_pidfiles(d / "munged.pid")  # last: the Slurm daemons authenticate through it until they stop
 

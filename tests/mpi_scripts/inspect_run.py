@@ -41,7 +41,7 @@ ClientEngine.score_rows = recording_score_rows
 payloads: list = []
 result = run(cfg, record_payloads=payloads)
 rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-torch.save([(kind, dest, state) for kind, dest, state in payloads], os.path.join(out, f"payloads-rank-{rank}.pt"))
+torch.save(payloads, os.path.join(out, f"payloads-rank-{rank}.pt"))
 
 if not isinstance(result, dict):  # a client rank: result is the Client
     from fdlora_cluster.model import set_active
