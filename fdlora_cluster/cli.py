@@ -30,10 +30,28 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config value (YAML syntax), repeatable")
 
 
+def _add_resume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", metavar="auto|RUN_DIR|CHECKPOINT",
+                   help="continue from a checkpoint: `auto` = the newest complete one in the run directory "
+                        "(none yet: start from the beginning), RUN_DIR = its newest one, or one "
+                        "RUN_DIR/checkpoints/round-<k> directory (docs/RELIABILITY.md)")
+
+
+def _resume_run_dir(resume: str | None) -> str | None:
+    """The run directory a `--resume RUN_DIR|CHECKPOINT` names (it becomes output_dir)."""
+    if not resume or resume == "auto":
+        return None
+    path = os.path.normpath(resume)
+    if os.path.basename(path).startswith("round-"):
+        return os.path.dirname(os.path.dirname(path))
+    return path
+
+
 def _load(args):
     overrides = list(args.overrides)
-    if getattr(args, "output", None):
-        overrides.append(f"output_dir={json.dumps(args.output)}")  # quoted: a path, never YAML (2024, ~, yes)
+    output = getattr(args, "output", None) or _resume_run_dir(getattr(args, "resume", None))
+    if output:
+        overrides.append(f"output_dir={json.dumps(output)}")  # quoted: a path, never YAML (2024, ~, yes)
     return load_config(args.config, overrides)
 
 
@@ -146,7 +164,7 @@ def cmd_run(args) -> int:
     from . import train
 
     try:
-        train.run(cfg)
+        train.run(cfg, resume=args.resume)
     except TopologyError as e:
         # Raised before any communication, the same on every rank (the world does not fit the
         # config, or no MPI world at all): say it once, without a traceback, and exit like a config error.
@@ -170,10 +188,11 @@ def cmd_run(args) -> int:
 def _user_errors() -> tuple[type, ...]:
     from .data import DataError
     from .rendezvous import RendezvousError
+    from .checkpoint import ResumeError
     from .server import FederationError
     from .transport import FederationAborted
 
-    return (DataError, RendezvousError, ConfigError, FederationError, FederationAborted)
+    return (DataError, RendezvousError, ConfigError, FederationError, FederationAborted, ResumeError)
 
 
 def find_mpiexec(explicit: str | None = None) -> str:
@@ -209,6 +228,8 @@ def cmd_launch(args) -> int:
     cmd = [find_mpiexec(args.mpiexec), "-n", str(n), sys.executable, "-m", "fdlora_cluster.cli", "run", args.config]
     if args.output:
         cmd += ["--output", args.output]
+    if args.resume:
+        cmd += ["--resume", args.resume]
     for o in args.overrides:
         cmd += ["--set", o]
     print("+ " + " ".join(cmd), flush=True)
@@ -254,9 +275,11 @@ def main(argv=None) -> int:
     _add_config_args(p)
     # The local rank comes from the topology (topology.place_gpus), never from this flag.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    _add_resume_arg(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("launch", help="start every rank on this machine with mpiexec")
     _add_config_args(p)
+    _add_resume_arg(p)
     p.add_argument("--mpiexec", help="mpiexec to use (default: the one next to python, then PATH)")
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("check", help="validate the config and print the topology; no training")

@@ -10,17 +10,28 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from typing import NamedTuple
 
 import torch
 
+from .checkpoint import rng_state, set_rng_state
 from .engine import ClientEngine
 from .faults import fault
 from .fusion import fuse, modules_of, per_module, search_weights, weight_groups
 from .log import get_logger
 from .model import GLOBAL, PERSONAL, adapter_scaling, lora_config, save_adapter
-from .transport import ClientUpdate, Layout, Transport
+from .transport import ClientUpdate, Counters, Layout, Transport
 
 FUSED = "fused"
+
+
+class Received(NamedTuple):
+    """A global adapter as every rank of the client learns it (the state on the leader only)."""
+
+    round: int  # train.rounds + 1 for the final one
+    final: bool
+    skipped: list
+    state: dict | None
 
 
 def digest(state: dict[str, torch.Tensor]) -> str:
@@ -48,6 +59,14 @@ class Client:
 
     # ---------------------------------------------------------------- federation
 
+    def send_layout(self) -> None:
+        """A resumed client: the layout handshake only (the server has the global adapter). The
+        byte counters then go back to the checkpoint's, so a resumed job counts what an
+        uninterrupted one does."""
+        if self.is_leader:
+            self.transport.send_layout(self.layout)
+            self.transport.total = Counters(**self._resumed_counters)
+
     def send_layout_and_init(self) -> None:
         """Tell the server the global adapter's layout (every leader: the server checks they agree),
         and the start it cannot compute itself."""
@@ -61,15 +80,21 @@ class Client:
             self.log.info("sending the stage-1 personal adapter to the server once (global.init = personal_mean)")
             self.transport.send_init(self.id, start)
 
-    def receive_global(self) -> int | None:
-        """The newest global adapter the server sent, on every rank of the client. Returns its round,
-        or None when it is the final one (after which the leader says goodbye to the server)."""
+    def receive_global(self):
+        """The newest global adapter the server sent: its round, whether it is the final one, and
+        on the leader its state (apply it with `apply_global`)."""
         message = self.transport.recv_newest_global() if self.is_leader else None
         round, final, skipped = self.topo.client_comm.bcast(
             (message.round, message.final, message.skipped) if self.is_leader else None, root=0)
         if skipped and self.is_leader:
             self.log.warning(f"  client {self.id} fell behind: skipped the global adapters of rounds {skipped}")
-        state = self.engine.broadcast_from_leader(message.state if self.is_leader else None, self.layout)
+        return Received(round, final, skipped, message.state if self.is_leader else None)
+
+    def apply_global(self, message: Received) -> int | None:
+        """Write the received global adapter on every rank of the client. Returns its round, or None
+        when it is the final one (after which the leader says goodbye to the server)."""
+        round, final, skipped = message.round, message.final, message.skipped
+        state = self.engine.broadcast_from_leader(message.state, self.layout)
         self.engine.write(GLOBAL, state)
         # Proof of synchrony: every rank's digest of what it now holds, gathered at the leader.
         digests = self.topo.client_comm.gather(digest(self.engine.read(GLOBAL)), root=0)
@@ -92,6 +117,45 @@ class Client:
             elif what == "nan_samples":
                 update.num_samples = float("nan")
             self.transport.send_update(update)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def checkpoint(self, ckpt, k: int, first: bool, counters: dict | None) -> None:
+        """This client's part of the checkpoint at the end of round k (collective over the world).
+        `counters`: the leader's byte counters at the end of round k (before the next global)."""
+        personal, glob = self.engine.read(PERSONAL), self.engine.read(GLOBAL)  # collective under ZeRO-3
+        rel = f"client-{self.id}"
+        ds_dir = os.path.join(ckpt.partial(k), rel, "deepspeed")
+        self.engine.save_engine(ds_dir)
+        self.topo.client_comm.Barrier()  # every rank's DeepSpeed files are written
+        files = {f"{rel}/rank-{self.topo.local_rank_in_client}.pt": {"rng": rng_state(), **self.engine.state()}}
+        extra = {}
+        if self.is_leader:
+            files[f"{rel}/leader.pt"] = {
+                "round": k, "personal": personal, "global": glob, "first": first, "records": self.run.records,
+                "bytes": counters}
+            extra = ckpt.digest_tree(ds_dir, ckpt.partial(k))
+        ckpt.write(k, files, extra)
+        if self.is_leader:
+            self.log.info(f"  checkpoint of round {k} written")
+
+    def resume(self, ckpt) -> bool:
+        """Restore this client from `ckpt.resumed`; returns the `first` flag of the schedule."""
+        rel = f"client-{self.id}"
+        self.engine.load_engine(os.path.join(ckpt.resumed, rel, "deepspeed"))
+        mine = ckpt.load(f"{rel}/rank-{self.topo.local_rank_in_client}.pt")
+        leader = ckpt.load(f"{rel}/leader.pt")
+        # exact fp32 adapters over whatever DeepSpeed restored (they are the same values; this also
+        # refreshes the optimizer's masters through the one write path)
+        self.engine.write(PERSONAL, leader["personal"])
+        self.engine.write(GLOBAL, leader["global"])
+        self.engine.load_state(mine)
+        if self.is_leader:
+            self.run.restore(leader["records"])
+            self._resumed_counters = leader["bytes"]
+            self.log.info(f"client {self.id}: resumed from {ckpt.resumed} (end of round {leader['round']})")
+        set_rng_state(mine["rng"])
+        return leader["first"]
 
     # ---------------------------------------------------------------- personal
 

@@ -318,6 +318,16 @@ class LogConfig:
     """Log a step line every this many optimizer steps."""
 
 
+@dataclass
+class CheckpointConfig:
+    every: int = 1
+    """Write a checkpoint after every this many rounds, and after the last round (0 = never).
+    `fdlora-cluster run CONFIG --resume auto` continues from the newest complete one
+    (docs/RELIABILITY.md, fdlora_cluster/checkpoint.py)."""
+    keep: int = 2
+    """Complete checkpoints kept under RUN_DIR/checkpoints; older ones are removed."""
+
+
 STRATEGIES = ("fdlora", "fedavg", "fedprox", "diloco", "local", "feddpa", "ditto")  # fdlora_cluster.strategies
 
 
@@ -355,6 +365,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     source_file: Optional[str] = field(default=None, metadata={"internal": True})
 
     # ----------------------------------------------------------------- derived views
@@ -629,6 +640,9 @@ def validate(cfg: Config, source: str) -> None:
              f"model: pretrain_steps ({m.pretrain_steps}) and pretrain_batch_size ({m.pretrain_batch_size}) "
              f"must be >= 1 and pretrain_lr ({m.pretrain_lr}) > 0")
     _require(cfg.seed >= 0, source, f"seed = {cfg.seed} must be >= 0")
+    _require(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep >= 1, source,
+             f"checkpoint: every ({cfg.checkpoint.every}) must be >= 0 (0 = no checkpoints) and keep "
+             f"({cfg.checkpoint.keep}) >= 1")
     for name, a in (("personal", cfg.lora.personal), ("global", cfg.lora.global_)):
         _require(a.r >= 1, source, f"lora.{name}.r = {a.r} must be >= 1")
         _require(a.alpha > 0, source, f"lora.{name}.alpha = {a.alpha} must be > 0")

@@ -63,6 +63,13 @@ class BatchStream:
         rng = np.random.default_rng([self.seed, self.client, 0 if self.adapter == PERSONAL else 1, self.epoch])
         return rng.permutation(len(self.rows))
 
+    def state(self) -> tuple[int, int]:
+        return self.epoch, self.position
+
+    def load_state(self, state: tuple[int, int]) -> None:
+        self.epoch, self.position = state
+        self._perm = self._permutation()
+
     def take(self, n: int) -> list[Example]:
         out = []
         while len(out) < n:
@@ -103,7 +110,29 @@ class ClientEngine:
         self.streams = {a: BatchStream(data.train, cfg.seed, self.client, a) for a in (PERSONAL, GLOBAL)}
         self.global_step = 0
 
-    # ------------------------------------------------------------------ world
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        """What this rank carries from round to round besides the adapters and DeepSpeed's state."""
+        return {"streams": {a: s.state() for a, s in self.streams.items()}, "global_step": self.global_step}
+
+    def load_state(self, state: dict) -> None:
+        for a, st in state["streams"].items():
+            self.streams[a].load_state(st)
+        self.global_step = state["global_step"]
+
+    def save_engine(self, directory: str) -> None:
+        """DeepSpeed's own checkpoint of the engine (collective on the client's ranks): inner
+        optimizer state, fp32 masters and loss scaler on every ZeRO stage; the frozen base is left out."""
+        self.engine.save_checkpoint(directory, tag="engine", client_state={}, save_latest=False,
+                                    exclude_frozen_parameters=True)
+
+    def load_engine(self, directory: str) -> None:
+        # strict=False: the checkpoint holds the adapters only (exclude_frozen_parameters)
+        path, _ = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no engine checkpoint under {directory}")
 
     # ------------------------------------------------------------------ adapters
 

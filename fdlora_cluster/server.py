@@ -68,13 +68,29 @@ class Server:
             del personal
         self.transport.post_receives(self.clients)  # updates and byes, from now until each leader's bye
 
-    def run_round(self, t: int) -> dict:
-        """send global -> (clients train) -> collect and check, until every client answered or the
-        round's deadline -> aggregate. Returns the round's record."""
-        fed = self.cfg.federation
-        t0 = time.perf_counter()
+    def resume(self, state: dict) -> None:
+        """Go on from a checkpoint: the leaders' layouts are checked as at a start, the global
+        adapter and the outer optimizer's state come from the checkpoint."""
+        self.transport.recv_layouts(self.clients)
+        self.global_state = state["global"]
+        self.strategy.outer.load_state_dict(state["outer"])
+        self.transport.post_receives(self.clients)
+
+    def state(self, k: int) -> dict:
+        """The server's part of the checkpoint at the end of round k."""
+        return {"round": k, "global": self.global_state, "outer": self.strategy.outer.state_dict()}
+
+    def send_round(self, t: int) -> None:
+        """Round t starts: the global adapter goes to every leader."""
+        self._t0 = time.perf_counter()
         self.transport.new_round()
         self.transport.send_global(GlobalAdapter(t, self.global_state), self.clients)
+
+    def finish_round(self, t: int) -> dict:
+        """(clients train) -> collect and check, until every client answered or the round's
+        deadline -> aggregate. Returns the round's record."""
+        fed = self.cfg.federation
+        t0 = self._t0
         deadline = None if fed.round_timeout_s is None else time.monotonic() + fed.round_timeout_s
         before = self.global_state
         accepted: list[ClientUpdate] = []
@@ -116,10 +132,13 @@ class Server:
                 "global_change": l2_distance(self.global_state, before)}
 
     def send_final(self) -> None:
-        """The final global adapter; then every leader's remaining messages until its bye (a late
-        update still in flight is dropped), so that nothing is left unreceived."""
+        """The final global adapter (the leaders answer with their bye: `collect_byes`)."""
         self.transport.send_global(GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True),
                                    self.clients)
+
+    def collect_byes(self) -> None:
+        """Every leader's remaining messages until its bye (a late update still in flight is
+        dropped), so that nothing is left unreceived."""
         while self.transport.inbox:
             got = self.transport.next_update(None)
             if not isinstance(got, int):

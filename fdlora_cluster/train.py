@@ -15,8 +15,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import torch
 
+from .checkpoint import Checkpointer, agree_on_resume, rng_state, set_rng_state
 from .config import AdapterConfig, Config
 from .data import check_responses_fit, get_tokenizer, load_clients
 from .faults import maybe_fail
@@ -25,7 +25,7 @@ from .log import get_logger, setup_logging
 from .model import GLOBAL, PERSONAL, add_adapters, build_base, lora_config, save_adapter
 from .strategies import make_strategy
 from .topology import build_topology
-from .transport import Transport
+from .transport import Counters, Transport
 
 
 @dataclass
@@ -39,8 +39,17 @@ class RunDir:
     def record(self, rec: dict) -> None:
         rec = {"time": time.time(), "rank": self.rank, **rec}
         self.records.append(rec)
-        with open(os.path.join(self.dir, "logs", f"metrics-rank-{self.rank}.jsonl"), "a") as f:
+        with open(self._log_path(), "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+    def restore(self, records: list) -> None:
+        """The records up to a checkpoint (a resumed job); the rank's log file says the same."""
+        self.records = list(records)
+        with open(self._log_path(), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+
+    def _log_path(self) -> str:
+        return os.path.join(self.dir, "logs", f"metrics-rank-{self.rank}.jsonl")
 
 
 def fused_adapter_config(cfg: Config) -> AdapterConfig:
@@ -67,9 +76,10 @@ def evaluate_dynamic(cfg, topo, engine, client, data) -> tuple[dict, dict]:
     return out, stats
 
 
-def run(cfg: Config, record_payloads: list | None = None):
+def run(cfg: Config, record_payloads: list | None = None, resume: str | None = None):
     """Run the job on this rank. Returns the summary on the server and the Client elsewhere
-    (tests inspect its engine); `record_payloads` collects every payload this rank sends."""
+    (tests inspect its engine); `record_payloads` collects every payload this rank sends.
+    `resume`: `auto`, a run directory or a checkpoint directory (checkpoint.find_checkpoint)."""
     topo = build_topology(cfg.client_sizes(), use_gpus=cfg.client_backend() == "nccl", share_gpus=cfg.topology.share_gpus)
     run_dir = RunDir(cfg.output_dir, topo.rank)
     os.makedirs(os.path.join(run_dir.dir, "logs"), exist_ok=True)
@@ -83,30 +93,62 @@ def run(cfg: Config, record_payloads: list | None = None):
             import yaml
 
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    # The server and every leader hold a transport, a non-federated strategy too (`local`): its
+    # counters and the tests' payload tap then show that it sent nothing.
     transport = None
-    if topo.federation_comm is not None and strategy.federated:
+    if topo.federation_comm is not None:
         transport = Transport(topo.federation_comm, topo.plan, record=record_payloads)
+    ckpt = Checkpointer(cfg, topo, run_dir.dir)
+    agree_on_resume(cfg, topo, resume, ckpt)
+    if topo.is_server and resume:
+        log.info(f"resuming from {ckpt.resumed} (end of round {ckpt.resumed_round})" if ckpt.resumed
+                 else f"--resume {resume}: no checkpoint yet, starting from the beginning")
 
     if topo.is_server:
-        return finish(cfg, topo, run_dir, server_schedule(cfg, topo, strategy, transport, run_dir))
-    client = client_schedule(cfg, topo, strategy, transport, run_dir)
+        return finish(cfg, topo, run_dir, server_schedule(cfg, topo, strategy, transport, run_dir, ckpt))
+    client = client_schedule(cfg, topo, strategy, transport, run_dir, ckpt)
     finish(cfg, topo, run_dir, None)
     return client
 
 
-def server_schedule(cfg, topo, strategy, transport, run_dir) -> dict:
+def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
     from .server import Server
 
     log = get_logger()
+    first_round = ckpt.resumed_round + 1
     if not strategy.federated:
         log.info(f"strategy {strategy.name}: no federation; clients train on their own")
-        return {"bytes_per_round": 0}
+        if ckpt.resumed:
+            run_dir.restore(ckpt.load("server.pt")["records"])
+        for k in range(first_round, cfg.train.rounds + 1):  # the clients' checkpoints are collective
+            if ckpt.due(k):
+                ckpt.write(k, {"server.pt": {"round": k, "records": run_dir.records, "rng": rng_state()}})
+        return {"bytes_total": transport.total.snapshot()}
     server = Server(cfg, topo, strategy, transport, run_dir)
-    server.init_global()
-    for t in range(1, cfg.train.rounds + 1):
+
+    def checkpoint(k: int, counters: dict) -> None:
+        """After the global adapter of round k + 1 went out: the clients write theirs when they
+        receive it, which is when they have finished round k (a late client too). `counters`:
+        the bytes counted before that global adapter was sent (a resumed job sends it again)."""
+        if ckpt.due(k):
+            ckpt.write(k, {"server.pt": {**server.state(k), "records": run_dir.records, "rng": rng_state(),
+                                         "bytes": counters}})
+
+    if ckpt.resumed:
+        state = ckpt.load("server.pt")
+        server.resume(state)
+        run_dir.restore(state["records"])
+        transport.total = Counters(**state["bytes"])
+        set_rng_state(state["rng"])
+    else:
+        server.init_global()
+    for t in range(first_round, cfg.train.rounds + 1):
         maybe_fail(topo.rank, t)
         try:
-            rec = server.run_round(t)
+            counters = transport.total.snapshot()
+            server.send_round(t)
+            checkpoint(t - 1, counters)
+            rec = server.finish_round(t)
         except Exception as e:
             server.abort(f"{type(e).__name__}: {e}")
             raise
@@ -114,7 +156,10 @@ def server_schedule(cfg, topo, strategy, transport, run_dir) -> dict:
         log.info(f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {len(rec['clients'])} "
                  f"updates in {rec['seconds']:.2f}s; sent {rec['server_bytes_sent']} B, received "
                  f"{rec['server_bytes_received']} B; global moved {rec['global_change']:.4g}")
+    counters = transport.total.snapshot()
     server.send_final()
+    checkpoint(cfg.train.rounds, counters)
+    server.collect_byes()
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), server.global_state,
                  lora_config(cfg.lora.global_), cfg.model.path)
     return {"bytes_total": transport.total.snapshot()}
@@ -125,11 +170,12 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def client_schedule(cfg, topo, strategy, transport, run_dir):
+def build_client(cfg, topo, strategy, transport, run_dir):
+    """This rank's client: its data, the base with both adapters (and the fused slot), the
+    DeepSpeed engine over the client's ranks, and the Client around it."""
     from .client import FUSED, Client
     from .engine import ClientEngine
 
-    log = get_logger()
     tok = get_tokenizer(cfg.model.path)
     data = load_clients(cfg.data, topo.plan.num_clients, cfg.seed)[topo.client_id]
     check_responses_fit(tok, data, cfg.train.max_seq_len)
@@ -139,20 +185,34 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
         adapters[FUSED] = fused_adapter_config(cfg)
     model = add_adapters(base, adapters, cfg.seed, trainable=(PERSONAL, GLOBAL))
     engine = ClientEngine(cfg, topo, model, tok, data)
-    client = Client(cfg, topo, strategy, engine, transport, run_dir)
+    return Client(cfg, topo, strategy, engine, transport, run_dir), adapters.get(FUSED)
+
+
+def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
+    log = get_logger()
+    client, fused_config = build_client(cfg, topo, strategy, transport, run_dir)
+    engine, data = client.engine, client.engine.data
     K = cfg.inner_steps(topo.client_id)
     if topo.is_leader:
         log.info(f"client {topo.client_id}: {len(data.train)} train / {len(data.fewshot)} few-shot / "
                  f"{len(data.test)} test rows; ZeRO stage {engine.zero_stage}; K = {K}")
 
-    # Phase 1: the personal stage (each client alone).
-    if strategy.personal_stage and cfg.train.personal_steps:
-        stats = engine.train(PERSONAL, cfg.train.personal_steps, round=0, tag="[personal stage] ")
-        client.record("train", 0, adapter=PERSONAL, **stats)
+    # A resumed client restores its state at the end of the checkpoint's round (phases 1 and 2
+    # happened before it); the server then resends that round's global adapter.
+    t, first = ckpt.resumed_round, True
+    if ckpt.resumed:
+        first = client.resume(ckpt)
+        if strategy.federated:
+            client.send_layout()
+    else:
+        # Phase 1: the personal stage (each client alone).
+        if strategy.personal_stage and cfg.train.personal_steps:
+            stats = engine.train(PERSONAL, cfg.train.personal_steps, round=0, tag="[personal stage] ")
+            client.record("train", 0, adapter=PERSONAL, **stats)
 
-    # Phase 2: the global start (seeded, or the mean of the personal adapters).
-    if strategy.federated:
-        client.send_layout_and_init()
+        # Phase 2: the global start (seeded, or the mean of the personal adapters).
+        if strategy.federated:
+            client.send_layout_and_init()
 
     def train_personal(how, t: int, anchor, tag: str) -> None:
         """One personal phase as the strategy describes it (Local, Ditto, FedDPA)."""
@@ -163,15 +223,22 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
 
     # Phase 3: the rounds. A federated client follows the server's round numbers: one that fell
     # behind (federation.round_timeout_s) goes on from the newest global adapter, skipping rounds.
-    t, first = 0, True
+    # Checkpoints are written at the end of a round: here, once the next round's (or the final)
+    # global adapter has arrived and before it is applied.
     while True:
         if strategy.federated:
-            t = client.receive_global()  # None: the final global adapter arrived
+            counters = transport.total.snapshot() if transport is not None else None
+            message = client.receive_global()
+            if ckpt.due(message.round - 1):
+                client.checkpoint(ckpt, message.round - 1, first, counters)
+            t = client.apply_global(message)  # None: the final global adapter arrived
             if t is None:
                 break
-        elif t == cfg.train.rounds:
-            break
         else:
+            if ckpt.due(t):
+                client.checkpoint(ckpt, t, first, None)
+            if t == cfg.train.rounds:
+                break
             t += 1
         maybe_fail(topo.rank, t)
         personal = strategy.personal_in_round(t, K)
@@ -204,7 +271,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir):
     instance_weights = None
     if strategy.instance_weighting:
         results["fused"], instance_weights = evaluate_dynamic(cfg, topo, engine, client, data)
-    client.save(adapters.get(FUSED))
+    client.save(fused_config)
     client.summary = {"client": topo.client_id, "method": strategy.name, "ranks": topo.client_size,
                       "train_rows": len(data.train), "fewshot_rows": len(data.fewshot), "test_rows": len(data.test),
                       "zero_stage": engine.zero_stage, "inner_steps": K, "metrics": results}

@@ -150,7 +150,9 @@ class Transport:
     plan: object  # topology.RankPlan: client id <-> federation rank
     total: Counters = field(default_factory=Counters)
     round: Counters = field(default_factory=Counters)
-    record: list | None = None  # when a list, every sent payload is appended as (kind, dest, dict)
+    record: list | None = None
+    """The payload tap (tests): when a list, every message this end sends is appended as
+    (kind, dest, state or None, num_samples, the bytes on the wire)."""
     layout: Layout | None = None  # the global adapter's, agreed at the handshake
     inbox: dict = field(default_factory=dict)  # server: client -> (buffer, posted MPI receive)
 
@@ -174,8 +176,9 @@ class Transport:
         body = self.layout.pack(state) if state is not None else torch.frombuffer(bytearray(text.encode() or b" "),
                                                                                   dtype=torch.uint8)
         buf = torch.cat([head, body]).numpy()
-        if self.record is not None and state is not None:
-            self.record.append((kind, dest, {k: v.detach().clone() for k, v in state.items()}, num_samples))
+        if self.record is not None:
+            self.record.append((kind, dest, None if state is None else {k: v.detach().clone() for k, v in state.items()},
+                                num_samples, buf.tobytes()))
         self.comm.Send([buf, MPI.BYTE], dest=dest, tag=tag)
         self._count(sent=buf.nbytes)
 
@@ -210,7 +213,10 @@ class Transport:
         """Every leader, once: the server checks that all clients carry the same global adapter."""
         self.layout = layout
         self.comm.send(layout, dest=0, tag=TAG_LAYOUT)
-        self._count(sent=len(pickle.dumps(layout)))
+        wire = pickle.dumps(layout)
+        if self.record is not None:
+            self.record.append(("layout", 0, None, 0.0, wire))
+        self._count(sent=len(wire))
 
     def send_init(self, client: int, state: dict[str, torch.Tensor]) -> None:
         self._send("init", 0, TAG_TO_SERVER, state, client=client)

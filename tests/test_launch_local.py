@@ -95,16 +95,16 @@ def test_scripts_print_the_command_they_run():
     assert "srun --nodes=2 --ntasks=5 --mpi=pmi2" in p.stdout, show(p)
 
 
-def test_requeue_script_says_resume_is_not_available():
+def test_requeue_script_resumes_in_one_run_directory():
     env = job_env(DRY_RUN="1", SLURM_JOB_ID="77")
     p = _script("launch/slurm/fdlora-requeue.sbatch", env)
-    assert p.returncode == 0 and "checkpoints do not exist yet" in p.stdout, show(p)
-    assert "--output runs/fdlora-77/attempt-1" in p.stdout
+    assert p.returncode == 0 and "attempt 1 of at most 10" in p.stdout, show(p)
+    assert "--output runs/fdlora-77 --resume auto" in p.stdout
     p = _script("launch/slurm/fdlora-requeue.sbatch", {**env, "SLURM_RESTART_COUNT": "1"})
-    assert "RESUME NOT AVAILABLE" in p.stdout and "FROM SCRATCH" in p.stdout, show(p)
-    assert "--output runs/fdlora-77/attempt-2" in p.stdout
-    p = _script("launch/slurm/fdlora-requeue.sbatch", {**env, "SLURM_RESTART_COUNT": "3"})
-    assert p.returncode == 3 and "refusing attempt 4" in p.stderr, show(p)
+    assert "attempt 2: resuming from the newest complete checkpoint" in p.stdout, show(p)
+    assert "--output runs/fdlora-77 --resume auto" in p.stdout
+    p = _script("launch/slurm/fdlora-requeue.sbatch", {**env, "SLURM_RESTART_COUNT": "10"})
+    assert p.returncode == 3 and "refusing attempt 11" in p.stderr, show(p)
 
 
 # ---------------------------------------------------------------- the DeepSpeed launcher, for real

@@ -58,7 +58,7 @@ def test_fedavg_server_is_the_weighted_average_of_sent_updates(tmp_path):
     assert_ok(mpi_python(5, "inspect_run.py", cfg_path, out, timeout=300))
     updates = {}
     for leader in (1, 3):
-        sent = [(s, n) for kind, dest, s, n in torch.load(out / f"payloads-rank-{leader}.pt") if kind == "update"]
+        sent = [(s, n) for kind, dest, s, n, _ in torch.load(out / f"payloads-rank-{leader}.pt") if kind == "update"]
         assert len(sent) == 2  # one per round
         updates[leader] = sent[-1]
     final = load_saved(tmp_path / "run" / "adapters" / GLOBAL)

@@ -70,6 +70,12 @@ class OuterOptimizer:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = 0
 
+    def state_dict(self) -> dict:
+        return {"state": self.state, "steps": self.steps}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state, self.steps = d["state"], d["steps"]
+
     def step(self, params: State, delta: State) -> State:
         self.steps += 1
         out = {}

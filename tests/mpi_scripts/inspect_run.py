@@ -2,8 +2,11 @@
 
     mpiexec -n 5 python inspect_run.py CONFIG OUT_DIR
 
-Writes, per rank: every payload the transport sent (`payloads-rank-<r>.pt`), and on client
-ranks the logits of a fixed probe batch with each adapter active (`logits-rank-<r>.pt`).
+Writes, per rank: every message the transport sent (`payloads-rank-<r>.pt`, the payload tap), on
+client leaders the personal adapter's start and every value its own training gave it
+(`personal-rank-<r>.pt`; values copied from the global adapter, Ditto's start and the
+personal <- global sync, are not the client's to hide), and on client ranks the logits of a fixed probe batch with each adapter
+active (`logits-rank-<r>.pt`).
 """
 
 import os
@@ -38,10 +41,36 @@ def recording_score_rows(self, rows, active, *args, **kwargs):
 
 ClientEngine.evaluate = recording_evaluate
 ClientEngine.score_rows = recording_score_rows
+
+from fdlora_cluster.model import PERSONAL
+
+personal_values = []  # on a client's rank 0: the personal adapter's start and every value its training made
+_train = ClientEngine.train
+_started = []
+
+
+def recording_train(self, name, *args, **kwargs):
+    # every rank trains, so every rank takes part in each read (ZeRO-3 gathers)
+    if not _started:
+        _started.append(True)
+        value = self.read(PERSONAL)
+        if self.local_rank == 0:
+            personal_values.append(value)
+    out = _train(self, name, *args, **kwargs)
+    if name == PERSONAL:
+        value = self.read(PERSONAL)
+        if self.local_rank == 0:
+            personal_values.append(value)
+    return out
+
+
+ClientEngine.train = recording_train
 payloads: list = []
 result = run(cfg, record_payloads=payloads)
 rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
 torch.save(payloads, os.path.join(out, f"payloads-rank-{rank}.pt"))
+if personal_values:
+    torch.save(personal_values, os.path.join(out, f"personal-rank-{rank}.pt"))
 
 if not isinstance(result, dict):  # a client rank: result is the Client
     from fdlora_cluster.model import set_active

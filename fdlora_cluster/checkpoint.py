@@ -1,0 +1,240 @@
+"""Checkpoints and resume: what a job needs to go on after round k as if it had never stopped.
+
+A checkpoint is RUN_DIR/checkpoints/round-<k>/, written by every rank together at the end of
+round k (checkpoint.every, and after the last round):
+
+    manifest.json              round, config hash, topology, sha256 of every file below
+    server.pt                  global adapter, outer-optimizer state, metric records, RNG states
+    client-<c>/leader.pt       personal and global adapters, data-stream positions, metric records,
+                               byte counters, RNG states (the client's leader)
+    client-<c>/rank-<i>.pt     RNG states and data-stream positions of the client's rank i
+    client-<c>/deepspeed/      the client's DeepSpeed engine (inner optimizer, fp32 masters, loss
+                               scaler; every ZeRO stage), by DeepSpeed's own save_checkpoint
+
+Atomic: the ranks write into round-<k>.partial/ (each file written, fsynced, renamed), the server
+gathers their checksums, writes the manifest last and renames the directory. A directory without a
+manifest is torn and never used; a checksum that does not match refuses the resume.
+
+What makes a resumed job bit-identical to an uninterrupted one: every random stream is seeded per
+(seed, client, round, adapter) (engine.BatchStream, the dropout seed in ClientEngine.train), each
+training phase starts with fresh AdamW state, so the state above is all that carries from one
+round to the next; the server's aggregation order is fixed (by client id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says which and why."""
+
+
+def config_hash(cfg) -> str:
+    """sha256 of the settings a checkpoint depends on: everything but where the run is written
+    and how often it is checkpointed."""
+    d = cfg.to_dict()
+    for k in ("output_dir", "checkpoint"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def round_dir(run_dir: str, k: int) -> str:
+    return os.path.join(run_dir, CHECKPOINTS, f"round-{k:05d}")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str, fsync: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def save_atomic(obj, path: str) -> str:
+    """torch.save `obj` to `path` (write, fsync, rename); returns the file's sha256."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+class Checkpointer:
+    """One rank's side of writing and reading checkpoints. Writing is collective over the world
+    (`write`); every rank calls it at the same round boundary with the files it owns."""
+
+    def __init__(self, cfg, topo, run_dir: str):
+        self.cfg, self.topo, self.run_dir = cfg, topo, run_dir
+        self.every = cfg.checkpoint.every
+        self.resumed: str | None = None  # the checkpoint directory this job resumed from
+        self.resumed_round = 0
+
+    def due(self, k: int) -> bool:
+        """Is a checkpoint written at the end of round k (not again for the round resumed from)?"""
+        if self.every <= 0 or k < 1 or k <= self.resumed_round:
+            return False
+        return k % self.every == 0 or k == self.cfg.train.rounds
+
+    def partial(self, k: int) -> str:
+        return round_dir(self.run_dir, k) + PARTIAL
+
+    def write(self, k: int, files: dict[str, object], extra_digests: dict[str, str] | None = None) -> None:
+        """Save this rank's `files` ({path relative to the checkpoint: object}) for round k; the
+        server then writes the manifest and makes the checkpoint complete. `extra_digests` are
+        files this rank wrote itself (DeepSpeed's)."""
+        part = self.partial(k)
+        digests = {rel: save_atomic(obj, os.path.join(part, rel)) for rel, obj in files.items()}
+        digests.update(extra_digests or {})
+        gathered = self.topo.world.gather(digests, root=0)
+        if self.topo.is_server:
+            manifest = {"round": k, "config_hash": config_hash(self.cfg), "clients": self.cfg.client_sizes(),
+                        "strategy": self.cfg.strategy, "files": {}}
+            for d in gathered:
+                manifest["files"].update(d)
+            tmp = os.path.join(part, MANIFEST + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(manifest, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(part, MANIFEST))
+            final = round_dir(self.run_dir, k)
+            if os.path.exists(final):  # a resumed job that saves round k again (not normally reached)
+                shutil.rmtree(final)
+            os.replace(part, final)
+            _fsync_dir(os.path.dirname(final))
+            self._prune()
+        self.topo.world.barrier()  # nobody goes on (and could die) before the checkpoint is complete
+
+    def _prune(self) -> None:
+        done = complete_checkpoints(self.run_dir)
+        for _, path in done[:-self.cfg.checkpoint.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def digest_tree(self, root: str, rel_to: str) -> dict[str, str]:
+        """sha256 (after fsync) of every file under `root`, keyed by its path relative to `rel_to`."""
+        out = {}
+        for dirpath, _, names in os.walk(root):
+            for n in sorted(names):
+                p = os.path.join(dirpath, n)
+                out[os.path.relpath(p, rel_to)] = sha256_file(p, fsync=True)
+        return out
+
+    def load(self, rel: str):
+        return torch.load(os.path.join(self.resumed, rel), map_location="cpu", weights_only=False)
+
+
+def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(round, directory) of every checkpoint with a manifest, oldest first."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    out = []
+    if os.path.isdir(root):
+        for n in os.listdir(root):
+            p = os.path.join(root, n)
+            if n.startswith("round-") and not n.endswith(PARTIAL) and os.path.isfile(os.path.join(p, MANIFEST)):
+                try:
+                    out.append((int(n.removeprefix("round-")), p))
+                except ValueError:
+                    continue
+    return sorted(out)
+
+
+def find_checkpoint(resume: str, output_dir: str) -> str | None:
+    """The checkpoint directory `--resume` names: `auto` = the newest complete one under the run
+    directory (None when there is none yet: the job starts from the beginning); a run directory =
+    its newest complete one; a round-<k> directory = that one."""
+    if resume == "auto":
+        done = complete_checkpoints(output_dir)
+        return done[-1][1] if done else None
+    path = resume.rstrip("/")
+    if not os.path.isdir(path):
+        raise ResumeError(f"--resume {resume}: no such directory")
+    if os.path.basename(path).startswith("round-"):
+        if not os.path.isfile(os.path.join(path, MANIFEST)):
+            raise ResumeError(f"--resume {resume}: torn checkpoint (no {MANIFEST}: the job stopped while writing it)")
+        return path
+    done = complete_checkpoints(path)
+    if not done:
+        raise ResumeError(f"--resume {resume}: no complete checkpoint under {os.path.join(path, CHECKPOINTS)}")
+    return done[-1][1]
+
+
+def validate(path: str, cfg) -> dict:
+    """The checkpoint's manifest, after checking that it belongs to this config and topology and
+    that every file is there with its recorded checksum."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"checkpoint {path}: unreadable {MANIFEST} ({e})") from None
+    if manifest.get("clients") != cfg.client_sizes():
+        raise ResumeError(f"checkpoint {path} was written by a job with clients {manifest.get('clients')} "
+                          f"(ranks per client); this job has {cfg.client_sizes()}")
+    if manifest.get("config_hash") != config_hash(cfg):
+        raise ResumeError(f"checkpoint {path} was written with another config (hash {manifest.get('config_hash')}, "
+                          f"this one {config_hash(cfg)}): compare {os.path.join(os.path.dirname(os.path.dirname(path)), 'config.yaml')} "
+                          "with this job's settings (only output_dir and checkpoint.* may change on resume)")
+    for rel, want in sorted(manifest["files"].items()):
+        p = os.path.join(path, rel)
+        if not os.path.isfile(p):
+            raise ResumeError(f"checkpoint {path}: {rel} is missing")
+        got = sha256_file(p)
+        if got != want:
+            raise ResumeError(f"checkpoint {path}: {rel} is corrupt (sha256 {got[:12]}..., manifest says {want[:12]}...)")
+    return manifest
+
+
+def agree_on_resume(cfg, topo, resume: str | None, ckpt: Checkpointer) -> None:
+    """Collective over the world: the server finds and checks the checkpoint (and clears torn
+    ones left by a killed job), every rank learns the outcome, and all raise the same error."""
+    result = None
+    if topo.is_server:
+        try:
+            path = find_checkpoint(resume, cfg.output_dir) if resume else None
+            round_k = validate(path, cfg)["round"] if path else 0
+            root = os.path.join(cfg.output_dir, CHECKPOINTS)
+            if os.path.isdir(root):
+                for n in os.listdir(root):
+                    if n.endswith(PARTIAL):
+                        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            result = ("ok", path, round_k)
+        except ResumeError as e:
+            result = ("error", str(e), 0)
+    status, what, round_k = topo.world.bcast(result, root=0)
+    if status == "error":
+        raise ResumeError(what)
+    ckpt.resumed, ckpt.resumed_round = what, round_k

@@ -1,0 +1,146 @@
+"""Checkpoints and resume (fdlora_cluster/checkpoint.py): a job SIGKILLed after round k and resumed
+with --resume auto ends bit-identical to an uninterrupted run (real jobs, fault injected with
+FDLORA_FAULT); torn and mismatching checkpoints are refused with the reason."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdlora_cluster import checkpoint
+from fdlora_cluster.checkpoint import ResumeError, find_checkpoint, validate
+from fdlora_cluster.config import load_config
+
+from conftest import TINY, assert_ok, read_metrics, run_ranks, write_config
+from test_jobs import load_saved
+
+ROUNDS, KILLED_IN = 3, 3  # rank 2 (client 1's leader) SIGKILLs itself at the start of round 3
+CLIENTS = [1, 2]  # 1 server + client 0 [1] + client 1 [2, 3]: a one-rank and a two-rank client
+TIMING = {"time", "seconds"}  # wall-clock fields: the only ones allowed to differ
+
+
+def settings(strategy: str, stage: int) -> dict:
+    return {**TINY, "strategy": strategy, "train.rounds": ROUNDS, "topology.clients": CLIENTS, "train.inner_steps": 2,
+            "train.personal_steps": 2, "fusion.budget": 4, "checkpoint.every": 1,
+            "deepspeed": {"zero_optimization": {"stage": stage}}}
+
+
+def adapters(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    root = run_dir / "adapters"
+    return {str(p.parent.relative_to(root)): load_saved(p.parent) for p in root.rglob("adapter_config.json")}
+
+
+def after_round(run_dir: Path, k: int) -> list[dict]:
+    """metrics.jsonl records of the rounds after k (and those of no round: fusion, evaluation),
+    without the wall-clock fields."""
+    return [{f: v for f, v in r.items() if f not in TIMING} for r in read_metrics(run_dir)
+            if r["round"] is None or r["round"] > k]
+
+
+ZERO3_FDLORA = pytest.mark.xfail(strict=True, reason=(
+    "fdlora on ZeRO-3: the resumed job's first round differs from the uninterrupted one at float-noise "
+    "level (round-3 training loss 1.4e-8 relative), which Adam's first steps amplify (update norms 0.2% "
+    "apart). Resuming without DeepSpeed's engine state gives the same numbers as with it, and checkpointing "
+    "does not change the uninterrupted run, so the uninterrupted ZeRO-3 engine carries some state across "
+    "its personal stage that a fresh engine does not (see also tests/test_zero_stages.py's xfail)"))
+
+
+# fedavg and local on ZeRO-2 take the same code paths as the cases below (fdlora on ZeRO-2 runs
+# the personal stage, the fusion and the outer Nesterov state; ZeRO-3 is run by fedavg and local);
+# kept out to hold the suite's time.
+@pytest.mark.parametrize("strategy, stage", [("fdlora", 2), pytest.param("fdlora", 3, marks=ZERO3_FDLORA),
+                                             ("fedavg", 3), ("local", 3)])
+def test_killed_and_resumed_ends_bit_identical(tmp_path, strategy, stage):
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "cut").mkdir()
+    whole = write_config(tmp_path / "whole", **settings(strategy, stage))
+    cut = write_config(tmp_path / "cut", **settings(strategy, stage))
+    assert_ok(run_ranks(4, ["run", str(whole)]))
+
+    killed = run_ranks(4, ["run", str(cut)], env={"FDLORA_FAULT": f"kill@rank=2,round={KILLED_IN}"})
+    assert killed.returncode != 0, "the injected SIGKILL did not end the job"
+    run = tmp_path / "cut" / "run"
+    done = checkpoint.complete_checkpoints(str(run))
+    assert [k for k, _ in done] == [KILLED_IN - 2, KILLED_IN - 1]  # checkpoint.keep = 2
+    assert not (run / "summary.json").exists()
+
+    resumed = run_ranks(4, ["run", str(cut), "--resume", "auto"])
+    assert_ok(resumed)
+    assert f"resuming from {done[-1][1]} (end of round {KILLED_IN - 1})" in resumed.stdout + resumed.stderr
+
+    a, b = adapters(tmp_path / "whole" / "run"), adapters(run)
+    assert sorted(a) == sorted(b) and a
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}: {k} differs after the resume"
+    assert after_round(run, KILLED_IN - 1) == after_round(tmp_path / "whole" / "run", KILLED_IN - 1)
+    # the records of the rounds before the kill were restored from the checkpoint, not lost
+    assert {r["round"] for r in read_metrics(run) if r["round"] is not None} == \
+           {r["round"] for r in read_metrics(tmp_path / "whole" / "run") if r["round"] is not None}
+    s_a = json.loads((tmp_path / "whole" / "run" / "summary.json").read_text())
+    s_b = json.loads((run / "summary.json").read_text())
+    assert [c["metrics"] for c in s_a["clients"]] == [c["metrics"] for c in s_b["clients"]]
+    assert [c["bytes_total"] for c in s_a["clients"]] == [c["bytes_total"] for c in s_b["clients"]]
+
+
+# ------------------------------------------------------------------ refusals (no job needed)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One short fedavg job with a checkpoint after each of its 2 rounds."""
+    where = tmp_path_factory.mktemp("ckpt")
+    cfg = write_config(where, **{**settings("fedavg", 2), "train.rounds": 2})
+    assert_ok(run_ranks(4, ["run", str(cfg)]))
+    return where, cfg
+
+
+def test_auto_finds_the_newest_complete_checkpoint_and_skips_a_torn_one(finished_run):
+    where, _ = finished_run
+    run = where / "run"
+    newest = find_checkpoint("auto", str(run))
+    assert newest.endswith("round-00002")
+    torn = run / "checkpoints" / "round-00003"
+    shutil.copytree(newest, torn)
+    os.remove(torn / checkpoint.MANIFEST)  # what a job killed while writing leaves
+    try:
+        assert find_checkpoint("auto", str(run)) == newest
+        with pytest.raises(ResumeError, match="torn checkpoint"):
+            find_checkpoint(str(torn), str(run))
+    finally:
+        shutil.rmtree(torn)
+
+
+def test_a_corrupt_file_is_refused_with_its_name(finished_run, tmp_path):
+    where, cfg_path = finished_run
+    copy = tmp_path / "round-00002"
+    shutil.copytree(where / "run" / "checkpoints" / "round-00002", copy)
+    with open(copy / "client-1" / "leader.pt", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ResumeError, match=r"client-1/leader.pt is corrupt"):
+        validate(str(copy), load_config(cfg_path))
+
+
+def test_another_topology_or_config_is_refused(finished_run):
+    where, cfg_path = finished_run
+    ckpt = str(where / "run" / "checkpoints" / "round-00002")
+    with pytest.raises(ResumeError, match=r"clients \[1, 2\].*this job has \[1, 3\]"):
+        validate(ckpt, load_config(cfg_path, ["topology.clients=[1,3]"]))
+    with pytest.raises(ResumeError, match="another config"):
+        validate(ckpt, load_config(cfg_path, ["train.inner_steps=3"]))
+    # where the run is written and how often it is checkpointed may change
+    validate(ckpt, load_config(cfg_path, ["checkpoint.every=2", "output_dir=elsewhere"]))
+
+
+def test_resume_names_a_missing_directory(tmp_path):
+    with pytest.raises(ResumeError, match="no such directory"):
+        find_checkpoint(str(tmp_path / "nope"), str(tmp_path))
+    with pytest.raises(ResumeError, match="no complete checkpoint"):
+        find_checkpoint(str(tmp_path), str(tmp_path))
