@@ -277,10 +277,13 @@ class DittoConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["generator", "jsonl"] = "generator"
-    """generator: the built-in seeded scenario; jsonl: files below."""
+    source: Literal["generator", "jsonl", "hf"] = "generator"
+    """generator: the built-in seeded scenario; jsonl: JSONL files below; hf: local Hugging Face
+    datasets below (JSON, JSONL, Parquet, Arrow, save_to_disk directories; needs `datasets`)."""
     files: Optional[list[str]] = None
-    """jsonl: one file per client (in client order), or one file split by `partition`."""
+    """jsonl / hf: one file per client (in client order), or one file split by `partition`."""
+    split: Optional[str] = None
+    """hf: the split to read from a dataset saved with several (a DatasetDict); one split is taken as is."""
     partition: Literal["iid", "dirichlet", "field"] = "iid"
     """How one file is split across clients; `field` uses each row's `client`."""
     alpha: float = 0.5
@@ -717,12 +720,17 @@ def validate(cfg: Config, source: str) -> None:
                  f"strategy {cfg.strategy} fuses the two adapters layer by layer, so lora.personal.target_modules "
                  f"({p_.target_modules}) must equal lora.global.target_modules ({g_.target_modules})")
     d = cfg.data
-    if d.source == "jsonl":
-        _require(bool(d.files), source, "data.source = 'jsonl' needs data.files (one per client, or one to split)")
+    if d.source in ("jsonl", "hf"):
+        _require(bool(d.files), source, f"data.source = {d.source!r} needs data.files (one per client, or one to split)")
         _require(len(d.files) in (1, n), source,
                  f"data.files has {len(d.files)} files; give 1 (split across clients) or {n} (one per client)")
-        for p in d.files:
-            _require(os.path.isfile(p), source, f"data.files: {p} not found")
+        for p in d.files:  # hf also reads save_to_disk directories
+            _require(os.path.isfile(p) or d.source == "hf" and os.path.isdir(p), source, f"data.files: {p} not found")
+    if d.source == "hf":
+        import importlib.util
+
+        _require(importlib.util.find_spec("datasets") is not None, source, "data.source = 'hf' reads datasets with "
+                 "the `datasets` library, which is not installed: pip install 'fdlora-cluster[hf]' (or pip install datasets)")
     _require(0.0 < d.test_fraction < 1.0, source, f"data.test_fraction = {d.test_fraction} must be in (0, 1)")
     _require(d.alpha > 0, source, f"data.alpha = {d.alpha} must be > 0")
     _require(d.fewshot_rows >= 0, source, "data.fewshot_rows must be >= 0")

@@ -1,4 +1,4 @@
-"""Data as people have it: client names, instruction and chat rows.
+"""Data as people have it: client names, instruction and chat rows, local Hugging Face datasets.
 
 Each layout and source has its errors tested with the file and line (or row) they name.
 """
@@ -11,16 +11,18 @@ import random
 
 import pytest
 
-from fdlora_cluster.config import DataConfig
+from fdlora_cluster.config import ConfigError, DataConfig, config_from_dict
 from fdlora_cluster.data import (IGNORE_INDEX, ByteTokenizer, ClientData, DataError, Example, HFTokenizer,
                                  check_responses_fit, describe_clients, encode_example, load_clients, read_jsonl)
 from fdlora_cluster.data.formats import ALPACA, ALPACA_INPUT
+from fdlora_cluster.data.hf import read_dataset
 
 from test_data import rows, write
 
 
 def cfg(files, **kw):
-    return DataConfig(source="jsonl", files=[str(f) for f in files], fewshot_rows=2, test_fraction=0.2, **kw)
+    kw.setdefault("source", "jsonl")
+    return DataConfig(files=[str(f) for f in files], fewshot_rows=2, test_fraction=0.2, **kw)
 
 
 def read_one(tmp_path, line) -> Example:
@@ -223,3 +225,96 @@ def test_a_too_long_last_assistant_turn_is_named_at_start(tmp_path):
 def test_bad_rows_of_every_layout_name_file_and_line(tmp_path, row, match):
     with pytest.raises(DataError, match=match):
         read_one(tmp_path, row)
+
+
+# ------------------------------------------------------------------ local Hugging Face datasets
+
+
+@pytest.fixture(scope="module")
+def datasets_dir(tmp_path_factory):
+    """The same 40 rows (two named clients, mixed layouts) as JSON, JSONL, Parquet, Arrow and save_to_disk."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    d = tmp_path_factory.mktemp("hf")
+    data = [{"prompt": f"q{i}", "response": " a", "client": "acme"} if i % 2 else
+            {"instruction": f"do {i}", "output": "done", "client": "beta"} for i in range(40)]
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    (d / "rows.json").write_text(json.dumps(data))
+    keys = sorted({k for r in data for k in r})  # Arrow columns: a key a row lacks is null there
+    ds = datasets.Dataset.from_dict({k: [r.get(k) for r in data] for k in keys})
+    ds.to_parquet(str(d / "rows.parquet"))
+    ds.save_to_disk(str(d / "saved"))
+    (d / "rows.arrow").write_bytes(next((d / "saved").glob("*.arrow")).read_bytes())
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(10))}).save_to_disk(str(d / "splits"))
+    return d, data
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json", "rows.parquet", "rows.arrow", "saved"])
+def test_every_local_dataset_kind_reads_the_same_rows(datasets_dir, name):
+    d, data = datasets_dir
+    got = read_dataset(str(d / name))
+    want = read_jsonl(str(d / "rows.jsonl"))
+    assert [r.example for r in got] == [r.example for r in want] and [r.client for r in got] == [r.client for r in want]
+    assert got[3].where == f"{d / name} row 3"  # 0-based row index: ds[3]
+    clients = load_clients(cfg([d / name], source="hf", partition="field"), 2, seed=0)
+    assert [c.name for c in clients] == ["acme", "beta"] and sum(len(c.train) + len(c.fewshot) + len(c.test) for c in clients) == 40
+
+
+def test_a_dataset_with_splits_needs_data_split(datasets_dir):
+    d, _ = datasets_dir
+    with pytest.raises(DataError, match=r"splits: a dataset with splits \['test', 'train'\]; set data\.split to one of them$"):
+        read_dataset(str(d / "splits"))
+    with pytest.raises(DataError, match=r"set data\.split to one of them \(data\.split = 'dev'\)"):
+        read_dataset(str(d / "splits"), "dev")
+    assert len(read_dataset(str(d / "splits"), "test")) == 10
+
+
+def test_dataset_errors_name_the_path_and_row(tmp_path):
+    import datasets
+
+    bad = [{"prompt": "x", "response": " y"}] * 5 + [{"prompt": "x", "response": ""}]
+    datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "b.parquet"))
+    with pytest.raises(DataError, match=r"b\.parquet row 5: field 'response' is empty"):
+        read_dataset(str(tmp_path / "b.parquet"))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "x", "response": " y"}\n{oops\n')
+    with pytest.raises(DataError, match=r"broken\.jsonl: the datasets library cannot read it \(ArrowInvalid: JSON parse error"):
+        read_dataset(str(tmp_path / "broken.jsonl"))
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"junk\.parquet: the datasets library cannot read it \(ArrowInvalid"):
+        read_dataset(str(tmp_path / "junk.parquet"))
+    with pytest.raises(DataError, match=r"x\.csv: not a dataset this reads; give a \.json, \.jsonl, \.parquet, \.arrow file"):
+        read_dataset(str(tmp_path / "x.csv"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: the datasets library cannot read it \(FileNotFoundError"):
+        read_dataset(str(tmp_path / "empty"))
+
+
+def test_without_the_datasets_library_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # `import datasets` now fails
+    path = write(tmp_path / "f.jsonl", rows(10))
+    with pytest.raises(DataError, match=r"f\.jsonl: data\.source 'hf' reads datasets with the `datasets` library, which "
+                                        r"is not installed: pip install 'fdlora-cluster\[hf\]'"):
+        read_dataset(path)
+    from test_config import demo_raw
+
+    raw = demo_raw()
+    raw["data"] = {"source": "hf", "files": [path]}
+    raw["topology"] = {"clients": [1]}
+    with pytest.raises(ConfigError, match=r"data\.source = 'hf' reads datasets with the `datasets` library, which is not installed"):
+        config_from_dict(raw)
+
+
+def test_the_config_takes_hf_files_and_save_to_disk_directories(datasets_dir, tmp_path):
+    from test_config import demo_raw
+
+    d, _ = datasets_dir
+    raw = demo_raw()
+    raw["data"] = {"source": "hf", "files": [str(d / "saved"), str(d / "rows.parquet")], "split": "train"}
+    assert config_from_dict(raw).data.files == [str(d / "saved"), str(d / "rows.parquet")]
+    raw["data"]["files"] = [str(d / "saved"), str(tmp_path / "gone")]
+    with pytest.raises(ConfigError, match=r"data\.files: .*gone not found"):
+        config_from_dict(raw)
+    raw["data"] = {"source": "jsonl", "files": [str(d / "saved"), str(d / "rows.jsonl")]}  # jsonl reads files only
+    with pytest.raises(ConfigError, match=r"data\.files: .*saved not found"):
+        config_from_dict(raw)

@@ -7,7 +7,8 @@ The trainer needs `load_clients(cfg, num_clients, seed)`, `get_tokenizer` and `c
     batch = collate(tokenizer, clients[0].train[:8], max_len=48)
 
 Sources (`data.source`): `generator` (the shipped scenario, `scenario.py`), `jsonl` (user files:
-one per client, or one split by `data.partition`). Rows come in three layouts (`formats.py`):
+one per client, or one split by `data.partition`) or `hf` (the same, as local Hugging Face datasets
+read by the optional `datasets` library, `hf.py`). Rows come in three layouts (`formats.py`):
 prompt/response, instruction (Alpaca) and chat. Every split is deterministic in the seed.
 """
 
@@ -71,6 +72,10 @@ def split_client(client: int, rows: list[Example], cfg, seed: int, where: str = 
 
 def read_rows(cfg, path: str) -> list[Row]:
     """One user file's rows, by `data.source`."""
+    if cfg.source == "hf":
+        from .hf import read_dataset
+
+        return read_dataset(path, cfg.split)
     return read_jsonl(path)
 
 
