@@ -1,6 +1,7 @@
-"""Bad input, tried at scale: generated configs and `--set` overrides (hypothesis).
+"""Bad input, tried at scale: generated configs, `--set` overrides and data lines (hypothesis).
 
-Each must load, or end in the loader's documented error (ConfigError) naming the key or the file; never another exception, a hang (pytest-timeout), or a file written. derandomize
+Each must load, or end in the loader's documented error (ConfigError, DataError) naming the key or
+the file:line; never another exception, a hang (pytest-timeout), or a file written. derandomize
 keeps CI reproducible: the same examples every run.
 """
 
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import re
+import tempfile
 import typing
 from pathlib import Path
 
@@ -16,7 +20,9 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fdlora_cluster.config import Config, ConfigError, apply_override, config_from_dict, load_config, read_yaml
+from fdlora_cluster.config import (Config, ConfigError, DataConfig, apply_override, config_from_dict, load_config,
+                                   read_yaml)
+from fdlora_cluster.data import ByteTokenizer, DataError, check_responses_fit, collate, load_clients, read_jsonl
 
 from conftest import CONFIGS
 
@@ -186,6 +192,121 @@ def test_a_config_file_that_is_not_utf8_names_the_file(workdir):
         load_config(workdir / "c.yaml")
 
 
+# ------------------------------------------------------------------ data lines
+
+GOOD_ROWS = st.sampled_from([
+    {"prompt": "p", "response": " r"},
+    {"prompt": "", "response": "x", "label": 1, "client": 0},
+    {"instruction": "do", "output": "done", "client": "acme"},
+    {"instruction": "do", "input": "it", "output": "done", "label": "a"},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+])
+LAYOUT_KEYS = ["prompt", "response", "instruction", "input", "output", "messages", "label", "client", "text"]
+SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+FIELD_VALUES = st.one_of(VALUES, st.text(SURROGATE, min_size=1, max_size=2),
+                         st.lists(st.dictionaries(st.sampled_from(["role", "content", "from", "value"]), VALUES,
+                                                  max_size=3), max_size=3))
+ROWS = st.dictionaries(st.sampled_from(LAYOUT_KEYS), FIELD_VALUES, max_size=4)
+
+
+def no_newline(s: bytes) -> bytes:
+    return s.replace(b"\n", b" ").replace(b"\r", b" ")
+
+
+LINES = st.one_of(
+    GOOD_ROWS.map(lambda r: ("good", json.dumps(r).encode())),
+    ROWS.map(lambda r: ("row", json.dumps(r).encode())),
+    VALUES.map(lambda v: ("value", json.dumps(v).encode())),
+    st.text(max_size=20).map(lambda t: ("text", no_newline(t.encode("utf-8")))),
+    st.binary(max_size=20).map(lambda b: ("bytes", no_newline(b))),
+    st.sampled_from([("blank", b""), ("blank", b"   "), ("deep", b"[" * 3000 + b"]" * 3000),
+                     ("bigint", b'{"prompt": "x", "response": "y", "label": ' + b"9" * 5000 + b"}"),
+                     ("surrogate", b'{"prompt": "\\udc00", "response": "y"}'),
+                     ("bom", b"\xef\xbb\xbf" + b'{"prompt": "x", "response": "y"}')]),
+)
+WHERE = re.compile(r"^(?P<path>.*?):(?P<line>\d+): ")
+
+
+@props(1000)
+@given(lines=st.lists(LINES, min_size=1, max_size=6))
+def test_jsonl_lines_load_or_name_the_first_bad_file_line(tmp_path, lines):
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b"\n".join(b for _, b in lines) + b"\n")
+    before = snapshot(tmp_path)
+    try:
+        rows = read_jsonl(str(path))
+    except DataError as e:
+        msg = str(e)
+        m = WHERE.match(msg)
+        if m is None:  # no line to name: the file itself
+            assert msg.startswith(f"{path}: no rows"), msg
+        else:
+            assert m["path"] == str(path), msg
+            n = int(m["line"])
+            assert 1 <= n <= len(lines) and lines[n - 1][0] not in ("good", "blank"), (n, lines, msg)
+            # every line before it is fine: the error names the first bad line
+            path.write_bytes(b"".join(b + b"\n" for _, b in lines[:n - 1]))
+            try:
+                read_jsonl(str(path))
+            except DataError as e2:
+                assert str(e2) == f"{path}: no rows (the file is empty or only blank lines)", (lines, msg, str(e2))
+    else:
+        assert len(rows) >= sum(k == "good" for k, _ in lines)
+        # what loads also tokenises: nothing a loaded row holds breaks the encoder
+        collate(ByteTokenizer(), [r.example for r in rows], max_len=4096)
+    assert snapshot(tmp_path).keys() == before.keys()
+
+
+CLIENT_IDS = st.one_of(st.none(), st.integers(-1, 4), st.sampled_from(["acme", "beta", "", "Zed"]))
+
+
+@props(400)
+@given(rows=st.lists(st.tuples(GOOD_ROWS, CLIENT_IDS, st.one_of(st.none(), st.sampled_from(["a", "b", 3]))),
+                     min_size=1, max_size=30),
+       files=st.integers(1, 3), clients=st.integers(1, 3), partition=st.sampled_from(["iid", "dirichlet", "field"]),
+       alpha=st.sampled_from([0.01, 1.0, 100.0]), fewshot=st.integers(0, 3))
+def test_client_ids_labels_and_partitions_load_or_name_the_file(tmp_path, rows, files, clients, partition, alpha, fewshot):
+    paths = []
+    for f in range(files):
+        lines = []
+        for i, (row, client, label) in enumerate(rows):
+            if i % files != f:
+                continue
+            row = {k: v for k, v in row.items() if k not in ("client", "label")}
+            row.update({k: v for k, v in (("client", client), ("label", label)) if v is not None})
+            lines.append(json.dumps(row))
+        paths.append(tmp_path / f"c{f}.jsonl")
+        paths[-1].write_text("".join(l + "\n" for l in lines))
+    before = snapshot(tmp_path)
+    cfg = DataConfig(source="jsonl", files=[str(p) for p in paths], partition=partition, alpha=alpha,
+                     fewshot_rows=fewshot, test_fraction=0.2)
+    try:
+        out = load_clients(cfg, clients, seed=0)
+    except DataError as e:
+        msg = str(e)
+        assert any(str(p) in msg for p in paths) or msg.startswith("data.files has"), msg
+    else:
+        assert len(out) == clients
+        for c in out:
+            check_responses_fit(ByteTokenizer(), c, max_len=64)
+    assert snapshot(tmp_path) == before
+
+
+@props(30)
+@given(rows=st.lists(ROWS, min_size=1, max_size=4))
+def test_datasets_read_through_hf_load_or_name_the_path_and_leave_nothing(tmp_path, rows):
+    from fdlora_cluster.data.hf import read_dataset
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = set(Path(tempfile.gettempdir()).glob("fdlora-hf-*"))
+    try:
+        read_dataset(str(path))
+    except DataError as e:
+        assert str(e).startswith(str(path)), str(e)
+    assert set(Path(tempfile.gettempdir()).glob("fdlora-hf-*")) == tmp  # the throwaway cache is gone
+
+
 # ------------------------------------------------------------------ what the generated input found, pinned
 
 
@@ -237,3 +358,24 @@ def test_a_deepspeed_file_that_is_not_utf8_json_is_a_config_error(demo, workdir)
     raw["deepspeed"] = str(workdir / "ds.json")
     with pytest.raises(ConfigError, match=r"deepspeed: .*ds\.json is not valid JSON: 'utf-8' codec can't decode byte 0xff"):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize("line, match", [
+    (b"\x80", r"f\.jsonl:2: not valid UTF-8 \(invalid start byte at byte 1\)"),  # was blamed on line 1
+    (b"[" * 3000 + b"]" * 3000, r"f\.jsonl:2: JSON nested too deeply to read"),
+    (b'{"prompt": "x", "response": "y", "label": ' + b"9" * 5000 + b"}", r"f\.jsonl:2: not usable JSON \(Exceeds the limit"),
+    (b'{"prompt": "\\udc00", "response": "y"}', r"f\.jsonl:2: field 'prompt' holds '\\udc00' at character 0, a lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "y"}]}',
+     r"f\.jsonl:2: messages\[0\]: 'content' holds '\\ud800'"),
+])
+def test_found_lines_are_data_errors_naming_their_line(tmp_path, line, match):
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b'{"prompt": "x", "response": "y"}\n' + line + b"\n")
+    with pytest.raises(DataError, match=match):
+        read_jsonl(str(path))
+
+
+def test_a_byte_order_mark_at_the_start_is_skipped(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "x", "response": "y"}\n')
+    assert read_jsonl(str(path))[0].example.prompt == "x"

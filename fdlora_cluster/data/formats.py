@@ -41,10 +41,22 @@ class Row:
         return self.example.where
 
 
+def _text(v: str, what: str, where: str) -> str:
+    """`v` if it is Unicode text: JSON's \\ud800 escapes decode to lone surrogates, which no
+    tokenizer (and no UTF-8 log file) takes; refused here, where the row is known."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {what} holds {v[e.start]!r} at character {e.start}, a lone surrogate "
+                        "(half of a \\uXXXX pair), which is not text") from None
+    return v
+
+
 def _string(obj: dict, key: str, where: str, empty_ok: bool = True) -> str:
     v = obj[key]
     if not isinstance(v, str):
         raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    _text(v, f"field {key!r}", where)
     if not empty_ok and v == "":
         raise DataError(f"{where}: field {key!r} is empty (the loss needs at least one token to learn)")
     return v
@@ -64,6 +76,7 @@ def _messages(value, where: str) -> tuple[tuple[str, str], ...]:
             raise DataError(f"{at}: 'role' must be a non-empty string, got {role!r}")
         if not isinstance(content, str):
             raise DataError(f"{at}: 'content' must be a string, got {type(content).__name__}")
+        _text(role, "'role'", at), _text(content, "'content'", at)
         if role == ASSISTANT and content == "":
             raise DataError(f"{at}: an assistant turn is empty (the loss needs at least one token to learn)")
         out.append((role, content))
@@ -97,12 +110,16 @@ def parse_row(obj, where: str) -> Row:
     label = obj.get("label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
         raise DataError(f"{where}: field 'label' must be a string or integer, got {type(label).__name__}")
+    if isinstance(label, str):
+        _text(label, "field 'label'", where)
     label = None if label is None else str(label)
     client = obj.get("client")
     if client is not None and (isinstance(client, bool) or not isinstance(client, (int, str))
                                or client == "" or isinstance(client, int) and client < 0):
         raise DataError(f"{where}: field 'client' must be a client name (a non-empty string) or index "
                         f"(an integer >= 0), got {client!r}")
+    if isinstance(client, str):
+        _text(client, "field 'client'", where)
     if layout == "prompt/response":
         ex = Example(_string(obj, "prompt", where), _string(obj, "response", where, empty_ok=False), label,
                      where=where)
