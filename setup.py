@@ -21,7 +21,9 @@ setup(
     extras_require={
         # An MPI for pip users; on clusters use the system MPI (module load) instead.
         "mpich": ["mpich"],
-        "test": ["pytest>=7", "pytest-timeout", "mpich"],
+        # data.source: hf (local Hugging Face datasets); ~10 s to install, so the tests use it too.
+        "hf": ["datasets>=2.14"],
+        "test": ["pytest>=7", "pytest-timeout", "mpich", "hypothesis>=6", "datasets>=2.14"],
     },
     entry_points={"console_scripts": ["fdlora-cluster=fdlora_cluster.cli:main"]},
 )

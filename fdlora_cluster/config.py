@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -277,10 +278,13 @@ class DittoConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["generator", "jsonl"] = "generator"
-    """generator: the built-in seeded scenario; jsonl: files below."""
+    source: Literal["generator", "jsonl", "hf"] = "generator"
+    """generator: the built-in seeded scenario; jsonl: JSONL files below; hf: local Hugging Face
+    datasets below (JSON, JSONL, Parquet, Arrow, save_to_disk directories; needs `datasets`)."""
     files: Optional[list[str]] = None
-    """jsonl: one file per client (in client order), or one file split by `partition`."""
+    """jsonl / hf: one file per client (in client order), or one file split by `partition`."""
+    split: Optional[str] = None
+    """hf: the split to read from a dataset saved with several (a DatasetDict); one split is taken as is."""
     partition: Literal["iid", "dirichlet", "field"] = "iid"
     """How one file is split across clients; `field` uses each row's `client`."""
     alpha: float = 0.5
@@ -421,6 +425,48 @@ def _no_duplicates(loader, node, deep=False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
+MAX_VALUES = 100_000
+"""A config expands to at most this many values: YAML aliases can make a few lines stand for
+billions (or for a loop), which every later step would walk."""
+
+
+def _check_size(raw, where: str) -> None:
+    """Refuses what later steps cannot handle: more than MAX_VALUES values, and integers too long
+    to print (`0xfff...` reads as one; Python's str() refuses over 4300 digits, and every error
+    message prints the value it is about)."""
+    seen, stack = 0, [raw]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{where}: expands to more than {MAX_VALUES} values (YAML aliases that repeat, "
+                              "or refer to, themselves?)")
+        if isinstance(node, int) and node.bit_length() > 13_000:
+            raise ConfigError(f"{where}: holds an integer of {node.bit_length()} bits; no setting takes one that large")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+            stack.extend(node.keys())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _parse_yaml(text, where: str, loader=_StrictLoader):
+    """YAML text or an open file as Python values; every way it can fail is a ConfigError naming `where`."""
+    try:
+        value = yaml.load(text, Loader=loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:  # PyYAML builds nested values recursively
+        raise ConfigError(f"{where}: nested too deeply to read") from None
+    except (ValueError, TypeError, OverflowError) as e:  # PyYAML's constructors do not wrap their own errors:
+        # an integer of 5000 digits, `2001-13-45` read as a date, `!!int x`
+        raise ConfigError(f"{where}: not valid YAML: a value cannot be read ({e})") from None
+    _check_size(value, where)
+    return value
+
+
 def read_yaml(path: str, _seen: tuple = ()) -> dict:
     """One YAML file as a mapping, with `include: other.yaml` (relative to the file) merged under it:
     the included file's keys first, this file's keys over them, section by section."""
@@ -428,11 +474,8 @@ def read_yaml(path: str, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file not found: {path}")
     if os.path.abspath(path) in _seen:
         raise ConfigError(f"{path}: include loop through {' -> '.join(_seen)}")
-    with open(path) as f:
-        try:
-            raw = yaml.load(f, Loader=_StrictLoader) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    with open(path, encoding="utf-8") as f:
+        raw = _parse_yaml(f, path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     include = raw.pop("include", None)
@@ -440,7 +483,10 @@ def read_yaml(path: str, _seen: tuple = ()) -> dict:
         return raw
     if not isinstance(include, str):
         raise ConfigError(f"{path}: include must be one file name, got {include!r}")
-    base = read_yaml(os.path.join(os.path.dirname(path), include), _seen + (os.path.abspath(path),))
+    target = os.path.join(os.path.dirname(path), include)
+    if not os.path.isfile(target):
+        raise ConfigError(f"{path}: include: file {target} not found")
+    base = read_yaml(target, _seen + (os.path.abspath(path),))
     return _merge(base, raw)
 
 
@@ -477,7 +523,7 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"--set {item!r}: {p!r} is not a section")
         node = nxt
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    node[parts[-1]] = _parse_yaml(value, f"--set {item!r}", yaml.SafeLoader) if value != "" else None
 
 
 def _key(f: dataclasses.Field) -> str:
@@ -562,11 +608,11 @@ def _coerce(tp, value, key: str, source: str):
         kt, vt = args
         out = {}
         for k, v in value.items():
-            if kt is int:
-                try:
+            if kt is int:  # YAML gives 1 or, from --set and JSON-minded users, "1"; not 1.5 or true
+                if isinstance(k, str) and re.fullmatch(r"\s*-?[0-9]{1,18}\s*", k):
                     k = int(k)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{source}: {key} key {k!r} must be an integer") from None
+                if isinstance(k, bool) or not isinstance(k, int):
+                    raise ConfigError(f"{source}: {key} key {k!r} must be an integer")
             out[k] = _coerce(vt, v, f"{key}.{k}", source)
         return out
     if tp is bool:
@@ -601,6 +647,9 @@ def _to_dict(obj):
 # --------------------------------------------------------------------------- validation
 
 
+MAX_RANKS = 2**20  # beyond any machine this runs on; raise it for a bigger one
+
+
 def _require(cond: bool, source: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{source}: {msg}")
@@ -622,6 +671,8 @@ def validate(cfg: Config, source: str) -> None:
                  "topology: set clients: [ranks per client, ...] or both num_clients and ranks_per_client")
         _require(t.num_clients >= 1 and t.ranks_per_client >= 1, source,
                  f"topology: num_clients ({t.num_clients}) and ranks_per_client ({t.ranks_per_client}) must be >= 1")
+    ranks = sum(t.clients) if t.clients is not None else t.num_clients * t.ranks_per_client
+    _require(ranks <= MAX_RANKS, source, f"topology: {ranks} client ranks; at most {MAX_RANKS} are supported")
     m = cfg.model
     _require((m.path is None) != (m.config is None), source,
              "model: set exactly one of model.path (a local checkpoint) or model.config (build from scratch)")
@@ -633,7 +684,7 @@ def validate(cfg: Config, source: str) -> None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         mt = m.config["model_type"]
-        _require(mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, source,
+        _require(isinstance(mt, str) and mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, source,
                  f"model.config.model_type = {mt!r} is not a causal LM type this transformers knows; "
                  f"e.g. {', '.join(t for t in ('llama', 'mistral', 'qwen2', 'gpt2') if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)}")
     _require(m.pretrain_steps >= 1 and m.pretrain_batch_size >= 1 and m.pretrain_lr > 0, source,
@@ -731,12 +782,17 @@ def validate(cfg: Config, source: str) -> None:
                  f"strategy {cfg.strategy} fuses the two adapters layer by layer, so lora.personal.target_modules "
                  f"({p_.target_modules}) must equal lora.global.target_modules ({g_.target_modules})")
     d = cfg.data
-    if d.source == "jsonl":
-        _require(bool(d.files), source, "data.source = 'jsonl' needs data.files (one per client, or one to split)")
+    if d.source in ("jsonl", "hf"):
+        _require(bool(d.files), source, f"data.source = {d.source!r} needs data.files (one per client, or one to split)")
         _require(len(d.files) in (1, n), source,
                  f"data.files has {len(d.files)} files; give 1 (split across clients) or {n} (one per client)")
-        for p in d.files:
-            _require(os.path.isfile(p), source, f"data.files: {p} not found")
+        for p in d.files:  # hf also reads save_to_disk directories
+            _require(os.path.isfile(p) or d.source == "hf" and os.path.isdir(p), source, f"data.files: {p} not found")
+    if d.source == "hf":
+        import importlib.util
+
+        _require(importlib.util.find_spec("datasets") is not None, source, "data.source = 'hf' reads datasets with "
+                 "the `datasets` library, which is not installed: pip install 'fdlora-cluster[hf]' (or pip install datasets)")
     _require(0.0 < d.test_fraction < 1.0, source, f"data.test_fraction = {d.test_fraction} must be in (0, 1)")
     _require(d.alpha > 0, source, f"data.alpha = {d.alpha} must be > 0")
     _require(d.fewshot_rows >= 0, source, "data.fewshot_rows must be >= 0")
@@ -755,7 +811,10 @@ def validate(cfg: Config, source: str) -> None:
     if isinstance(cfg.deepspeed, str):
         _require(os.path.isfile(cfg.deepspeed), source, f"deepspeed: JSON file {cfg.deepspeed} not found")
     _require(cfg.log.every >= 1, source, "log.every must be >= 1")
-    for c in range(n):  # builds each client's DeepSpeed dict now, so a bad file or stage fails on load
+    # Builds the clients' DeepSpeed dicts now, so a bad file or stage fails on load: each overridden
+    # client's, and one for all the others (theirs are equal), so a million clients cost one.
+    plain = next(c for c in range(n) if c not in cfg.client_overrides or c == n - 1)
+    for c in sorted(set(cfg.client_overrides) | {plain}):
         stage = deepspeed_dict(cfg, c)["zero_optimization"].get("stage", 0)
         _require(not (cfg.strategy in ("fedprox", "ditto") and stage == 3), source,
                  f"strategy {cfg.strategy} adds a proximal term over the full adapter on every rank, which ZeRO-3 "
@@ -767,10 +826,11 @@ def deepspeed_dict(cfg: Config, client: int) -> dict:
     batch sizes and optimizer from `train` where the user did not set them."""
     base = cfg.deepspeed
     if isinstance(base, str):
-        with open(base) as f:
+        with open(base, encoding="utf-8") as f:
             try:
                 base = json.load(f)
-            except json.JSONDecodeError as e:
+            # ValueError: bad JSON, bad UTF-8, an integer too long to convert; RecursionError: nesting
+            except (ValueError, RecursionError) as e:
                 raise ConfigError(f"deepspeed: {cfg.deepspeed} is not valid JSON: {e}") from None
     if not isinstance(base, dict):
         raise ConfigError(f"deepspeed: expected a mapping (or a JSON file of one), got {type(base).__name__}")
@@ -821,11 +881,13 @@ def deepspeed_dict(cfg: Config, client: int) -> dict:
 
 def _mixed_precision(ds: dict, dtype: str | None, where: str) -> None:
     """One source for precision: DeepSpeed's bf16/fp16 sections, which model.dtype may switch on."""
-    if "bfloat16" in ds:  # DeepSpeed's alias of the bf16 section
-        ds["bf16"] = _merge(ds.pop("bfloat16"), ds.get("bf16", {}))
-    for key in ("bf16", "fp16"):
+    for key in ("bfloat16", "bf16", "fp16"):  # bfloat16: DeepSpeed's alias of the bf16 section
         if key in ds and not isinstance(ds[key], dict):
             raise ConfigError(f"{where}: {key} must be a mapping such as {{enabled: true}}, got {ds[key]!r}")
+        if key in ds and not isinstance(ds[key].get("enabled", False), bool):
+            raise ConfigError(f"{where}: {key}.enabled = {ds[key]['enabled']!r} must be true or false")
+    if "bfloat16" in ds:
+        ds["bf16"] = _merge(ds.pop("bfloat16"), ds.get("bf16", {}))
     enabled = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled", False)]
     if len(enabled) == 2:
         raise ConfigError(f"{where}: bf16 and fp16 are both enabled; enable one")

@@ -39,7 +39,7 @@ def rows(n, labels=("a", "b", "c"), client=None):
     ('{"prompt": 1, "response": " y"}', r"f\.jsonl:3: field 'prompt' must be a string"),
     ('[1, 2]', r"f\.jsonl:3: expected a JSON object"),
     ('{"prompt": "x", "response": ""}', r"f\.jsonl:3: field 'response' is empty"),
-    ('{"prompt": "x", "response": " y", "client": -1}', r"f\.jsonl:3: field 'client' must be a non-negative"),
+    ('{"prompt": "x", "response": " y", "client": -1}', r"f\.jsonl:3: field 'client' must be a client name \(a non-empty string\) or index \(an integer >= 0\), got -1"),
     ('{"prompt": "x", "response": " y", "label": [1]}', r"f\.jsonl:3: field 'label' must be a string"),
 ])
 def test_bad_line_names_file_and_line(tmp_path, bad, match):
@@ -60,7 +60,7 @@ def test_empty_and_missing_file(tmp_path):
 def test_rows_keep_label_client_and_line(tmp_path):
     path = write(tmp_path / "f.jsonl", [{"prompt": "p", "response": " r", "label": 3, "client": 1}])
     (row,) = read_jsonl(path)
-    assert row.example == Example("p", " r", "3") and row.client == 1 and row.line == 1
+    assert row.example == Example("p", " r", "3") and row.client == 1 and row.where == f"{path}:1"
 
 
 # ------------------------------------------------------------------ partitions

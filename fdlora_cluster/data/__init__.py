@@ -6,17 +6,24 @@ The trainer needs `load_clients(cfg, num_clients, seed)`, `get_tokenizer` and `c
     clients = load_clients(cfg.data, num_clients=2, seed=0)   # list[ClientData], one per client
     batch = collate(tokenizer, clients[0].train[:8], max_len=48)
 
-Sources (`data.source`): `generator` (the shipped scenario, `scenario.py`) or `jsonl` (user
-files: one per client, or one split by `data.partition`). Every split is deterministic in the seed.
+Sources (`data.source`): `generator` (the shipped scenario, `scenario.py`), `jsonl` (user files:
+one per client, or one split by `data.partition`) or `hf` (the same, as local Hugging Face datasets
+read by the optional `datasets` library, `hf.py`). Rows come in three layouts (`formats.py`):
+prompt/response, instruction (Alpaca) and chat. Every split is deterministic in the seed.
 """
 
 from __future__ import annotations
 
 import random
 
-from .examples import IGNORE_INDEX, ClientData, Example, collate, encode_example
-from .jsonl import DataError, Row, parse_row, read_jsonl, write_jsonl
-from .partition import PARTITIONS, label_counts, partition_dirichlet, partition_iid, partition_rows
+from ..log import get_logger
+from .chat import has_chat_template
+from .errors import DataError
+from .examples import IGNORE_INDEX, ClientData, Example, collate, encode_example, segments
+from .formats import Row, parse_row
+from .jsonl import read_jsonl, write_jsonl
+from .partition import (PARTITIONS, field_clients, file_client, label_counts, partition_dirichlet, partition_iid,
+                        partition_rows)
 from .scenario import LABELS, general_text, generate_client_rows
 from .tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer
 
@@ -32,13 +39,15 @@ def candidate_responses(per_client: list[list[Example]]) -> list[str]:
     it, and a shared adapter is charged for answering with another client's name for a label)."""
     every = [e for rows in per_client for e in rows]
     responses = {e.response for e in every}
-    if all(e.label is not None for e in every) and len(responses) <= MAX_CANDIDATES:
+    # chat rows are scored by loss only: a candidate after the plain prompt is not what the chat
+    # template renders, so its likelihood would not be the model's answer to the conversation
+    if all(e.label is not None and e.messages is None for e in every) and len(responses) <= MAX_CANDIDATES:
         return sorted(responses)
     return []
 
 
 def split_client(client: int, rows: list[Example], cfg, seed: int, where: str = "",
-                 candidates_all: list[str] | None = None) -> ClientData:
+                 candidates_all: list[str] | None = None, name: str | None = None) -> ClientData:
     """Shuffle one client's rows (seeded by seed and client) into test, few-shot and train.
 
     `candidates` is this client's own label set (`candidate_responses([rows])`, all its rows before
@@ -58,49 +67,84 @@ def split_client(client: int, rows: list[Example], cfg, seed: int, where: str = 
     if candidates_all is None:
         candidates_all = candidates
     return ClientData(client=client, train=train, fewshot=few, test=test, candidates=candidates,
-                      candidates_all=candidates_all)
+                      candidates_all=candidates_all, name=name)
 
 
-def load_rows(cfg, num_clients: int, seed: int) -> tuple[list[list[Example]], list[str]]:
-    """Every client's rows before splitting, and a description of where each came from."""
+def read_rows(cfg, path: str) -> list[Row]:
+    """One user file's rows, by `data.source`."""
+    if cfg.source == "hf":
+        from .hf import read_dataset
+
+        return read_dataset(path, cfg.split)
+    return read_jsonl(path)
+
+
+def load_rows(cfg, num_clients: int, seed: int) -> tuple[list[list[Example]], list[str], list[str | None]]:
+    """Every client's rows before splitting, a description of where each came from, and each
+    client's name (the string id its rows give it; None where they give none or an index)."""
     if cfg.source == "generator":
         rows = [generate_client_rows(c, num_clients, cfg.rows_per_client, seed, cfg.skew) for c in range(num_clients)]
-        return rows, ["generator: " for _ in range(num_clients)]
+        return rows, ["generator: " for _ in range(num_clients)], [None] * num_clients
     files = list(cfg.files or [])
     if len(files) == num_clients and num_clients > 1 or (len(files) == 1 and num_clients == 1):
-        per_file = [read_jsonl(p) for p in files]
-        return [[r.example for r in rs] for rs in per_file], [f"{p}: " for p in files]
+        per_file = [read_rows(cfg, p) for p in files]
+        names = [file_client(rs, c, p) for c, (rs, p) in enumerate(zip(per_file, files))]
+        for c, n in enumerate(names):
+            if n is not None and names.index(n) != c:
+                raise DataError(f"{files[c]}: client {n!r} is also the client of {files[names.index(n)]}; "
+                                "with one file per client, every file holds a different client")
+        return [[r.example for r in rs] for rs in per_file], [f"{p}: " for p in files], names
     if len(files) != 1:
         raise DataError(f"data.files has {len(files)} files; give 1 (split across clients) or {num_clients} (one per client)")
-    rows = read_jsonl(files[0])
+    rows = read_rows(cfg, files[0])
     parts = partition_rows(rows, num_clients, cfg.partition, cfg.alpha, seed, files[0])
-    return [[r.example for r in p] for p in parts], [f"{files[0]}: " for _ in range(num_clients)]
+    names = field_clients(rows, num_clients, files[0])[1] if cfg.partition == "field" else [None] * num_clients
+    return [[r.example for r in p] for p in parts], [f"{files[0]}: " for _ in range(num_clients)], names
 
 
 def check_responses_fit(tok, data: ClientData, max_len: int) -> None:
-    """Every response of a client (and every candidate label) fits `max_len` with its eos: checked
-    once at start, so a long row fails the job before training, not when its batch comes up."""
+    """Every response of a client (every chat row's last assistant turn, every candidate label)
+    fits `max_len` with its eos: checked once at start, so a long row fails the job before
+    training, not when its batch comes up. Chat rows are rendered here, so a conversation the
+    chat template refuses fails now too, naming its file and line."""
     rows = [("train", ex) for ex in data.train] + [("few-shot", ex) for ex in data.fewshot] + \
            [("test", ex) for ex in data.test] + [("candidate", Example("", c)) for c in data.candidates_all]
+    if any(ex.messages is not None for _, ex in rows):
+        get_logger().info(f"client {data.client}: chat rows rendered with " + (
+            "the tokenizer's chat template" if has_chat_template(tok) else
+            "the plain fallback template (the tokenizer has no chat template; docs/DATA.md)"))
     seen = set()
     for split, ex in rows:
-        if ex.response in seen:
+        key = ex.messages or ex.response  # prompt/response rows: the response alone decides
+        if key in seen:
             continue
-        seen.add(ex.response)
-        n = len(tok.encode(ex.response)) + 1
+        seen.add(key)
+        n = len(segments(tok, ex)[-1][0])
         if n >= max_len:
-            raise DataError(f"client {data.client}: a {split} response of {n} tokens (with eos) does not fit "
+            at = f"{ex.where}: " if ex.where else ""
+            raise DataError(f"{at}client {data.client}: a {split} response of {n} tokens (with eos) does not fit "
                             f"train.max_seq_len = {max_len}: {ex.response[:60]!r}; raise train.max_seq_len")
 
 
+def describe_clients(clients: list[ClientData]) -> str:
+    """How the data's client names map to client indices, one line: `client 0 = 'acme', ...`."""
+    return ", ".join(f"client {c.client} = {c.name!r}" if c.name is not None else f"client {c.client}"
+                     for c in clients)
+
+
 def load_clients(cfg, num_clients: int, seed: int) -> list[ClientData]:
-    """Every client's train / few-shot / test rows (deterministic in seed). `cfg` is a DataConfig."""
-    rows, where = load_rows(cfg, num_clients, seed)
+    """Every client's train / few-shot / test rows (deterministic in seed). `cfg` is a DataConfig.
+    When the data names its clients, the mapping of names to indices is logged."""
+    rows, where, names = load_rows(cfg, num_clients, seed)
     every = candidate_responses(rows)
-    return [split_client(c, r, cfg, seed, where[c], every) for c, r in enumerate(rows)]
+    clients = [split_client(c, r, cfg, seed, where[c], every, names[c]) for c, r in enumerate(rows)]
+    if any(n is not None for n in names):
+        get_logger().info(f"data: client names -> indices: {describe_clients(clients)}")
+    return clients
 
 
-__all__ = ["ByteTokenizer", "ClientData", "candidate_responses", "check_responses_fit", "DataError", "Example", "HFTokenizer", "IGNORE_INDEX", "LABELS",
-           "PARTITIONS", "Row", "collate", "encode_example", "general_text", "generate_client_rows",
-           "get_tokenizer", "label_counts", "load_clients", "load_rows", "parse_row", "partition_dirichlet",
-           "partition_iid", "partition_rows", "read_jsonl", "split_client", "write_jsonl"]
+__all__ = ["ByteTokenizer", "ClientData", "candidate_responses", "check_responses_fit", "DataError", "Example",
+           "HFTokenizer", "IGNORE_INDEX", "LABELS", "PARTITIONS", "Row", "collate", "describe_clients",
+           "encode_example", "field_clients", "file_client", "general_text", "generate_client_rows", "get_tokenizer",
+           "label_counts", "load_clients", "load_rows", "parse_row", "partition_dirichlet", "partition_iid",
+           "partition_rows", "read_jsonl", "read_rows", "segments", "split_client", "write_jsonl"]

@@ -1,7 +1,8 @@
 """Tokenizers: the model's own (from a local checkpoint) or a byte-level one that needs no download.
 
 Both expose the same small surface the trainer uses: `encode(text) -> list[int]`, `decode(ids)`,
-`pad_id`, `eos_id`, `vocab_size`, `save_pretrained(dir)`.
+`pad_id`, `eos_id`, `vocab_size`, `save_pretrained(dir)`, and for chat rows `chat_template`
+(None when there is none: the byte tokenizer never has one) and `render_chat(messages, ...)`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ class ByteTokenizer:
     pad_id = 256
     eos_id = 257
     vocab_size = 258
+    chat_template = None  # chat rows use the plain fallback (chat.py)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -42,12 +44,18 @@ class HFTokenizer:
             raise ValueError(f"tokenizer in {path} has no eos token; set one in its tokenizer_config.json")
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         self.vocab_size = len(self.tok)
+        self.chat_template = getattr(self.tok, "chat_template", None)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
     def decode(self, ids) -> str:
         return self.tok.decode(ids)
+
+    def render_chat(self, messages, add_generation_prompt: bool) -> str:
+        """(role, content) pairs as text, by the tokenizer's own chat template."""
+        conv = [{"role": r, "content": c} for r, c in messages]
+        return self.tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def save_pretrained(self, path: str) -> None:
         self.tok.save_pretrained(path)
