@@ -38,14 +38,14 @@ def load_run_config(run_dir: str):
     if not os.path.isfile(path) or not os.path.isdir(os.path.join(run_dir, "adapters")):
         raise ExportError(f"{run_dir}: not a run directory (it needs config.yaml and adapters/, "
                           "written by `fdlora-cluster run`)")
-    raw = read_yaml(path)
-    checkpoint = (raw.get("model") or {}).get("path")
-    if checkpoint and not os.path.isdir(checkpoint):  # say more than validation's "not a directory"
-        raise ExportError(_no_checkpoint(checkpoint))
     try:
+        raw = read_yaml(path)
+        checkpoint = (raw.get("model") or {}).get("path")
+        if checkpoint and not os.path.isdir(checkpoint):  # say more than validation's "not a directory"
+            raise ExportError(_no_checkpoint(checkpoint))
         return config_from_dict(raw, source=path)
     except ConfigError as e:
-        raise ExportError(f"{path}: {e}") from None
+        raise ExportError(str(e)) from None  # its message starts with the file
 
 
 def _no_checkpoint(path: str) -> str:

@@ -156,6 +156,9 @@ def test_export_errors_say_what_is_wrong(run, tmp_path, capsys):
     # the fixture's folder holds a config.yaml but is not a run
     assert "not a run directory (it needs config.yaml and adapters/" in fails(run.tmp, "--client", "0")
     assert "--client 2: this run has 2 clients, valid: 0-1" in fails(run.dir, "--client", "2")
+    broken = copy_run(run, tmp_path / "y")
+    (broken / "config.yaml").write_text("model: [unclosed\n")
+    assert "config.yaml: not valid YAML" in fails(broken, "--client", "0")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     assert "exists and is not empty" in fails(run.dir, "--client", "0", out=tmp_path / "full")
