@@ -264,6 +264,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """One client's adapter as a PEFT directory, or merged into the base (docs/SERVING.md)."""
+    from .export import ExportError, export
+
+    try:
+        info = export(args.run_dir, args.client, args.out, adapter=args.adapter, merge=args.merge)
+    except ExportError as e:
+        print(f"export error: {e}", file=sys.stderr)
+        return 2
+    head = f"wrote {args.out}: client {args.client}'s {args.adapter} adapter"
+    if args.merge:
+        print(f"{head} merged into the base ({info['base']}): a plain Hugging Face checkpoint")
+    else:
+        print(f"{head}, LoRA rank {info['r']} (a multi-LoRA server needs max LoRA rank >= {info['r']}); "
+              f"its base checkpoint: {info['base_checkpoint']}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fdlora-cluster", description=__doc__.splitlines()[0])
     # The DeepSpeed launcher's own spawning puts --local_rank=N right after the script, before
@@ -293,6 +311,13 @@ def main(argv=None) -> int:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory; several = a comparison")
     p.add_argument("--out", help="report directory (default: RUN_DIR/report, or ./report for several runs)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("export", help="one client's adapter for serving: a PEFT directory, or merged (--merge)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
+    p.add_argument("--client", type=int, required=True, help="client id (0-based)")
+    p.add_argument("--adapter", choices=("fused", "personal", "global"), default="fused")
+    p.add_argument("--merge", action="store_true", help="merge into the base: a plain Hugging Face checkpoint")
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
+    p.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     return args.func(args)
 
