@@ -45,25 +45,26 @@ ClientEngine.score_rows = recording_score_rows
 from fdlora_cluster.model import PERSONAL
 
 personal_values = []  # on a client's rank 0: the personal adapter's start and every value its training made
-_train = ClientEngine.train
-_started = []
+_init, _train = ClientEngine.__init__, ClientEngine.train
+
+
+def recording_init(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    value = self.read(PERSONAL)  # the start, before anything writes it (every rank: ZeRO-3 gathers)
+    if self.local_rank == 0:
+        personal_values.append(value)
 
 
 def recording_train(self, name, *args, **kwargs):
-    # every rank trains, so every rank takes part in each read (ZeRO-3 gathers)
-    if not _started:
-        _started.append(True)
-        value = self.read(PERSONAL)
-        if self.local_rank == 0:
-            personal_values.append(value)
     out = _train(self, name, *args, **kwargs)
-    if name == PERSONAL:
+    if name == PERSONAL:  # every rank trains, so every rank takes part in the read
         value = self.read(PERSONAL)
         if self.local_rank == 0:
             personal_values.append(value)
     return out
 
 
+ClientEngine.__init__ = recording_init
 ClientEngine.train = recording_train
 payloads: list = []
 result = run(cfg, record_payloads=payloads)
