@@ -7,8 +7,6 @@ Needs root and Slurm (tests/cluster/install.sh); the daemons are stopped afterwa
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from cluster import hosts
@@ -54,41 +52,6 @@ def test_srun_without_an_mpi_plugin_is_stopped_with_the_fix(slurm_local, tmp_pat
     job, console = sbatch(slurm_local, "launch/slurm/fdlora.sbatch", tmp_path, SRUN_MPI="none")
     assert job["JobState"] == "FAILED", (job, console)
     assert "srun started 5 tasks, but they are not one MPI world" in console and "--mpi=pmi2" in console, console
-
-
-def test_requeue_script_resumes_after_a_killed_attempt(slurm_local, tmp_path):
-    """Attempt 1 dies after its round-2 checkpoint (a leader SIGKILLs itself at round 3, test-only
-    FDLORA_FAULT); `scontrol requeue` starts attempt 2 (SLURM_RESTART_COUNT=1) in the same job,
-    which resumes from that checkpoint and finishes."""
-    first_dies = tmp_path / "fdlora-first-attempt-dies"
-    first_dies.write_text("#!/bin/sh\n"
-                          '[ "${SLURM_RESTART_COUNT:-0}" = 0 ] && export FDLORA_FAULT="kill@rank=3,round=3"\n'
-                          f'exec {sys.prefix}/bin/fdlora-cluster "$@"\n')
-    first_dies.chmod(0o755)
-    slurm_local.env = {**job_env(OUTPUT=str(tmp_path / "run"), FDLORA=str(first_dies)),
-                       "SLURM_CONF": slurm_local.env["SLURM_CONF"]}
-    args = [*TINY_ARGS, "--set", "train.rounds=3", "--set", "checkpoint.every=1"]
-    job, fields = slurm_local.submit_and_wait(
-        ["--overcommit", f"--output={tmp_path}/slurm-%j.out", "launch/slurm/fdlora-requeue.sbatch", *args],
-        timeout=JOB_TIMEOUT, cwd=ROOT)
-    console = tmp_path / f"slurm-{job}.out"
-    assert fields["JobState"] == "FAILED", (fields, console.read_text())
-    assert (tmp_path / "run" / "checkpoints" / "round-00002" / "manifest.json").exists(), console.read_text()
-
-    p = slurm_local.run(["scontrol", "requeue", job], timeout=30)
-    assert p.returncode == 0, p.stdout + p.stderr
-
-    def finished():
-        q = slurm_local.run(["scontrol", "-o", "show", "job", job], timeout=20)
-        f = dict(kv.split("=", 1) for kv in q.stdout.split() if "=" in kv)
-        return f if f.get("Restarts") == "1" and f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None
-
-    fields = hosts.wait_for(f"attempt 2 of Slurm job {job}", finished, timeout=JOB_TIMEOUT + 180, every=1)
-    text = console.read_text()
-    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{text}\n{slurm_local.logs()}"
-    assert "attempt 2: resuming from the newest complete checkpoint" in text, text
-    assert "(end of round 2)" in text and "results per client" in text, text
-    check_run(tmp_path / "run", [2, 2])
 
 
 OPENMPI_SKIP = openmpi_missing()
