@@ -161,6 +161,17 @@ def test_openmpi_fdlora_launch_runs_the_demo(tmp_path):
 
 
 @pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
+def test_openmpi_mpirun_script_on_localhost_runs_the_demo(tmp_path):
+    """MPI=openmpi launch/mpirun.sh on this host: `mpirun -np 5 --map-by slot --oversubscribe`,
+    root allowed by the script; each rank's mpi4py loads Open MPI (cli.select_mpi_library)."""
+    env = job_env(MPI="openmpi", MPIEXEC=openmpi_mpirun(), NP="5", OUTPUT=str(tmp_path / "run"))
+    p = run_launcher(["bash", "launch/mpirun.sh", *TINY_ARGS], env)
+    assert p.returncode == 0, show(p)
+    assert f"+ {openmpi_mpirun()} -np 5 --map-by slot --oversubscribe -x PATH" in p.stdout, show(p)
+    check_run(tmp_path / "run", [2, 2])
+
+
+@pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
 def test_openmpi_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tmp_path):
     """DS_LAUNCHER=openmpi launch/deepspeed.sh = deepspeed --launcher openmpi --force_multi, whose
     runner calls `mpirun -n 5 -hostfile ...`: Open MPI's, put first on PATH by the script."""
