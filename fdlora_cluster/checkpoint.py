@@ -133,7 +133,7 @@ class Checkpointer:
                 os.fsync(f.fileno())
             os.replace(tmp, os.path.join(part, MANIFEST))
             final = round_dir(self.run_dir, k)
-            if os.path.exists(final):  # a resumed job that saves round k again (not normally reached)
+            if os.path.exists(final):  # a job resumed from an older checkpoint writes the later rounds again
                 shutil.rmtree(final)
             os.replace(part, final)
             _fsync_dir(os.path.dirname(final))

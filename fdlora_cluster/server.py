@@ -76,9 +76,9 @@ class Server:
         self.strategy.outer.load_state_dict(state["outer"])
         self.transport.post_receives(self.clients)
 
-    def state(self, k: int) -> dict:
-        """The server's part of the checkpoint at the end of round k."""
-        return {"round": k, "global": self.global_state, "outer": self.strategy.outer.state_dict()}
+    def state(self) -> dict:
+        """What the server carries from round to round (its part of a checkpoint)."""
+        return {"global": self.global_state, "outer": self.strategy.outer.state_dict()}
 
     def send_round(self, t: int) -> None:
         """Round t starts: the global adapter goes to every leader."""

@@ -15,7 +15,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-
 from .checkpoint import Checkpointer, agree_on_resume, rng_state, set_rng_state
 from .config import AdapterConfig, Config
 from .data import check_responses_fit, get_tokenizer, load_clients
@@ -116,13 +115,20 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
 
     log = get_logger()
     first_round = ckpt.resumed_round + 1
+
+    def save(k: int, **more) -> None:
+        """The server's part of the checkpoint at the end of round k (collective with the clients')."""
+        ckpt.write(k, {"server.pt": {"round": k, "records": run_dir.records, "rng": rng_state(), **more}})
+
+    resumed = ckpt.load("server.pt") if ckpt.resumed else None
+    if resumed:
+        run_dir.restore(resumed["records"])
+        set_rng_state(resumed["rng"])
     if not strategy.federated:
         log.info(f"strategy {strategy.name}: no federation; clients train on their own")
-        if ckpt.resumed:
-            run_dir.restore(ckpt.load("server.pt")["records"])
         for k in range(first_round, cfg.train.rounds + 1):  # the clients' checkpoints are collective
             if ckpt.due(k):
-                ckpt.write(k, {"server.pt": {"round": k, "records": run_dir.records, "rng": rng_state()}})
+                save(k)
         return {"bytes_total": transport.total.snapshot()}
     server = Server(cfg, topo, strategy, transport, run_dir)
 
@@ -131,15 +137,11 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
         receive it, which is when they have finished round k (a late client too). `counters`:
         the bytes counted before that global adapter was sent (a resumed job sends it again)."""
         if ckpt.due(k):
-            ckpt.write(k, {"server.pt": {**server.state(k), "records": run_dir.records, "rng": rng_state(),
-                                         "bytes": counters}})
+            save(k, **server.state(), bytes=counters)
 
-    if ckpt.resumed:
-        state = ckpt.load("server.pt")
-        server.resume(state)
-        run_dir.restore(state["records"])
-        transport.total = Counters(**state["bytes"])
-        set_rng_state(state["rng"])
+    if resumed:
+        server.resume(resumed)
+        transport.total = Counters(**resumed["bytes"])
     else:
         server.init_global()
     for t in range(first_round, cfg.train.rounds + 1):
