@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     ap.add_argument("--steps", type=int, default=50, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    ap.add_argument("--torch", action="store_true",
+                    help="no DeepSpeed: torch.optim.AdamW on the LoRA parameters (the plain torch + PEFT loop)")
     args = ap.parse_args(argv)
 
     import torch
@@ -52,6 +54,8 @@ def main(argv=None) -> int:
     micro = ds["train_micro_batch_size_per_gpu"]
 
     gpu = cfg.client_backend() == "nccl"
+    if args.torch:
+        return torch_loop(args, cfg, tok, rows, model, micro, gpu)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -88,6 +92,42 @@ def main(argv=None) -> int:
                       "micro_batch": micro, "zero_stage": ds["zero_optimization"].get("stage", 0),
                       "dtype": cfg.base_dtype(0), "device": str(device),
                       "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
+    return 0
+
+
+def torch_loop(args, cfg, tok, rows, model, micro: int, gpu: bool) -> int:
+    """The same loop without DeepSpeed: forward, backward, torch AdamW step, zero_grad."""
+    import torch
+
+    from fdlora_cluster.data import collate
+
+    device = torch.device("cuda" if gpu else "cpu")
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+    n_batches = max(1, len(rows) // micro)
+    batches = [{k: v.to(device) for k, v in collate(tok, rows[i * micro:(i + 1) * micro] or rows[:micro],
+                                                      cfg.train.max_seq_len).items()} for i in range(n_batches)]
+
+    def step(i):
+        loss = model(**batches[i % n_batches]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    float(loss)
+    if gpu:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / args.steps
+    print(json.dumps({"what": "plain torch + PEFT loop", "seconds_per_step": seconds, "steps": args.steps,
+                      "micro_batch": micro, "zero_stage": None, "dtype": cfg.base_dtype(0), "device": str(device),
+                      "trainable_params": sum(p.numel() for p in params)}))
     return 0
 
 
