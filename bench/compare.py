@@ -2,6 +2,7 @@
 
     python bench/compare.py                                   # fdlora, local, fedavg, diloco, feddpa, ditto
     python bench/compare.py --strategies fdlora fedprox --set seed=1 --out runs/compare-seed1
+    python bench/compare.py --seeds 0 1 2                     # every job per seed, mean and spread
 
 Every job runs with `fdlora-cluster launch` (1 server + 2 clients x 2 ranks on this machine, as
 configs/demo.yaml says), each into OUT/<strategy>; the tiny base is pretrained once first. At the
@@ -11,6 +12,11 @@ for local, global for fedavg / diloco) under the headline accuracy (`eval.headli
 (`accuracy_all`, over every client's labels), every adapter with both accuracies, FDLoRA's fusion
 choices, and writes OUT/report/REPORT.md with the plots.
 A job that fails stops the comparison with its exit status.
+
+With `--seeds S...` every strategy runs once per seed (the run's `seed`: data split, client mixes,
+LoRA init and batch order; the pretrained base is shared) into OUT/seed-<S>/<strategy>, and the
+table gives each method's headline adapter per client as mean +- standard deviation over the seeds,
+with the per-seed values beside it: no seed is chosen, all are shown.
 """
 
 from __future__ import annotations
@@ -115,6 +121,35 @@ def fusion_choices(runs) -> str:
     return "\n".join(lines) if len(lines) > 2 else "(no fusion search in these runs)"
 
 
+def seeds_table(runs_by_seed: dict[int, list], metric: str) -> str:
+    """Methods as rows: per client and over clients, the headline adapter's `metric` as mean +- sd
+    over seeds, then the per-seed means over clients."""
+    import statistics
+
+    from fdlora_cluster.report import headline_adapter
+
+    methods = [r.method for r in next(iter(runs_by_seed.values()))]
+    clients = sorted(s["client"] for s in next(iter(runs_by_seed.values()))[0].summary["clients"])
+    seeds = sorted(runs_by_seed)
+
+    def value(run, client):
+        s = next(s for s in run.summary["clients"] if s["client"] == client)
+        return s["metrics"][headline_adapter(s)].get(metric), headline_adapter(s)
+
+    def ms(xs):
+        return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+    head = ["method (adapter)"] + [f"client {c}" for c in clients] + ["mean over clients"] + [f"seed {s}" for s in seeds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, m in enumerate(methods):
+        per_client = {c: [value(runs_by_seed[s][i], c)[0] for s in seeds] for c in clients}
+        per_seed = [statistics.mean(per_client[c][k] for c in clients) for k in range(len(seeds))]
+        adapter = value(runs_by_seed[seeds[0]][i], clients[0])[1]
+        lines.append(f"| {m} ({adapter}) | " + " | ".join(ms(per_client[c]) for c in clients) + f" | {ms(per_seed)} | "
+                     + " | ".join(f"{x:.3f}" for x in per_seed) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -128,7 +163,11 @@ def main(argv=None) -> int:
     ap.add_argument("--breakdown", action="store_true",
                     help="also print accuracy per kind of line (shared/private/foreign/plain) from the saved adapters")
     ap.add_argument("--report-only", action="store_true", help="skip the jobs; tabulate OUT/<strategy> as they are")
+    ap.add_argument("--seeds", type=int, nargs="+", help="run every strategy once per seed (OUT/seed-<S>/<strategy>) "
+                    "and print mean +- sd over seeds")
     args = ap.parse_args(argv)
+    if args.seeds:
+        return over_seeds(args, argv)
 
     configs = [os.path.join(ROOT, "configs", f"{s}.yaml") for s in args.strategies]
     missing = [c for c in configs if not os.path.isfile(c)]
@@ -173,6 +212,28 @@ def main(argv=None) -> int:
         print("\nTest accuracy per kind of line (from the saved adapters):\n")
         print(breakdown(run_dirs))
     print(f"\nreport: {report}")
+    return 0
+
+
+def over_seeds(args, argv) -> int:
+    """Run the comparison once per seed (each into OUT/seed-<S>), then the over-seeds table."""
+    base = [a for a in (sys.argv[1:] if argv is None else argv)]
+    runs_by_seed = {}
+    for seed in args.seeds:
+        out = os.path.join(args.out, f"seed-{seed}")
+        sub = ["--strategies", *args.strategies, "--out", out, *[x for o in args.overrides for x in ("--set", o)],
+               "--set", f"seed={seed}"] + (["--report-only"] if args.report_only else [])
+        rc = main(sub)
+        if rc != 0:
+            return rc
+        runs_by_seed[seed] = [load_run(os.path.join(out, s)) for s in args.strategies]
+    headline = runs_by_seed[args.seeds[0]][0].config.get("eval", {}).get("headline", "accuracy")
+    print(f"\nMade by `python bench/compare.py {' '.join(base)}`. Headline adapter's test {headline} "
+          f"(eval.headline) over seeds {args.seeds}:\n")
+    print(seeds_table(runs_by_seed, headline))
+    other = "accuracy_all" if headline == "accuracy" else "accuracy"
+    print(f"\nThe same under {other}:\n")
+    print(seeds_table(runs_by_seed, other))
     return 0
 
 
