@@ -4,6 +4,7 @@ config errors, and real jobs on ZeRO-2 and ZeRO-3 checked against a single-proce
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -272,3 +273,48 @@ def test_generation_eval_in_a_job_matches_a_single_process(tmp_path, stage):
                 alone = single_process_scores(cfg, run_dir, 0, adapter)
                 assert alone["exact_match"] == pytest.approx(m["exact_match"]), adapter
                 assert alone["rouge_l"] == pytest.approx(m["rouge_l"]), adapter
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def test_tables_show_generation_columns_only_when_a_run_has_them(tmp_path):
+    from fdlora_cluster.report import write_report
+    from fdlora_cluster.train import results_table
+
+    from test_report import fake_run
+
+    gen = fake_run(tmp_path / "gen", "fedavg", [0.5, 0.7])
+    summary = json.loads(open(f"{gen}/summary.json").read())
+    for c, (em, rl) in zip(summary["clients"], [(0.25, 0.5), (0.75, 1.0)]):
+        c["metrics"]["global"].update(exact_match=em, rouge_l=rl, generated_rows=10)
+    open(f"{gen}/summary.json", "w").write(json.dumps(summary))
+    plain = fake_run(tmp_path / "plain", "local", [0.6, 0.8])
+
+    text = open(write_report([gen, plain], out_dir=str(tmp_path / "rep"))).read()
+    assert "| method | client | adapter | accuracy | exact_match | rouge_l | loss | perplexity | test rows |" in text
+    assert "| fedavg | 0 | global | 0.500 | 0.250 | 0.500 | 0.1000 |" in text
+    assert "| fedavg | mean | global | 0.600 | 0.500 | 0.750 |" in text
+    assert "| local | 0 | personal | 0.600 | - | - |" in text  # a run without them shows a dash
+    assert "### rouge_l of each method's headline adapter" in text and "| mean | 0.750 | - |" in text
+    alone = open(write_report([plain], out_dir=str(tmp_path / "rep2"))).read()
+    assert "exact_match" not in alone and "rouge_l" not in alone
+
+    table = results_table(summary).splitlines()
+    assert table[0].split() == ["client", "ranks", "method", "adapter", "accuracy", "exact_match", "rouge_l", "loss", "rows"]
+    assert table[2].split()[4:7] == ["0.500", "0.250", "0.500"]
+    assert "exact_match" not in results_table(json.loads(open(f"{plain}/summary.json").read()))
+
+
+def test_generation_eval_in_a_feddpa_job_with_instance_weights(tmp_path):
+    """FedDPA's instance-weighted pair (reported as `fused`) goes through the same generation code:
+    a real job on ZeRO-2 (FedDPA's tested stage), a 2-rank client, every evaluated adapter scored."""
+    cfg_path = write_config(tmp_path, "feddpa.yaml", **TINY, **{
+        "topology.clients": [2, 1], "train.eval_batch_size": 2,
+        "eval.generate": True, "eval.max_new_tokens": 12, "eval.generate_rows": 5})
+    proc, run_dir = run_job(cfg_path)
+    assert_ok(proc)
+    for c in read_summary(run_dir)["clients"]:
+        assert set(c["metrics"]) == {PERSONAL, GLOBAL, "fused"} and "instance_global_weight" in c
+        for m in c["metrics"].values():
+            assert 0.0 <= m["exact_match"] <= 1.0 and 0.0 <= m["rouge_l"] <= 1.0 and m["generated_rows"] == 5, m
