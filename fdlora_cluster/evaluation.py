@@ -128,6 +128,7 @@ def evaluate_instance_weighted(engine, rows: list[Example], w_global: torch.Tens
     cands = candidates or []
     current = {GLOBAL: [None], PERSONAL: [None]}
     nll_sum = tok_sum = correct = n = 0.0
+    gen = {}
     with row_weighted_branches(engine.model, current):
         for start in range(0, per_rank, bs):
             idx = mine[start:start + bs]
@@ -160,8 +161,7 @@ def evaluate_instance_weighted(engine, rows: list[Example], w_global: torch.Tens
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rows": int(n)}
     if cands:
         out["accuracy"] = correct / max(n, 1.0)
-    if generate and engine.cfg.eval.generate:
-        out.update(gen)
+    out.update(gen)
     return out
 
 
