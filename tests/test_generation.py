@@ -85,6 +85,21 @@ def one_rank():
     return OneRank(generate="true", max_new_tokens=12)
 
 
+def test_prompt_is_what_training_puts_before_the_response():
+    """A prompt/response row: its prompt; a chat row: every turn before the last assistant turn's
+    content (earlier answers with their eos, the last header included); cut from the left."""
+    from fdlora_cluster.data import Example, get_tokenizer
+    from fdlora_cluster.data.chat import plain_prompt
+
+    tok = get_tokenizer(None)
+    assert prompt_ids(tok, Example("Is 'disk panic' abnormal?", " yes"), 48) == tok.encode("Is 'disk panic' abnormal?")
+    assert prompt_ids(tok, Example("abcdef", " yes"), 4) == tok.encode("cdef")
+    assert prompt_ids(tok, Example("", " yes"), 48) == [tok.eos_id]
+    msgs = (("user", "a?"), ("assistant", "b"), ("user", "c?"), ("assistant", "d"))
+    chat = Example(plain_prompt(msgs), "d", messages=msgs)
+    assert prompt_ids(tok, chat, 99) == tok.encode("user: a?\nassistant: b") + [tok.eos_id] + tok.encode("user: c?\nassistant: ")
+
+
 @torch.no_grad()
 def argmax_loop(model, prompt: list[int], max_new: int, eos: int) -> list[int]:
     """The plainest greedy decoder: one row, no padding, no cache, the whole sequence every step."""
