@@ -5,6 +5,8 @@ config errors, and real jobs on ZeRO-2 and ZeRO-3 checked against a single-proce
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import types
 
 import pytest
@@ -15,7 +17,8 @@ from fdlora_cluster.generation import (cached_forward, exact_match, greedy_decod
                                        rouge_l)
 from fdlora_cluster.model import GLOBAL, PERSONAL
 
-from conftest import CONFIGS, TINY, assert_ok, read_summary, run_job, write_config
+from conftest import (CONFIGS, JOB_TIMEOUT, ROOT, TINY, assert_ok, job_env, mpiexec, read_summary, run_job,
+                      write_config)
 
 # --------------------------------------------------------------------------- metrics
 
@@ -263,20 +266,33 @@ def single_process_scores(cfg, run_dir, client: int, adapter: str) -> dict:
     return generation_metrics(one, data.test)
 
 
+def mpi_script(n: int, script: str, *args) -> subprocess.CompletedProcess:
+    """`mpiexec -n n python tests/mpi_scripts/<script> <args>` under the jobs' timeout."""
+    cmd = [mpiexec(), "-n", str(n), sys.executable, str(ROOT / "tests" / "mpi_scripts" / script), *map(str, args)]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=job_env(), cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"job timed out after {JOB_TIMEOUT}s: {' '.join(cmd)}\n{(e.stdout or b'')[-3000:]!r}")
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_generation_eval_in_a_job_matches_a_single_process(tmp_path, stage):
     """fdlora, one client of 2 ranks plus one of 1: every evaluated adapter (personal, global, fused)
-    carries exact_match and rouge_l in [0, 1], and they are what one process computes from the saved
-    adapters. 7 rows over 2 ranks in batches of 2: the ranks have uneven rows and batches, so the
-    padding and the lockstep of ZeRO-3's collective forwards are exercised."""
+    carries exact_match and rouge_l in [0, 1], both ranks of the 2-rank client got the same numbers,
+    and they are what one process computes from the saved adapters. 7 rows over 2 ranks in batches
+    of 2: the ranks have uneven rows and batches, so the padding and the lockstep of ZeRO-3's
+    collective forwards are exercised."""
     cfg_path = write_config(tmp_path, "demo.yaml", **TINY, **{
         "topology.clients": [2, 1], "deepspeed": {"zero_optimization": {"stage": stage}},
         "fusion.budget": 4, "fusion.folds": 1, "train.eval_batch_size": 2,
         "eval.generate": True, "eval.max_new_tokens": 12, "eval.generate_rows": 7})
-    proc, run_dir = run_job(cfg_path)
+    cfg = load_config(cfg_path)
+    run_dir = tmp_path / "run"
+    proc = mpi_script(cfg.world_size(), "eval_every_rank.py", cfg_path, tmp_path / "ranks")
     assert_ok(proc)
     assert "exact_match" in proc.stdout + proc.stderr  # the printed per-client table has the columns
-    cfg = load_config(cfg_path)
+    per_rank = [json.loads((tmp_path / "ranks" / f"eval-rank-{r}.json").read_text()) for r in (1, 2)]
+    assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 3  # ranks 1, 2: client 0
     summary = read_summary(run_dir)
     assert [c["zero_stage"] for c in summary["clients"]] == [stage, stage]
     for c in summary["clients"]:
