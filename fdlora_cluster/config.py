@@ -310,6 +310,18 @@ class EvalConfig:
     (the responses in its own rows), `accuracy_all` among every client's labels together. They
     differ when clients name their labels differently; the union then charges a shared adapter
     for answering with another client's name for the same label."""
+    generate: bool = False
+    """Also answer each test row's prompt by greedy decoding and score the text against the row's
+    response (eval.metrics), for every evaluated adapter: the evaluation for tasks without labels.
+    It costs up to max_new_tokens forwards per batch of test rows, so it is off by default."""
+    metrics: list[Literal["exact_match", "rouge_l"]] = field(default_factory=lambda: ["exact_match", "rouge_l"])
+    """What eval.generate reports: `exact_match` (equal after whitespace normalisation: stripped,
+    inner runs of whitespace one space; case kept) and `rouge_l` (ROUGE-L F1 on whitespace tokens)."""
+    max_new_tokens: int = 32
+    """eval.generate: at most this many generated tokens per row (decoding also stops at eos)."""
+    generate_rows: Optional[int] = None
+    """eval.generate: decode only the first this many test rows per client (null = all of them);
+    loss, perplexity and accuracy still cover every test row."""
 
 
 @dataclass
@@ -781,6 +793,12 @@ def validate(cfg: Config, source: str) -> None:
         _require(p_.target_modules == g_.target_modules, source,
                  f"strategy {cfg.strategy} fuses the two adapters layer by layer, so lora.personal.target_modules "
                  f"({p_.target_modules}) must equal lora.global.target_modules ({g_.target_modules})")
+    ev = cfg.eval
+    _require(ev.max_new_tokens >= 1, source, f"eval.max_new_tokens = {ev.max_new_tokens} must be >= 1")
+    _require(ev.generate_rows is None or ev.generate_rows >= 1, source,
+             f"eval.generate_rows = {ev.generate_rows} must be >= 1 (or null: every test row)")
+    _require(len(ev.metrics) >= 1 and len(set(ev.metrics)) == len(ev.metrics), source,
+             f"eval.metrics = {ev.metrics}: list each of exact_match, rouge_l at most once, and at least one")
     d = cfg.data
     if d.source in ("jsonl", "hf"):
         _require(bool(d.files), source, f"data.source = {d.source!r} needs data.files (one per client, or one to split)")

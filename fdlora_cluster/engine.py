@@ -382,7 +382,8 @@ class ClientEngine:
 
     def evaluate(self, rows: list[Example], active, scales: dict | None = None,
                  candidates: list[str] | None = None, candidates_all: list[str] | None = None) -> dict:
-        """Loss, perplexity and (with candidates) accuracy on `rows`, over all the client's ranks.
+        """Loss, perplexity and (with candidates) accuracy on `rows`, over all the client's ranks;
+        with eval.generate also exact_match and rouge_l of greedy answers (generation.py).
 
         Accuracy scores every candidate response by its summed log-likelihood and takes the best;
         a row is right when that is its own response. `accuracy` picks among `candidates` (the
@@ -397,4 +398,8 @@ class ClientEngine:
         names = [k for k, c in (("accuracy", candidates), ("accuracy_all", candidates_all)) if c]
         for k, total in zip(names, sums[3:]):
             out[k] = total / max(n, 1.0)
+        if self.cfg.eval.generate:
+            from .generation import generation_metrics
+
+            out.update(generation_metrics(self, rows))  # the same active adapters and scales
         return out

@@ -114,10 +114,11 @@ def row_weighted_branches(model, weights: dict[str, list]):
 
 @torch.no_grad()
 def evaluate_instance_weighted(engine, rows: list[Example], w_global: torch.Tensor,
-                               candidates: list[str] | None = None) -> dict:
+                               candidates: list[str] | None = None, generate: bool = True) -> dict:
     """Loss, perplexity and (with candidates) accuracy on `rows` with both adapters active, row i
     weighted w_global[i] * global + (1 - w_global[i]) * personal. Same scoring, striping and
-    padding across the client's ranks as ClientEngine.evaluate."""
+    padding across the client's ranks as ClientEngine.evaluate; with eval.generate (and `generate`)
+    also its exact_match and rouge_l, each row decoded under its own weights."""
     set_active(engine.model, [PERSONAL, GLOBAL])  # plain alpha / r scaling; the row weights come on top
     engine.engine.eval()
     size, me = engine.size, engine.local_rank
@@ -127,6 +128,7 @@ def evaluate_instance_weighted(engine, rows: list[Example], w_global: torch.Tens
     cands = candidates or []
     current = {GLOBAL: [None], PERSONAL: [None]}
     nll_sum = tok_sum = correct = n = 0.0
+    gen = {}
     with row_weighted_branches(engine.model, current):
         for start in range(0, per_rank, bs):
             idx = mine[start:start + bs]
@@ -146,11 +148,20 @@ def evaluate_instance_weighted(engine, rows: list[Example], w_global: torch.Tens
                 cn, _ = engine._sequence_nll(scored)
                 best = cn.view(len(chunk), len(cands)).argmin(-1)
                 correct += sum(1 for i in range(real) if cands[int(best[i])] == chunk[i].response)
+        if generate and engine.cfg.eval.generate:
+            from .generation import generation_metrics
+
+            def set_row_weights(idx):  # the batch's rows keep their weights at every decoding step
+                w = w_global[idx].float()
+                current[GLOBAL][0], current[PERSONAL][0] = w, 1.0 - w
+
+            gen = generation_metrics(engine, rows, before_batch=set_row_weights)
     nll_sum, tok_sum, correct, n = engine.comm.allreduce(np.array([nll_sum, tok_sum, correct, n]))
     loss = nll_sum / max(tok_sum, 1.0)
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rows": int(n)}
     if cands:
         out["accuracy"] = correct / max(n, 1.0)
+    out.update(gen)
     return out
 
 

@@ -1,7 +1,8 @@
 """`fdlora-cluster report RUN_DIR [RUN_DIR ...]`: a Markdown report with the per-client table and plots.
 
 One run directory gives `RUN_DIR/report/REPORT.md` with:
-  - the per-client table (every evaluated adapter: accuracy, loss, perplexity) and the means;
+  - the per-client table (every evaluated adapter: accuracy, loss, perplexity, and with
+    eval.generate exact match and ROUGE-L) and the means;
   - `loss_per_round.png`: each client's mean training loss per round (round 0 = personal stage);
   - `fusion_weights.png`: each client's (w_personal, w_global), for strategies with a fusion phase.
 Several run directories (e.g. one per strategy on the same scenario) add the comparison:
@@ -91,34 +92,47 @@ def _md_table(head, rows) -> str:
     return "\n".join(out)
 
 
-def per_client_rows(run: Run) -> list[tuple]:
+GENERATION = ("exact_match", "rouge_l")  # eval.generate's metrics, columns only where a run has them
+
+
+def generation_columns(runs: list[Run]) -> list[str]:
+    return [k for k in GENERATION
+            if any(k in m for r in runs for s in r.summary["clients"] for m in s["metrics"].values())]
+
+
+def per_client_rows(run: Run, gen: tuple = ()) -> list[tuple]:
     rows = []
     for s in sorted(run.summary["clients"], key=lambda s: s["client"]):
         for adapter, m in s["metrics"].items():
-            rows.append((run.method, s["client"], adapter, _fmt(m.get("accuracy")), _fmt(m["loss"], 4),
-                         _fmt(m.get("perplexity"), 3), m.get("rows", "-")))
+            rows.append((run.method, s["client"], adapter, _fmt(m.get("accuracy")), *(_fmt(m.get(k)) for k in gen),
+                         _fmt(m["loss"], 4), _fmt(m.get("perplexity"), 3), m.get("rows", "-")))
     return rows
 
 
-def mean_rows(run: Run) -> list[tuple]:
+def mean_rows(run: Run, gen: tuple = ()) -> list[tuple]:
     """Per adapter, the mean over clients (unweighted: every client counts once)."""
     by = {}
     for s in run.summary["clients"]:
         for adapter, m in s["metrics"].items():
             by.setdefault(adapter, []).append(m)
+
+    def mean(ms, k):
+        v = [m[k] for m in ms if k in m]
+        return _fmt(sum(v) / len(v) if v else None)
+
     rows = []
     for adapter, ms in by.items():
-        acc = [m["accuracy"] for m in ms if "accuracy" in m]
-        rows.append((run.method, "mean", adapter, _fmt(sum(acc) / len(acc) if acc else None),
+        rows.append((run.method, "mean", adapter, mean(ms, "accuracy"), *(mean(ms, k) for k in gen),
                      _fmt(sum(m["loss"] for m in ms) / len(ms), 4), "-", "-"))
     return rows
 
 
 def per_client_table(runs: list[Run]) -> str:
-    head = ("method", "client", "adapter", "accuracy", "loss", "perplexity", "test rows")
+    gen = tuple(generation_columns(runs))
+    head = ("method", "client", "adapter", "accuracy", *gen, "loss", "perplexity", "test rows")
     rows = []
     for r in runs:
-        rows += per_client_rows(r) + mean_rows(r)
+        rows += per_client_rows(r, gen) + mean_rows(r, gen)
     return _md_table(head, rows)
 
 
@@ -270,10 +284,15 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, title: str | N
                   comparison_table(runs), "",
                   "Headline adapter: the fused one for methods with a fusion phase, otherwise the one the "
                   "method evaluates. The mean is over clients, each counting once.", ""]
+        for k in generation_columns(runs):
+            parts += [f"### {k} of each method's headline adapter (greedy generation)", "",
+                      comparison_table(runs, k), ""]
     parts += ["## Per client", "", per_client_table(runs), "",
               "Accuracy: each candidate response is scored by its summed log-likelihood and the best one is "
               "the prediction (`ClientEngine.evaluate`); loss: mean NLL per response token on the client's "
-              "test split.", ""]
+              "test split." + (" exact_match / rouge_l (eval.generate): the greedy answer to each test prompt "
+                               "against its response, equal after whitespace normalisation / ROUGE-L F1 on "
+                               "whitespace tokens (`fdlora_cluster/generation.py`)." if generation_columns(runs) else ""), ""]
     plots = [("loss_per_round.png", plot_loss, "Training loss per round per client"),
              ("accuracy_by_method.png", plot_accuracy, "Accuracy by method and client"),
              ("fusion_weights.png", plot_fusion, "Fusion weights per client")]

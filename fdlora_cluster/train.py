@@ -66,7 +66,7 @@ def evaluate_dynamic(cfg, topo, engine, client, data) -> tuple[dict, dict]:
     if data.candidates:  # accuracy among every client's labels too, as ClientEngine.evaluate reports
         same = list(data.candidates_all) == list(data.candidates)
         out["accuracy_all"] = out["accuracy"] if same else \
-            evaluate_instance_weighted(engine, data.test, w_g, candidates=data.candidates_all)["accuracy"]
+            evaluate_instance_weighted(engine, data.test, w_g, candidates=data.candidates_all, generate=False)["accuracy"]
     stats = {"mean": float(w_g.mean()), "min": float(w_g.min()), "max": float(w_g.max())}
     client.record("eval", None, adapter="fused", split="test", global_weight=stats, **out)
     if topo.is_leader:
@@ -322,12 +322,14 @@ def finish(cfg, topo, run_dir, server_summary) -> dict | None:
 
 def results_table(summary: dict) -> str:
     """The per-client table: one row per client and evaluated adapter."""
-    head = ("client", "ranks", "method", "adapter", "accuracy", "loss", "rows")
+    # eval.generate's columns only when a client has them, so the labelled demo's table stays as it was
+    gen = [k for k in ("exact_match", "rouge_l") if any(k in m for s in summary["clients"] for m in s["metrics"].values())]
+    head = ("client", "ranks", "method", "adapter", "accuracy", *gen, "loss", "rows")
     rows = []
     for s in summary["clients"]:
         for adapter, m in s["metrics"].items():
-            acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
-            rows.append((str(s["client"]), str(s["ranks"]), s["method"], adapter, acc, f"{m['loss']:.4f}", str(m["rows"])))
+            scores = [f"{m[k]:.3f}" if k in m else "-" for k in ("accuracy", *gen)]
+            rows.append((str(s["client"]), str(s["ranks"]), s["method"], adapter, *scores, f"{m['loss']:.4f}", str(m["rows"])))
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
