@@ -161,13 +161,7 @@ def cmd_run(args) -> int:
             for e in dict.fromkeys(x for x in errors if x):
                 print(f"config error: {e}", file=sys.stderr)
         return 2
-    # From here on what the libraries print (DeepSpeed's op build and info lines, progress bars,
-    # warnings) goes to this rank's log file; the console gets our own lines and every error
-    # (log.py says which lines go where).
     from .log import capture_output, console_err
-
-    capture_output(os.path.join(cfg.output_dir, "logs", f"rank-{rank}.log"))
-    from . import train
 
     def say(text: str) -> None:
         """An error: on the console, and in the rank's log file."""
@@ -176,6 +170,12 @@ def cmd_run(args) -> int:
             f.flush()
 
     try:
+        # From here on what the libraries print (DeepSpeed's op build and info lines, progress
+        # bars, warnings; from the import of train on) goes to this rank's log file; the console
+        # gets our own lines and every error (log.py says which lines go where).
+        capture_output(os.path.join(cfg.output_dir, "logs", f"rank-{rank}.log"))
+        from . import train
+
         train.run(cfg, resume=args.resume)
     except TopologyError as e:
         # Raised before any communication, the same on every rank (the world does not fit the

@@ -164,7 +164,8 @@ class Client:
         self.engine.write(PERSONAL, self.engine.read(GLOBAL))
         self.record("personal_sync", round)
         if self.is_leader:
-            self.log.info(f"  personal adapter overwritten with the global one (H = {self.cfg.personal.sync_every})", extra=FILE_ONLY)
+            self.log.info(f"  personal adapter overwritten with the global one (H = {self.cfg.personal.sync_every})",
+                          extra=FILE_ONLY)
 
     # ---------------------------------------------------------------- fusion
 

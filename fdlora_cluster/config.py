@@ -826,9 +826,9 @@ def validate(cfg: Config, source: str) -> None:
     _require(bool(cfg.log.project.strip()), source, "log.project must not be empty (the W&B project and MLflow experiment)")
     from .tracking import missing_packages
 
-    for key, package in missing_packages(cfg.log):
-        _require(False, source, f"log.{key} = true needs the `{package}` package, which is not installed: "
-                 f"pip install {package} (or set log.{key}: false)")
+    for key, package in missing_packages(cfg.log):  # asked for, so no silent skip
+        raise ConfigError(f"{source}: log.{key} = true needs the `{package}` package, which is not installed: "
+                          f"pip install {package} (or set log.{key}: false)")
     # Builds the clients' DeepSpeed dicts now, so a bad file or stage fails on load: each overridden
     # client's, and one for all the others (theirs are equal), so a million clients cost one.
     plain = next(c for c in range(n) if c not in cfg.client_overrides or c == n - 1)

@@ -128,9 +128,11 @@ def use_bar(mode: str) -> bool:
 
 
 class RoundProgress:
-    """The server's progress over rounds: a tqdm bar (loss, bytes and seconds per round in its
-    postfix) or one console line per round (`use_bar`). Each round's line goes to the log file
-    either way."""
+    """The server's progress over rounds: a tqdm bar (the round's updates, seconds, bytes and the
+    global adapter's change in its postfix) or one console line per round (`use_bar`). Each
+    round's line goes to the log file either way. The clients' training losses are not in the bar:
+    updates carry no loss, and the server gathers the clients' records only at the end of the job;
+    each leader's `rounds` line has its own."""
 
     def __init__(self, total: int, done: int, mode: str):
         global _bar
