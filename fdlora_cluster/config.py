@@ -329,7 +329,7 @@ class LogConfig:
     wandb: bool = False
     """Also log them to Weights & Biases (needs wandb; its WANDB_* variables say where and how)."""
     mlflow: bool = False
-    """Also log them to MLflow (needs mlflow; MLFLOW_TRACKING_URI says where, default ./mlruns)."""
+    """Also log them to MLflow (needs mlflow; MLFLOW_TRACKING_URI says where, e.g. sqlite:///mlflow.db)."""
     project: str = "fdlora-cluster"
     """The W&B project and the MLflow experiment; the run is named after the run directory."""
 
