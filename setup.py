@@ -23,7 +23,10 @@ setup(
         "mpich": ["mpich"],
         # data.source: hf (local Hugging Face datasets); ~10 s to install, so the tests use it too.
         "hf": ["datasets>=2.14"],
-        "test": ["pytest>=7", "pytest-timeout", "mpich", "hypothesis>=6", "datasets>=2.14"],
+        # log.tensorboard: TensorBoard event files without TensorFlow or tensorboard (numpy + protobuf);
+        # W&B (log.wandb) and MLflow (log.mlflow) are installed by those who use them.
+        "track": ["tensorboardX>=2.6"],
+        "test": ["pytest>=7", "pytest-timeout", "mpich", "hypothesis>=6", "datasets>=2.14", "tensorboardX>=2.6"],
     },
     entry_points={"console_scripts": ["fdlora-cluster=fdlora_cluster.cli:main"]},
 )

@@ -161,24 +161,35 @@ def cmd_run(args) -> int:
             for e in dict.fromkeys(x for x in errors if x):
                 print(f"config error: {e}", file=sys.stderr)
         return 2
-    from . import train
+    from .log import capture_output, console_err
+
+    def say(text: str) -> None:
+        """An error: on the console, and in the rank's log file."""
+        for f in (console_err(), sys.stderr):
+            f.write(text if text.endswith("\n") else text + "\n")
+            f.flush()
 
     try:
+        # From here on what the libraries print (DeepSpeed's op build and info lines, progress
+        # bars, warnings; from the import of train on) goes to this rank's log file; the console
+        # gets our own lines and every error (log.py says which lines go where).
+        capture_output(os.path.join(cfg.output_dir, "logs", f"rank-{rank}.log"))
+        from . import train
+
         train.run(cfg, resume=args.resume)
     except TopologyError as e:
         # Raised before any communication, the same on every rank (the world does not fit the
         # config, or no MPI world at all): say it once, without a traceback, and exit like a config error.
         if rank == 0:
-            print(f"topology error: {e}", file=sys.stderr, flush=True)
+            say(f"topology error: {e}")
         return 2
     except BaseException as e:  # any failure ends the whole job promptly, with its cause on the console
         # BaseException: a sys.exit() or Ctrl-C in the middle of the job must not leave this rank
         # finalising MPI while the others wait on it forever.
         what = f"exited early (SystemExit {e.code})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
-        print(f"[rank {rank}] error: {what}", file=sys.stderr, flush=True)
+        say(f"[rank {rank}] error: {what}")
         if isinstance(e, Exception) and not isinstance(e, _user_errors()):  # user errors: the message says it all
-            traceback.print_exc()
-        sys.stderr.flush()
+            say(traceback.format_exc())
         if world.Get_size() > 1:
             world.Abort(1)
         return 1
@@ -222,6 +233,9 @@ def cmd_launch(args) -> int:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    # Under mpiexec the server's stdout is a pipe even on a terminal: tell it whether this one is
+    # (its progress bar or one line per round, log.use_bar).
+    env.setdefault("FDLORA_CONSOLE_TTY", "1" if sys.stdout.isatty() else "0")
     from .pretrain import ensure_pretrained
 
     ensure_pretrained(cfg)  # in this one process, with every core, before the ranks start

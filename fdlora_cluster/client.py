@@ -18,7 +18,7 @@ from .checkpoint import rng_state, set_rng_state
 from .engine import ClientEngine
 from .faults import fault
 from .fusion import fuse, modules_of, per_module, search_weights, weight_groups
-from .log import get_logger
+from .log import FILE_ONLY, get_logger
 from .model import GLOBAL, PERSONAL, adapter_scaling, lora_config, save_adapter
 from .transport import ClientUpdate, Counters, Layout, Transport
 
@@ -137,7 +137,7 @@ class Client:
             extra = ckpt.digest_tree(ds_dir, ckpt.partial(k))
         ckpt.write(k, files, extra)
         if self.is_leader:
-            self.log.info(f"  checkpoint of round {k} written")
+            self.log.info(f"  checkpoint of round {k} written", extra=FILE_ONLY)
 
     def resume(self, ckpt) -> bool:
         """Restore this client from `ckpt.resumed`; returns the `first` flag of the schedule."""
@@ -164,7 +164,8 @@ class Client:
         self.engine.write(PERSONAL, self.engine.read(GLOBAL))
         self.record("personal_sync", round)
         if self.is_leader:
-            self.log.info(f"  personal adapter overwritten with the global one (H = {self.cfg.personal.sync_every})")
+            self.log.info(f"  personal adapter overwritten with the global one (H = {self.cfg.personal.sync_every})",
+                          extra=FILE_ONLY)
 
     # ---------------------------------------------------------------- fusion
 

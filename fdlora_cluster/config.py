@@ -331,7 +331,19 @@ class LogConfig:
     followers_on_console: bool = False
     """Show non-leader client ranks on the console too (they always write their log file)."""
     every: int = 1
-    """Log a step line every this many optimizer steps."""
+    """Log a step line (to the rank's log file) every this many optimizer steps."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """The server's progress over rounds on the console: a tqdm bar, or one line per round.
+    `auto`: a bar when the console is a terminal, lines in a file or pipe (Slurm, CI; log.use_bar)."""
+    tensorboard: bool = False
+    """Write per-client losses, accuracies, fusion weights, bytes and round times as TensorBoard
+    scalars into RUN_DIR/tensorboard (needs tensorboardX: pip install 'fdlora-cluster[track]')."""
+    wandb: bool = False
+    """Also log them to Weights & Biases (needs wandb; its WANDB_* variables say where and how)."""
+    mlflow: bool = False
+    """Also log them to MLflow (needs mlflow; MLFLOW_TRACKING_URI says where, e.g. sqlite:///mlflow.db)."""
+    project: str = "fdlora-cluster"
+    """The W&B project and the MLflow experiment; the run is named after the run directory."""
 
 
 @dataclass
@@ -829,6 +841,12 @@ def validate(cfg: Config, source: str) -> None:
     if isinstance(cfg.deepspeed, str):
         _require(os.path.isfile(cfg.deepspeed), source, f"deepspeed: JSON file {cfg.deepspeed} not found")
     _require(cfg.log.every >= 1, source, "log.every must be >= 1")
+    _require(bool(cfg.log.project.strip()), source, "log.project must not be empty (the W&B project and MLflow experiment)")
+    from .tracking import missing_packages
+
+    for key, package in missing_packages(cfg.log):  # asked for, so no silent skip
+        raise ConfigError(f"{source}: log.{key} = true needs the `{package}` package, which is not installed: "
+                          f"pip install {package} (or set log.{key}: false)")
     # Builds the clients' DeepSpeed dicts now, so a bad file or stage fails on load: each overridden
     # client's, and one for all the others (theirs are equal), so a million clients cost one.
     plain = next(c for c in range(n) if c not in cfg.client_overrides or c == n - 1)

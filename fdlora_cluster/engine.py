@@ -19,7 +19,7 @@ import torch
 
 from .config import Config, deepspeed_dict
 from .data import ClientData, Example, collate
-from .log import get_logger
+from .log import FILE_ONLY, get_logger
 from .model import GLOBAL, PERSONAL, adapter_params, read_adapter, set_active, write_adapter
 from .rendezvous import join_client_world
 from .transport import Layout
@@ -302,7 +302,8 @@ class ClientEngine:
             self.global_step += 1
             losses.append(step_loss)
             if self.local_rank == 0 and ((step + 1) % self.cfg.log.every == 0 or step + 1 == steps):
-                self.log.info(f"  {tag}{name} step {step + 1}/{steps} loss {step_loss:.4f}")
+                # per-step lines: the rank's log file; the console has one line per phase (train.py)
+                self.log.info(f"  {tag}{name} step {step + 1}/{steps} loss {step_loss:.4f}", extra=FILE_ONLY)
         mean = float(self.comm.allreduce(sum(losses) / len(losses))) / self.size
         return {"loss": mean, "steps": steps, "seconds": time.perf_counter() - t0}
 

@@ -36,7 +36,9 @@ def fault(kinds: tuple[str, ...], **at: int) -> tuple[str | None, dict[str, int]
         return None, {}
     for what, where in _parse(spec):
         if what in kinds and all(at[k] == v for k, v in where.items() if k in at) and set(at) <= set(where):
-            print(f"injected fault: {what} at {at} (time {time.time():.3f})", file=sys.stderr, flush=True)
+            from .log import console_err  # the console, also when the rank's stderr goes to its log file
+
+            print(f"injected fault: {what} at {at} (time {time.time():.3f})", file=console_err(), flush=True)
             return what, where
     return None, {}
 

@@ -20,7 +20,7 @@ from .config import AdapterConfig, Config
 from .data import check_responses_fit, get_tokenizer, load_clients
 from .faults import maybe_fail
 from .fusion import fused_lora_shape
-from .log import get_logger, setup_logging
+from .log import FILE_ONLY, RoundProgress, get_logger, setup_logging
 from .model import GLOBAL, PERSONAL, add_adapters, build_base, lora_config, save_adapter
 from .strategies import make_strategy
 from .topology import build_topology
@@ -34,10 +34,13 @@ class RunDir:
     dir: str
     rank: int
     records: list = field(default_factory=list)
+    tracker: object = None  # tracking.Tracker on the server: its round records go to TensorBoard as they come
 
     def record(self, rec: dict) -> None:
         rec = {"time": time.time(), "rank": self.rank, **rec}
         self.records.append(rec)
+        if self.tracker is not None:
+            self.tracker.record(rec)
         with open(self._log_path(), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -104,7 +107,13 @@ def run(cfg: Config, record_payloads: list | None = None, resume: str | None = N
                  else f"--resume {resume}: no checkpoint yet, starting from the beginning")
 
     if topo.is_server:
-        return finish(cfg, topo, run_dir, server_schedule(cfg, topo, strategy, transport, run_dir, ckpt))
+        from .tracking import Tracker
+
+        run_dir.tracker = Tracker(cfg, run_dir.dir)
+        try:
+            return finish(cfg, topo, run_dir, server_schedule(cfg, topo, strategy, transport, run_dir, ckpt))
+        finally:
+            run_dir.tracker.close()
     client = client_schedule(cfg, topo, strategy, transport, run_dir, ckpt)
     finish(cfg, topo, run_dir, None)
     return client
@@ -144,20 +153,28 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
         transport.total = Counters(**resumed["bytes"])
     else:
         server.init_global()
-    for t in range(first_round, cfg.train.rounds + 1):
-        maybe_fail(topo.rank, t)
-        try:
-            counters = transport.total.snapshot()
-            server.send_round(t)
-            checkpoint(t - 1, counters)
-            rec = server.finish_round(t)
-        except Exception as e:
-            server.abort(f"{type(e).__name__}: {e}")
-            raise
-        run_dir.record(rec)
-        log.info(f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {len(rec['clients'])} "
-                 f"updates in {rec['seconds']:.2f}s; sent {rec['server_bytes_sent']} B, received "
-                 f"{rec['server_bytes_received']} B; global moved {rec['global_change']:.4g}")
+    progress = RoundProgress(cfg.train.rounds, first_round - 1, cfg.log.progress)
+    try:
+        for t in range(first_round, cfg.train.rounds + 1):
+            maybe_fail(topo.rank, t)
+            try:
+                counters = transport.total.snapshot()
+                server.send_round(t)
+                checkpoint(t - 1, counters)
+                rec = server.finish_round(t)
+            except Exception as e:
+                server.abort(f"{type(e).__name__}: {e}")
+                raise
+            run_dir.record(rec)
+            moved = rec["server_bytes_sent"] + rec["server_bytes_received"]
+            progress.round_done(
+                f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {len(rec['clients'])} "
+                f"updates in {rec['seconds']:.2f}s; sent {rec['server_bytes_sent']} B, received "
+                f"{rec['server_bytes_received']} B; global moved {rec['global_change']:.4g}",
+                f"{len(rec['clients'])} updates, {rec['seconds']:.2f} s, {human_bytes(moved)}, "
+                f"global moved {rec['global_change']:.3g}")
+    finally:
+        progress.close()
     counters = transport.total.snapshot()
     server.send_final()
     checkpoint(cfg.train.rounds, counters)
@@ -165,6 +182,13 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), server.global_state,
                  lora_config(cfg.lora.global_), cfg.model.path)
     return {"bytes_total": transport.total.snapshot()}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:
@@ -211,17 +235,22 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
         if strategy.personal_stage and cfg.train.personal_steps:
             stats = engine.train(PERSONAL, cfg.train.personal_steps, round=0, tag="[personal stage] ")
             client.record("train", 0, adapter=PERSONAL, **stats)
+            if topo.is_leader:
+                log.info(f"personal stage: {trained(stats)}")
 
         # Phase 2: the global start (seeded, or the mean of the personal adapters).
         if strategy.federated:
             client.send_layout_and_init()
 
-    def train_personal(how, t: int, anchor, tag: str) -> None:
+    rounds = RoundsSummary()
+
+    def train_personal(how, t: int, anchor, tag: str) -> dict:
         """One personal phase as the strategy describes it (Local, Ditto, FedDPA)."""
         stats = engine.train(PERSONAL, how.steps, round=t, prox_to=anchor, prox_mu=how.prox_mu, tag=tag,
                              frozen_active=None if how.global_weight is None else {GLOBAL: how.global_weight},
                              weight=how.personal_weight)
         client.record("train", t, adapter=PERSONAL, **stats)
+        return stats
 
     # Phase 3: the rounds. A federated client follows the server's round numbers: one that fell
     # behind (federation.round_timeout_s) goes on from the newest global adapter, skipping rounds.
@@ -253,20 +282,26 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
                 client.record("personal_init", t, source=GLOBAL)
         first = False
         if personal and personal.before_global:  # FedDPA-T: with the server's aggregate active
-            train_personal(personal, t, round_global, f"[round {t}] ")
+            rounds.add(PERSONAL, t, train_personal(personal, t, round_global, f"[round {t}] "))
         if strategy.federated:
             stats = engine.train(GLOBAL, K, round=t, prox_to=round_global, prox_mu=strategy.prox_mu, tag=f"[round {t}] ")
             client.record("train", t, adapter=GLOBAL, **stats)
+            rounds.add(GLOBAL, t, stats)
             client.send_update(t)
         if personal and not personal.before_global:  # Local, Ditto
-            train_personal(personal, t, round_global, f"[round {t}] ")
+            rounds.add(PERSONAL, t, train_personal(personal, t, round_global, f"[round {t}] "))
         if strategy.federated and cfg.personal.sync_every and t % cfg.personal.sync_every == 0:
             client.sync_personal_from_global(t)
+
+    if topo.is_leader and rounds.trained:
+        log.info(rounds.line())
 
     # Phase 4: personal training after the rounds (FedDPA-F), fusion, evaluation, adapters on disk.
     after = strategy.personal_after_rounds(K)
     if after:
-        train_personal(after, cfg.train.rounds + 1, None, "[after the rounds] ")
+        stats = train_personal(after, cfg.train.rounds + 1, None, "[after the rounds] ")
+        if topo.is_leader:
+            log.info(f"personal training after the rounds: {trained(stats)}")
     if strategy.fusion:
         client.fuse()
     results = client.evaluate()
@@ -285,6 +320,35 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
         client.summary["bytes"] = transport.total.snapshot()
     run_dir.summary = client.summary if topo.is_leader else None
     return client
+
+
+def trained(stats: dict) -> str:
+    """One training phase in a few words: `100 steps in 12.3s, mean loss 0.0912`."""
+    loss = "-" if stats["loss"] is None else f"{stats['loss']:.4f}"
+    return f"{stats['steps']} steps in {stats['seconds']:.1f}s, mean loss {loss}"
+
+
+class RoundsSummary:
+    """A leader's rounds, for its console: one line per round and adapter in the rank's log file
+    (FILE_ONLY), and one line for all of them when they are over."""
+
+    def __init__(self):
+        self.trained: dict[str, list[tuple[int, dict]]] = {}
+
+    def add(self, adapter: str, t: int, stats: dict) -> None:
+        self.trained.setdefault(adapter, []).append((t, stats))
+        get_logger().info(f"[round {t}] {adapter}: {trained(stats)}", extra=FILE_ONLY)
+
+    def line(self) -> str:
+        """`rounds 1-10: global loss 0.2880 (round 1) -> 0.0247 (round 10), 100 steps in 4.1s`."""
+        loss = lambda st: "-" if st["loss"] is None else f"{st['loss']:.4f}"
+        parts, done_rounds = [], set()
+        for adapter, done in self.trained.items():
+            (t0, first), (t1, last) = done[0], done[-1]
+            done_rounds |= {t for t, _ in done}
+            parts.append(f"{adapter} loss {loss(first)} (round {t0}) -> {loss(last)} (round {t1}), "
+                         f"{sum(st['steps'] for _, st in done)} steps in {sum(st['seconds'] for _, st in done):.1f}s")
+        return f"rounds {min(done_rounds)}-{max(done_rounds)}: " + "; ".join(parts)
 
 
 def finish(cfg, topo, run_dir, server_summary) -> dict | None:
@@ -316,6 +380,11 @@ def finish(cfg, topo, run_dir, server_summary) -> dict | None:
                "server": server_summary, "clients": clients}
     with open(os.path.join(run_dir.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    if run_dir.tracker is not None:  # the clients' records arrive here (the server's went out live)
+        for r in recs:
+            if r["client"] is not None:
+                run_dir.tracker.record(r)
+        run_dir.tracker.summary(summary)
     get_logger().info("results per client:\n" + results_table(summary))
     return summary
 
