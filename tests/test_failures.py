@@ -1,6 +1,7 @@
 """Failures end the job fast and say so; bad updates are dropped, not averaged (real jobs, faults
 injected with FDLORA_FAULT, fdlora_cluster/faults.py)."""
 
+import os
 import re
 import time
 
@@ -19,7 +20,6 @@ FAST = {**TINY, "train.rounds": 2, "train.personal_steps": 1, "strategy": "fedav
 
 def fault_job(tmp_path, fault: str, **sets):
     cfg = write_config(tmp_path, **{**FAST, **sets})
-    t0 = time.time()
     proc = run_ranks(5, ["run", str(cfg)], timeout=240, env={"FDLORA_FAULT": fault})
     return proc, time.time(), proc.stdout + proc.stderr
 
@@ -100,3 +100,22 @@ def test_a_slow_client_misses_a_round_and_the_run_finishes(tmp_path):
     assert {s["client"]: s["rounds_missed"] for s in summary["clients"]}[1] == [2] + [
         r for r in (3,) if 1 in rounds[3]["missing"]]
     assert "late update of client 1 (round 2) dropped" in out
+
+
+def test_a_stale_deepspeed_build_lock_is_refused_not_waited_on(tmp_path):
+    """A DeepSpeed JIT build killed midway leaves torch's lock file; DeepSpeed would wait on it for
+    ever. The job stops at start and names the file."""
+    ext = tmp_path / "torch_extensions"
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    cfg = write_config(tmp_path, **FAST)
+    t0 = time.time()
+    proc = run_ranks(5, ["run", str(cfg)], timeout=240, env={"TORCH_EXTENSIONS_DIR": str(ext)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert f"{lock} is 60 minutes old: a DeepSpeed op build was killed midway" in out, out[-3000:]
+    assert time.time() - t0 < 120
+    assert lock.exists()  # not ours to remove: a user may know better
