@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from cluster import hosts
-from cluster.jobs import JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, show
+from cluster.jobs import JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun, run_launcher, show
 from conftest import write_config
 
 SKIP = hosts.missing_prerequisites("ip", "nsenter", "unshare", "/usr/sbin/sshd", "ssh", "slurmctld", "slurmd", "munged")
@@ -61,6 +61,22 @@ def test_deepspeed_launcher_two_host_hostfile(two_hosts, tmp_path):
     assert p.returncode == 0, show(p)
     assert "mpirun -n 6 -ppn 3" in p.stdout + p.stderr and "-hosts node-a,node-b" in p.stdout + p.stderr
     check_run(tmp_path / "run", [3, 2], spans={0: {A.name, B.name}, 1: {B.name}})
+
+
+OPENMPI_SKIP = openmpi_missing()
+
+
+@pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
+def test_openmpi_mpirun_host_list_spanning_client(two_hosts, tmp_path):
+    """MPI=openmpi launch/mpirun.sh with HOSTS=node-a:3,node-b:2 and clients [1, 3]: Open MPI's
+    mpirun starts its daemon on node-b over ssh; remote ranks get only the -x variables the script
+    names; client 1 has rank 2 on node-a and ranks 3, 4 on node-b."""
+    env = job_env(MPI="openmpi", HOSTS=f"{A.name}:3,{B.name}:2", OUTPUT=str(tmp_path / "run"),
+                  FDLORA_RENDEZVOUS_ADDR=hosts.VETH[0])
+    p = run_launcher(A.wrap(["bash", "launch/mpirun.sh", "--set", "topology.clients=[1,3]", *TINY_ARGS]), env)
+    assert p.returncode == 0, show(p)
+    assert f"+ {openmpi_mpirun()} -np 5 --map-by slot --host node-a:3,node-b:2 -x PATH" in p.stdout, show(p)
+    check_run(tmp_path / "run", [1, 3], spans={0: {A.name}, 1: {A.name, B.name}})
 
 
 def test_loopback_rendezvous_for_a_spanning_client_is_refused(two_hosts, tmp_path):

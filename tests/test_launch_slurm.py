@@ -71,3 +71,13 @@ def test_openmpi_sbatch_srun_pmix_runs_the_demo(slurm_local, tmp_path):
     check_run(tmp_path / "run", [2, 2])
 
 
+@pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
+def test_openmpi_mpirun_inside_the_allocation_runs_the_demo(slurm_local, tmp_path):
+    """fdlora-mpiexec.sbatch with MPIEXEC=<Open MPI's mpirun>: mpirun reads the allocation (5
+    slots from --ntasks) and starts the ranks itself."""
+    job, console = sbatch(slurm_local, "launch/slurm/fdlora-mpiexec.sbatch", tmp_path, MPIEXEC=openmpi_mpirun())
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"{job}\n--- job console\n{console}\n{slurm_local.logs()}"
+    assert f"+ {openmpi_mpirun()} -n 5" in console and "results per client" in console, console
+    check_run(tmp_path / "run", [2, 2])
+
+
