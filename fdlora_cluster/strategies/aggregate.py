@@ -54,6 +54,77 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
     return out
 
 
+class InOrderSum:
+    """The clients' weighted updates summed as they arrive, without keeping them: sum_i w_i * x_i
+    and sum_i w_i in float64, for the clients of one round.
+
+    Floating-point addition is not associative, so a sum in arrival order would make the average
+    depend on which leader was fastest, and a resumed job would not end bit-identical. The updates
+    are therefore added in client-id order: one that arrives before a lower-id client's is held
+    (`held`) until every lower id is added, refused (`skip`) or known missing (`close`). Clients
+    that arrive in id order are added at once, so then at most one update is held.
+    """
+
+    def __init__(self, clients):
+        self.order = sorted(clients)
+        self.next = 0  # index in `order` of the first client not yet added or skipped
+        self.held: dict[int, tuple[State, float] | None] = {}  # None: skipped
+        self.sum: State | None = None
+        self.weight = 0.0
+        self.added: list[int] = []
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.most_held = 0  # the most updates ever held at once (tests, bench)
+
+    def add(self, client: int, state: State, weight: float) -> None:
+        """Client `client`'s update with weight w (its sample count, or 1 for uniform weights)."""
+        self._resolve(client, (state, float(weight)))
+        self._drain()
+        self.most_held = max(self.most_held, sum(v is not None for v in self.held.values()))
+
+    def skip(self, client: int) -> None:
+        """Client `client` has no usable update this round (rejected)."""
+        self._resolve(client, None)
+        self._drain()
+
+    def close(self) -> None:
+        """No more updates this round: every client not heard from is missing."""
+        for c in self.order[self.next:]:
+            self.held.setdefault(c, None)
+        self._drain()
+
+    def _resolve(self, client: int, item) -> None:
+        if client not in self.order:
+            raise ValueError(f"client {client} is not one of this round's clients {self.order}")
+        if client in self.held or client in self.order[:self.next]:
+            raise ValueError(f"client {client}'s update was already counted this round")
+        self.held[client] = item
+
+    def _drain(self) -> None:
+        while self.next < len(self.order) and self.order[self.next] in self.held:
+            client = self.order[self.next]
+            item = self.held.pop(client)
+            self.next += 1
+            if item is not None:
+                self._accumulate(*item)
+                self.added.append(client)
+
+    def _accumulate(self, state: State, w: float) -> None:
+        if self.sum is None:
+            self.sum = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state.items()}
+            self.dtypes = {k: v.dtype for k, v in state.items()}
+        for k, acc in self.sum.items():
+            acc.add_(state[k].to(torch.float64), alpha=w)
+        self.weight += w
+
+    def mean(self) -> State:
+        """sum_i w_i x_i / sum_i w_i, in each tensor's own dtype (call after `close`)."""
+        if self.held:
+            raise ValueError(f"clients {sorted(self.held)} are still held: call close() first")
+        if self.sum is None or self.weight <= 0:
+            raise UpdateError(f"no update to average (clients added: {self.added}, total weight {self.weight})")
+        return {k: (acc / self.weight).to(self.dtypes[k]) for k, acc in self.sum.items()}
+
+
 class OuterOptimizer:
     """The server's optimizer over the pseudo-gradient `delta = global_before - average(clients)`.
 
