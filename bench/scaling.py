@@ -3,6 +3,7 @@
     python bench/scaling.py aggregate [--clients 8 32 128 512 1024] [--stacked-max 128]
     python bench/scaling.py waiting [--rounds 3] [--ref main]
     python bench/scaling.py waits            # what a rank burns while it waits, per kind of wait
+    python bench/scaling.py rounds [--topologies 1 1,1 1,1,1,1 ...]   # round time against clients
 
 aggregate: the server's work per round for N simulated client updates of a 7B Llama's LoRA
 (r=8 on q_proj and v_proj: 32 layers x 2 modules x (8x4096 A + 4096x8 B) fp32 = 16.8 MB each), as
@@ -266,6 +267,48 @@ def cmd_waiting(args) -> None:
     print(f"- final global adapter, before against after: {'bit-identical' if same else f'differs, max |diff| {worst:.3g}'}")
 
 
+# ------------------------------------------------------------------ rounds
+
+
+def cmd_rounds(args) -> None:
+    """Round time (the server's record) against the number of clients and ranks per client."""
+    from fdlora_cluster.cli import find_mpiexec
+    from fdlora_cluster.config import apply_override, read_yaml
+    from fdlora_cluster.pretrain import ensure_pretrained
+    from fdlora_cluster.config import load_config
+    import yaml
+
+    os.chdir(ROOT)
+    ensure_pretrained(load_config(ROOT / "configs" / "demo.yaml"), log=lambda m: None)
+    rows = []
+    for spec in args.topologies:
+        sizes = [int(x) for x in spec.split(",")]
+        with tempfile.TemporaryDirectory(prefix="scaling-rounds-") as tmp:
+            raw = read_yaml(str(ROOT / "configs" / "demo.yaml"))
+            sets = {"strategy": "fedavg", "topology.clients": sizes, "train.rounds": args.rounds, "train.inner_steps": 5,
+                    "data.rows_per_client": 60, "outer.optimizer": "sgd", "outer.lr": 1.0,
+                    "output_dir": str(Path(tmp) / "run")}
+            for k, v in sets.items():
+                apply_override(raw, f"{k}={json.dumps(v)}")
+            cfg = Path(tmp) / "config.yaml"
+            cfg.write_text(yaml.safe_dump(raw))
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT),
+                   "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions")}
+            t0 = time.monotonic()
+            proc = subprocess.run([find_mpiexec(), "-n", str(1 + sum(sizes)), sys.executable, "-m", "fdlora_cluster.cli",
+                                   "run", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+            if proc.returncode != 0:
+                raise SystemExit(f"job {sizes} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+            rows.append((sizes, summary["seconds_per_round"], time.monotonic() - t0))
+        print(f"  {sizes} done", file=sys.stderr, flush=True)
+    print(f"fedavg on configs/demo.yaml, {args.rounds} rounds, K = 5, 60 rows per client, OMP_NUM_THREADS=1\n")
+    print("| clients | ranks per client | world | s per round (server) | job s |")
+    print("|---|---|---|---|---|")
+    for sizes, per_round, job in rows:
+        print(f"| {len(sizes)} | {sizes} | {1 + sum(sizes)} | {per_round:.2f} | {job:.0f} |")
+
+
 # ------------------------------------------------------------------ waits
 
 
@@ -327,6 +370,10 @@ def main() -> None:
     w = sub.add_parser("waiting")
     w.add_argument("--rounds", type=int, default=3)
     w.add_argument("--ref", default="main")
+    rs = sub.add_parser("rounds")
+    rs.add_argument("--rounds", type=int, default=2)
+    rs.add_argument("--topologies", nargs="+", default=["1", "1,1", "1,1,1,1", "1,1,1,1,1,1,1,1", "2,2"],
+                    help="ranks per client, comma-separated, one job each")
     ws = sub.add_parser("waits")
     ws.add_argument("--seconds", type=float, default=3.0)
     wp = sub.add_parser("waits-probe")
@@ -338,6 +385,8 @@ def main() -> None:
         print(json.dumps(aggregate_one(args.method, args.n)))
     elif args.cmd == "waiting":
         cmd_waiting(args)
+    elif args.cmd == "rounds":
+        cmd_rounds(args)
     elif args.cmd == "waits":
         cmd_waits(args)
     else:
