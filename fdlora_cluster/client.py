@@ -20,7 +20,7 @@ from .faults import fault
 from .fusion import fuse, modules_of, per_module, search_weights, weight_groups
 from .log import FILE_ONLY, get_logger
 from .model import GLOBAL, PERSONAL, adapter_scaling, lora_config, save_adapter
-from .transport import ClientUpdate, Counters, Layout, Transport
+from .transport import ClientUpdate, Counters, Layout, Transport, yielding_barrier
 
 FUSED = "fused"
 
@@ -84,6 +84,7 @@ class Client:
         """The newest global adapter the server sent: its round, whether it is the final one, and
         on the leader its state (apply it with `apply_global`)."""
         message = self.transport.recv_newest_global() if self.is_leader else None
+        yielding_barrier(self.topo.client_comm)  # followers wait here, asleep, not spinning in MPI's bcast
         round, final, skipped = self.topo.client_comm.bcast(
             (message.round, message.final, message.skipped) if self.is_leader else None, root=0)
         if skipped and self.is_leader:

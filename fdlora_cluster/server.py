@@ -15,7 +15,7 @@ import time
 import torch
 
 from .log import get_logger
-from .strategies import UpdateError, check_update, l2_distance, weighted_average
+from .strategies import InOrderSum, UpdateError, check_update, l2_distance, weighted_average
 from .transport import ClientUpdate, GlobalAdapter, Transport
 
 
@@ -88,12 +88,16 @@ class Server:
 
     def finish_round(self, t: int) -> dict:
         """(clients train) -> collect and check, until every client answered or the round's
-        deadline -> aggregate. Returns the round's record."""
+        deadline -> aggregate. Returns the round's record.
+
+        Updates are checked and summed as they arrive (`InOrderSum`: in client-id order, holding
+        only those that overtook a lower id), so the server never keeps every update at once."""
         fed = self.cfg.federation
         t0 = self._t0
         deadline = None if fed.round_timeout_s is None else time.monotonic() + fed.round_timeout_s
         before = self.global_state
-        accepted: list[ClientUpdate] = []
+        total = InOrderSum(self.clients)
+        norms: dict[int, float] = {}
         rejected: dict[int, str] = {}
         late: list[dict] = []
         waiting = set(self.clients)
@@ -112,23 +116,25 @@ class Server:
             if reason:
                 rejected[update.client] = reason
                 self.log.warning(f"  round {t}: update of client {update.client} rejected: {reason}")
+                total.skip(update.client)
             else:
-                accepted.append(update)
+                norms[update.client] = l2_distance(update.state, before)
+                total.add(update.client, update.state, self.strategy.weight(update.num_samples))
+            del update  # the sum has it now (or holds it until a lower client id is in)
+        total.close()
         missing = {c: f"no update within federation.round_timeout_s = {fed.round_timeout_s:g} s" for c in sorted(waiting)}
         for c, why in missing.items():
             self.log.warning(f"  round {t}: client {c} missing: {why}")
-        accepted.sort(key=lambda u: u.client)  # arrival order must not change the average's rounding
         need = fed.min_clients
-        if len(accepted) < need:
+        if len(total.added) < need:
             why = "; ".join(f"client {c}: {r}" for c, r in sorted({**rejected, **missing}.items()))
-            raise FederationError(f"round {t}: {len(accepted)} usable update(s), federation.min_clients = {need} ({why})")
-        self.global_state = self.strategy.aggregate(before, [u.state for u in accepted],
-                                                    [u.num_samples for u in accepted])
+            raise FederationError(f"round {t}: {len(total.added)} usable update(s), federation.min_clients = {need} ({why})")
+        self.global_state = self.strategy.step(before, total)
         return {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0,
                 **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
-                "clients": [u.client for u in accepted], "rejected": {str(c): r for c, r in rejected.items()},
+                "clients": total.added, "rejected": {str(c): r for c, r in rejected.items()},
                 "missing": sorted(waiting), "late": late,
-                "update_norms": [l2_distance(u.state, before) for u in accepted],
+                "update_norms": [norms[c] for c in total.added],
                 "global_change": l2_distance(self.global_state, before)}
 
     def send_final(self) -> None:

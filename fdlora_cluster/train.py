@@ -24,7 +24,7 @@ from .log import FILE_ONLY, RoundProgress, get_logger, setup_logging
 from .model import GLOBAL, PERSONAL, add_adapters, build_base, lora_config, save_adapter
 from .strategies import make_strategy
 from .topology import build_topology
-from .transport import Counters, Transport
+from .transport import Counters, Transport, yielding_barrier
 
 
 @dataclass
@@ -353,6 +353,7 @@ class RoundsSummary:
 
 def finish(cfg, topo, run_dir, server_summary) -> dict | None:
     """Gather every rank's records and the leaders' summaries at the server; write the results."""
+    yielding_barrier(topo.world)  # the server waits here, asleep, while the clients fuse and evaluate
     records = topo.world.gather(run_dir.records, root=0)
     summaries = topo.world.gather(getattr(run_dir, "summary", None), root=0)
     if not topo.is_server:

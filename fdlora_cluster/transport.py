@@ -26,6 +26,11 @@ broadcast inside its client (engine.broadcast_from_leader). The transport counts
 moves, per round and in total, and can record every payload it sends (tests use that to prove
 the personal adapter never travels). Peers are named by client id; `RankPlan` maps them to
 federation ranks.
+
+Every wait on the federation yields the CPU (`wait_for`): a non-blocking receive or probe tested
+with a growing sleep in between, never MPI's blocking receive, which under MPICH spins on a core
+for as long as it waits (the server for a whole round, a leader while the other clients train).
+`yielding_barrier` does the same for the ranks that wait inside a client or at the job's end.
 """
 
 from __future__ import annotations
@@ -43,6 +48,36 @@ TAG_TO_SERVER = 12  # init, update
 
 KINDS = ("init", "global", "final", "update", "abort", "bye")
 HEADER = struct.Struct("<qqqd")  # kind, round, client, num_samples
+
+
+# The sleep between two tests of a pending MPI request: from 0.1 ms, doubled after each miss, up to
+# 16 ms. A message is then seen at most ~16 ms after it lands (once per round, not per step), and a
+# rank that waits a whole round wakes ~60 times a second instead of spinning on a core.
+POLL_FIRST_S = 1e-4
+POLL_MOST_S = 0.016
+
+
+def wait_for(ready, deadline: float | None = None) -> bool:
+    """Call `ready()` until it returns True (then True) or `deadline` (time.monotonic()) passes
+    (then False), sleeping between calls with a backoff that starts again at every call."""
+    delay = POLL_FIRST_S
+    while not ready():
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+        else:
+            time.sleep(delay)
+        delay = min(2 * delay, POLL_MOST_S)
+    return True
+
+
+def yielding_barrier(comm) -> None:
+    """A barrier on `comm` whose wait sleeps (MPI_Ibarrier + wait_for), for ranks that may wait long:
+    a follower for its leader's global adapter, the server for the clients' final phases."""
+    request = comm.Ibarrier()
+    wait_for(request.Test)
 
 
 class TransportError(RuntimeError):
@@ -169,7 +204,9 @@ class Transport:
     # -- the wire: header + payload in one buffer, one MPI call --
 
     def _send(self, kind: str, dest: int, tag: int, state=None, round: int = 0, client: int = -1,
-              num_samples: float = 0.0, text: str = "") -> None:
+              num_samples: float = 0.0, text: str = ""):
+        """Start sending one message; returns (request, buffer). A large message completes only once
+        the peer has posted its receive; the callers wait for it with `wait_for`, not spinning."""
         from mpi4py import MPI
 
         head = torch.frombuffer(bytearray(HEADER.pack(KINDS.index(kind), round, client, num_samples)), dtype=torch.uint8)
@@ -179,8 +216,9 @@ class Transport:
         if self.record is not None:
             self.record.append((kind, dest, None if state is None else {k: v.detach().clone() for k, v in state.items()},
                                 num_samples, buf.tobytes()))
-        self.comm.Send([buf, MPI.BYTE], dest=dest, tag=tag)
+        request = self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag)
         self._count(sent=buf.nbytes)
+        return request, buf  # the buffer must live until the request completes
 
     def _recv(self, source: int, tag: int, peer: str) -> tuple[str, int, int, float, torch.Tensor]:
         """(kind, round, client, num_samples, body) of the next message from `source`; the byte
@@ -189,8 +227,18 @@ class Transport:
 
         buf = torch.empty(HEADER.size + max(self.layout.nbytes, 4096), dtype=torch.uint8)
         status = MPI.Status()
-        self.comm.Recv([buf.numpy(), MPI.BYTE], source=source, tag=tag, status=status)
+        request = self.comm.Irecv([buf.numpy(), MPI.BYTE], source=source, tag=tag)
+        wait_for(lambda: request.Test(status))
         return self._decode(buf, status.Get_count(MPI.BYTE), peer)
+
+    def _send_all(self, messages) -> None:
+        """Send (kind, dest, tag, kwargs) messages at once and wait, yielding, until all are out: a
+        leader still busy (training its personal adapter, or late) delays only its own message."""
+        from mpi4py import MPI
+
+        pending = [self._send(kind, dest, tag, **kw) for kind, dest, tag, kw in messages]
+        requests = [r for r, _ in pending]
+        wait_for(lambda: MPI.Request.Testall(requests))
 
     def _decode(self, buf: torch.Tensor, n: int, peer: str) -> tuple[str, int, int, float, torch.Tensor]:
         """Count and check a received message of `n` bytes in `buf`: a known kind, and an adapter
@@ -219,11 +267,13 @@ class Transport:
         self._count(sent=len(wire))
 
     def send_init(self, client: int, state: dict[str, torch.Tensor]) -> None:
-        self._send("init", 0, TAG_TO_SERVER, state, client=client)
+        request, _buf = self._send("init", 0, TAG_TO_SERVER, state, client=client)
+        wait_for(request.Test)
 
     def send_update(self, update: ClientUpdate) -> None:
-        self._send("update", 0, TAG_TO_SERVER, update.state, round=update.round, client=update.client,
+        request, _buf = self._send("update", 0, TAG_TO_SERVER, update.state, round=update.round, client=update.client,
                    num_samples=update.num_samples)
+        wait_for(request.Test)
 
     def recv_global(self) -> GlobalAdapter:
         kind, round, _, _, body = self._recv(0, TAG_TO_LEADER, "the server")
@@ -245,7 +295,8 @@ class Transport:
         return message
 
     def send_bye(self, client: int) -> None:
-        self._send("bye", 0, TAG_TO_SERVER, client=client)
+        request, _buf = self._send("bye", 0, TAG_TO_SERVER, client=client)
+        wait_for(request.Test)
 
     # -- server side --
 
@@ -253,7 +304,10 @@ class Transport:
         """Every leader's layout; they must all agree (else no client's update could be averaged)."""
         layouts = {}
         for c in clients:
-            layouts[c] = self.comm.recv(source=self.plan.federation_rank(c), tag=TAG_LAYOUT)
+            source = self.plan.federation_rank(c)
+            # a leader sends its layout after the personal stage: wait without spinning
+            wait_for(lambda: self.comm.Iprobe(source=source, tag=TAG_LAYOUT))
+            layouts[c] = self.comm.recv(source=source, tag=TAG_LAYOUT)
             self._count(received=len(pickle.dumps(layouts[c])))
         first = layouts[clients[0]]
         for c, layout in layouts.items():
@@ -285,33 +339,39 @@ class Transport:
     def next_update(self, deadline: float | None) -> ClientUpdate | int | None:
         """The next message any leader sent, as it arrives: a ClientUpdate (as sent: the caller checks
         its round and values), or the client id of a leader's bye; None once `deadline`
-        (time.monotonic()) passes. Polls every millisecond: MPI has no wait with a timeout."""
+        (time.monotonic()) passes. MPI has no wait with a timeout: the posted receives are tested
+        with `wait_for`'s backoff."""
         from mpi4py import MPI
 
-        while self.inbox:
-            for client, (buf, request) in list(self.inbox.items()):
+        if not self.inbox:
+            raise TransportError("no leader is left to receive from")
+        arrived = []
+
+        def any_arrived() -> bool:
+            for client, (buf, request) in self.inbox.items():
                 status = MPI.Status()
-                if not request.Test(status):
-                    continue
-                kind, round, sender, num_samples, body = self._decode(buf, status.Get_count(MPI.BYTE), f"client {client}")
-                if sender != client or kind not in ("update", "bye"):
-                    raise TransportError(f"client {client}: expected an update, got a {kind} message claiming client {sender}")
-                if kind == "bye":
-                    del self.inbox[client]
-                    return client
-                self._post(client)
-                return ClientUpdate(round, client, num_samples, self.layout.unpack(body))
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            time.sleep(0.001)
-        raise TransportError("no leader is left to receive from")
+                if request.Test(status):
+                    arrived.append((client, buf, status.Get_count(MPI.BYTE)))
+                    return True
+            return False
+
+        if not wait_for(any_arrived, deadline):
+            return None
+        client, buf, n = arrived[0]
+        kind, round, sender, num_samples, body = self._decode(buf, n, f"client {client}")
+        if sender != client or kind not in ("update", "bye"):
+            raise TransportError(f"client {client}: expected an update, got a {kind} message claiming client {sender}")
+        if kind == "bye":
+            del self.inbox[client]
+            return client
+        self._post(client)
+        return ClientUpdate(round, client, num_samples, self.layout.unpack(body))
 
     def send_global(self, message: GlobalAdapter, clients: list[int]) -> None:
-        for c in clients:
-            self._send("final" if message.final else "global", self.plan.federation_rank(c), TAG_TO_LEADER,
-                       message.state, round=message.round)
+        kind = "final" if message.final else "global"
+        self._send_all([(kind, self.plan.federation_rank(c), TAG_TO_LEADER, {"state": message.state, "round": message.round})
+                        for c in clients])
 
     def abort(self, reason: str, clients: list[int]) -> None:
         """Tell every leader to stop, with the reason (in place of the global adapter it waits for)."""
-        for c in clients:
-            self._send("abort", self.plan.federation_rank(c), TAG_TO_LEADER, text=reason[:4000])
+        self._send_all([("abort", self.plan.federation_rank(c), TAG_TO_LEADER, {"text": reason[:4000]}) for c in clients])

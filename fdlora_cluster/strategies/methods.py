@@ -34,7 +34,7 @@ class PersonalTraining:
     before_global: bool = False
     """Train right after the global adapter is received, before the round's global steps, so the
     active global adapter is the server's aggregate and not this client's half-trained copy."""
-from .aggregate import OuterOptimizer, State, check_update, client_weights, pseudo_gradient, weighted_average
+from .aggregate import InOrderSum, OuterOptimizer, State, check_update, pseudo_gradient
 
 
 class Strategy:
@@ -77,13 +77,23 @@ class Strategy:
         machinery (and the proof that `personal` never travels) is exercised by all of them."""
         return (PERSONAL, GLOBAL)
 
+    def weight(self, num_samples: float) -> float:
+        """An update's weight in the average: its sample count (global.aggregation = samples) or 1."""
+        return 1.0 if self.cfg.global_.aggregation == "uniform" else float(num_samples)
+
+    def step(self, global_before: State, total: InOrderSum) -> State:
+        """Next global adapter: outer step on the pseudo-gradient `before - weighted mean of the
+        updates`. The server adds the updates to `total` as they arrive (Server.finish_round)."""
+        return self.outer.step(global_before, pseudo_gradient(global_before, total.mean()))
+
     def aggregate(self, global_before: State, updates: list[State], sample_counts: list[float]) -> State:
-        """Next global adapter: outer step on the weighted average of the clients' pseudo-gradients."""
-        for i, u in enumerate(updates):
+        """`step` on updates given as a list (update i is client i's), summed as the server does."""
+        total = InOrderSum(range(len(updates)))
+        for i, (u, n) in enumerate(zip(updates, sample_counts)):
             check_update(global_before, u, client=i)
-        weights = client_weights(sample_counts, self.cfg.global_.aggregation)
-        average = weighted_average(updates, weights)
-        return self.outer.step(global_before, pseudo_gradient(global_before, average))
+            total.add(i, u, self.weight(n))
+        total.close()
+        return self.step(global_before, total)
 
     def describe(self) -> str:
         return (self.__doc__ or self.name).strip().splitlines()[0]
