@@ -193,6 +193,14 @@ class FederationConfig:
     max_update_norm: Optional[float] = None
     """When set, an update whose change ||client global - round's global|| exceeds it is rejected
     for that round (logged with the client and its norm), not averaged."""
+    compress: Literal["none", "bf16", "int8"] = "none"
+    """What crosses MPI in both directions (fdlora_cluster/compress.py): `none`, the fp32 adapter;
+    `bf16` or `int8`, each global adapter after the first as its change to the previous one and each
+    update as its change to the round's global adapter, rounded, with error feedback (what rounding
+    lost is sent with the next change). Every rank still holds the same global adapter bit for bit.
+    A resumed job restarts the error feedback at zero (bit-identical resume needs `none`)."""
+    compress_block: int = 256
+    """int8: values per fp32 scale (0 = one scale per tensor)."""
 
 
 @dataclass
@@ -752,6 +760,8 @@ def validate(cfg: Config, source: str) -> None:
              f"federation.round_timeout_s = {fed.round_timeout_s} must be > 0 (or left out: wait for every client)")
     _require(fed.max_update_norm is None or fed.max_update_norm > 0, source,
              f"federation.max_update_norm = {fed.max_update_norm} must be > 0 (or left out)")
+    _require(fed.compress_block >= 0, source,
+             f"federation.compress_block = {fed.compress_block} must be >= 0 (0 = one scale per tensor)")
     _require(cfg.personal.steps_per_round >= 0, source,
              f"personal.steps_per_round = {cfg.personal.steps_per_round} must be >= 0")
     dpa = cfg.feddpa

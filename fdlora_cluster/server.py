@@ -84,7 +84,8 @@ class Server:
         """Round t starts: the global adapter goes to every leader."""
         self._t0 = time.perf_counter()
         self.transport.new_round()
-        self.transport.send_global(GlobalAdapter(t, self.global_state), self.clients)
+        # with federation.compress the leaders hold the decoded adapter; so does the server
+        self.global_state = self.transport.send_global(GlobalAdapter(t, self.global_state), self.clients)
 
     def finish_round(self, t: int) -> dict:
         """(clients train) -> collect and check, until every client answered or the round's
@@ -139,8 +140,8 @@ class Server:
 
     def send_final(self) -> None:
         """The final global adapter (the leaders answer with their bye: `collect_byes`)."""
-        self.transport.send_global(GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True),
-                                   self.clients)
+        self.global_state = self.transport.send_global(
+            GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True), self.clients)
 
     def collect_byes(self) -> None:
         """Every leader's remaining messages until its bye (a late update still in flight is

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpointer, agree_on_resume, rng_state, set_rng_state
+from .compress import Codec
 from .config import AdapterConfig, Config
 from .data import check_responses_fit, get_tokenizer, load_clients
 from .faults import maybe_fail
@@ -99,7 +100,9 @@ def run(cfg: Config, record_payloads: list | None = None, resume: str | None = N
     # counters and the tests' payload tap then show that it sent nothing.
     transport = None
     if topo.federation_comm is not None:
-        transport = Transport(topo.federation_comm, topo.plan, record=record_payloads)
+        fed = cfg.federation
+        codec = None if fed.compress == "none" else Codec(fed.compress, fed.compress_block)
+        transport = Transport(topo.federation_comm, topo.plan, record=record_payloads, codec=codec)
     ckpt = Checkpointer(cfg, topo, run_dir.dir)
     agree_on_resume(cfg, topo, resume, ckpt)
     if topo.is_server and resume:

@@ -42,11 +42,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compress import add, sub
+
 TAG_LAYOUT = 10
 TAG_TO_LEADER = 11  # global, final, abort
 TAG_TO_SERVER = 12  # init, update
 
-KINDS = ("init", "global", "final", "update", "abort", "bye")
+KINDS = ("init", "global", "final", "update", "abort", "bye", "global_c", "final_c", "update_c")
+# *_c: a compressed change to the reference adapter instead of the adapter (federation.compress)
 HEADER = struct.Struct("<qqqd")  # kind, round, client, num_samples
 
 
@@ -190,6 +193,31 @@ class Transport:
     (kind, dest, state or None, num_samples, the bytes on the wire)."""
     layout: Layout | None = None  # the global adapter's, agreed at the handshake
     inbox: dict = field(default_factory=dict)  # server: client -> (buffer, posted MPI receive)
+    codec: object | None = None
+    """compress.Codec when federation.compress is on. Then every global adapter after the first
+    travels as its change to the previous one, and every update as its change to the round's
+    global adapter, encoded; `reference` is the global adapter both ends hold (the server's as the
+    leaders decode it), `residual` this end's error feedback (what its last encoding lost)."""
+    reference: dict | None = None
+    residual: dict | None = None
+
+    @property
+    def wire_layout(self) -> Layout:
+        """The layout of a compressed message (the codec's tensors for the global adapter's)."""
+        return Layout(self.codec.wire_entries(self.layout.entries))
+
+    def _encode_change(self, change: dict) -> dict:
+        """The wire tensors of `change` plus the residual; the new residual is what encoding lost."""
+        if self.residual is not None:
+            change = add(change, self.residual)
+        wire = self.codec.encode(change)
+        self.residual = sub(change, self.codec.decode(wire, change))
+        return wire
+
+    def _decode_change(self, body: torch.Tensor) -> dict:
+        """The reference adapter with the change in `body` applied (it becomes the new reference
+        when a global adapter came; an update's is the server's own reference plus the change)."""
+        return add(self.reference, self.codec.decode(self.wire_layout.unpack(body), self.reference))
 
     def new_round(self) -> None:
         self.round = Counters()
@@ -204,13 +232,13 @@ class Transport:
     # -- the wire: header + payload in one buffer, one MPI call --
 
     def _send(self, kind: str, dest: int, tag: int, state=None, round: int = 0, client: int = -1,
-              num_samples: float = 0.0, text: str = ""):
+              num_samples: float = 0.0, text: str = "", layout: Layout | None = None):
         """Start sending one message; returns (request, buffer). A large message completes only once
         the peer has posted its receive; the callers wait for it with `wait_for`, not spinning."""
         from mpi4py import MPI
 
         head = torch.frombuffer(bytearray(HEADER.pack(KINDS.index(kind), round, client, num_samples)), dtype=torch.uint8)
-        body = self.layout.pack(state) if state is not None else torch.frombuffer(bytearray(text.encode() or b" "),
+        body = (layout or self.layout).pack(state) if state is not None else torch.frombuffer(bytearray(text.encode() or b" "),
                                                                                   dtype=torch.uint8)
         buf = torch.cat([head, body]).numpy()
         if self.record is not None:
@@ -250,7 +278,14 @@ class Transport:
         if not 0 <= kind_i < len(KINDS):
             raise TransportError(f"{peer}: unknown message kind {kind_i}")
         kind, body = KINDS[kind_i], buf[HEADER.size:n]
-        if kind not in ("abort", "bye") and body.numel() != self.layout.nbytes:
+        if kind.endswith("_c"):
+            if self.codec is None or self.reference is None:
+                raise TransportError(f"{peer}: a compressed {kind} message, but this end "
+                                     + ("has compression off" if self.codec is None else "holds no global adapter yet"))
+            if body.numel() != self.wire_layout.nbytes:
+                raise TransportError(f"{peer}: a {kind} message of {body.numel()} bytes, but the compressed layout "
+                                     f"holds {self.wire_layout.nbytes}")
+        elif kind not in ("abort", "bye") and body.numel() != self.layout.nbytes:
             raise TransportError(f"{peer}: a {kind} message of {body.numel()} bytes, but the agreed layout of the "
                                  f"global adapter holds {self.layout.nbytes}")
         return kind, round, client, num_samples, body
@@ -271,17 +306,28 @@ class Transport:
         wait_for(request.Test)
 
     def send_update(self, update: ClientUpdate) -> None:
-        request, _buf = self._send("update", 0, TAG_TO_SERVER, update.state, round=update.round, client=update.client,
-                   num_samples=update.num_samples)
+        """The update, or with compression its change to the round's global adapter, encoded."""
+        kind, state, layout = "update", update.state, None
+        if self.codec is not None and self.reference is not None:
+            kind, state, layout = "update_c", self._encode_change(sub(update.state, self.reference)), self.wire_layout
+        request, _buf = self._send(kind, 0, TAG_TO_SERVER, state, round=update.round, client=update.client,
+                                   num_samples=update.num_samples, layout=layout)
         wait_for(request.Test)
 
     def recv_global(self) -> GlobalAdapter:
         kind, round, _, _, body = self._recv(0, TAG_TO_LEADER, "the server")
         if kind == "abort":
             raise FederationAborted(f"the server stopped the job: {bytes(body.numpy()).decode(errors='replace')}")
-        if kind not in ("global", "final"):
+        if kind not in ("global", "final", "global_c", "final_c"):
             raise TransportError(f"the server sent a {kind} message where a global adapter was due")
-        return GlobalAdapter(round, self.layout.unpack(body), final=kind == "final")
+        if kind.endswith("_c"):
+            self.reference = self._decode_change(body)
+            state = {k: v.clone() for k, v in self.reference.items()}
+        else:
+            state = self.layout.unpack(body)
+            if self.codec is not None:
+                self.reference = {k: v.clone() for k, v in state.items()}
+        return GlobalAdapter(round, state, final=kind in ("final", "final_c"))
 
     def recv_newest_global(self) -> GlobalAdapter:
         """The next global adapter, or the newest of those already waiting (a leader that fell
@@ -359,18 +405,31 @@ class Transport:
             return None
         client, buf, n = arrived[0]
         kind, round, sender, num_samples, body = self._decode(buf, n, f"client {client}")
-        if sender != client or kind not in ("update", "bye"):
+        if sender != client or kind not in ("update", "update_c", "bye"):
             raise TransportError(f"client {client}: expected an update, got a {kind} message claiming client {sender}")
         if kind == "bye":
             del self.inbox[client]
             return client
+        state = self._decode_change(body) if kind == "update_c" else self.layout.unpack(body)
         self._post(client)
-        return ClientUpdate(round, client, num_samples, self.layout.unpack(body))
+        return ClientUpdate(round, client, num_samples, state)
 
-    def send_global(self, message: GlobalAdapter, clients: list[int]) -> None:
-        kind = "final" if message.final else "global"
-        self._send_all([(kind, self.plan.federation_rank(c), TAG_TO_LEADER, {"state": message.state, "round": message.round})
-                        for c in clients])
+    def send_global(self, message: GlobalAdapter, clients: list[int]) -> dict[str, torch.Tensor]:
+        """Send the global adapter to every leader; returns the adapter they will hold: `message.state`
+        itself, or with compression the previous one plus the decoded change (the server keeps that,
+        so that every rank holds the same global adapter bit for bit)."""
+        kind, state, layout, held = ("final" if message.final else "global"), message.state, None, message.state
+        if self.codec is not None:
+            if self.reference is None:  # the first global adapter travels whole: the leaders' reference
+                self.reference = {k: v.clone() for k, v in message.state.items()}
+            else:
+                wire = self._encode_change(sub(message.state, self.reference))
+                self.reference = add(self.reference, self.codec.decode(wire, self.reference))
+                kind, state, layout = kind + "_c", wire, self.wire_layout
+            held = {k: v.clone() for k, v in self.reference.items()}
+        self._send_all([(kind, self.plan.federation_rank(c), TAG_TO_LEADER,
+                         {"state": state, "round": message.round, "layout": layout}) for c in clients])
+        return held
 
     def abort(self, reason: str, clients: list[int]) -> None:
         """Tell every leader to stop, with the reason (in place of the global adapter it waits for)."""
