@@ -100,7 +100,7 @@ def test_compressed_job_counts_true_bytes_and_every_rank_holds_the_same_global(t
     assert sorted(by_round) == list(range(1, rounds + 2))
     assert all(len(d) == 1 for d in by_round.values()), by_round  # every client the same
     # the server holds what the leaders decoded: its checkpoint after the last round
-    server = torch.load(run_dir / "checkpoints" / f"round-{rounds}" / "server.pt", weights_only=False)
+    server = torch.load(run_dir / "checkpoints" / f"round-{rounds:05d}" / "server.pt", weights_only=False)
     assert {digest(server["global"])} == by_round[rounds + 1]
     # true bytes on the wire: round 1's global travels whole, everything after as encoded changes
     full = Layout.of(server["global"])
