@@ -27,6 +27,11 @@ moves, per round and in total, and can record every payload it sends (tests use 
 the personal adapter never travels). Peers are named by client id; `RankPlan` maps them to
 federation ranks.
 
+With `federation.compress` (bf16, int8: compress.py) a global adapter after the first travels as
+its change to the previous one (`global_c`, `final_c`) and an update as its change to the round's
+global adapter (`update_c`), encoded, with error feedback; both ends keep the global adapter as
+the leaders decode it (`reference`), so the server and every rank hold the same one bit for bit.
+
 Every wait on the federation yields the CPU (`wait_for`): a non-blocking receive or probe tested
 with a growing sleep in between, never MPI's blocking receive, which under MPICH spins on a core
 for as long as it waits (the server for a whole round, a leader while the other clients train).
