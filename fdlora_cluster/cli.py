@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import traceback
 import warnings
 
@@ -191,6 +192,9 @@ def cmd_run(args) -> int:
         if isinstance(e, Exception) and not isinstance(e, _user_errors()):  # user errors: the message says it all
             say(traceback.format_exc())
         if world.Get_size() > 1:
+            # MPI_Abort tears the whole job down at once, and the launcher may not yet have forwarded
+            # this rank's last console lines (the error above) from its pipe: give it a moment.
+            time.sleep(1.0)
             world.Abort(1)
         return 1
     return 0
