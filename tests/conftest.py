@@ -109,7 +109,9 @@ def deepspeed_comm_op():
     for ever. A lock older than 15 minutes is such a leftover and is removed (with a warning)."""
     env = job_env()
     lock = Path(env["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > 900:
+    from fdlora_cluster.rendezvous import STALE_BUILD_LOCK_S  # the age at which a job refuses the lock
+
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
         warnings.warn(f"removing a stale DeepSpeed build lock left by a killed build: {lock}")
         lock.unlink()
     code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"

@@ -13,6 +13,7 @@ from fdlora_cluster.evaluation import instance_global_weights, reference_sample
 from fdlora_cluster.model import GLOBAL, PERSONAL
 from fdlora_cluster.strategies import Ditto, FedDPA, make_strategy
 
+from one_rank import OneRank
 from conftest import CONFIGS, write_config
 
 
@@ -146,37 +147,9 @@ def test_shipped_configs_load():
 # ---------------------------------------------------------------- the model-level mechanisms, in process
 
 
-class OneRank:
-    """The slice of a ClientEngine that evaluation.py uses, on one process: the real PEFT model and
-    the engine's own scoring code (ClientEngine._sequence_nll / evaluate), a one-rank 'comm'."""
-
-    def __init__(self):
-        import types
-
-        from fdlora_cluster.data import get_tokenizer, load_clients
-        from fdlora_cluster.engine import ClientEngine
-        from fdlora_cluster.model import add_adapters, adapter_params, build_base
-
-        self.cfg = load_config(CONFIGS / "demo.yaml")
-        self.tok = get_tokenizer(None)
-        self.model = add_adapters(build_base(self.cfg.model, self.cfg.seed, vocab_size=self.tok.vocab_size),
-                                  {PERSONAL: self.cfg.lora.personal, GLOBAL: self.cfg.lora.global_}, self.cfg.seed)
-        g = torch.Generator().manual_seed(5)
-        for name in (PERSONAL, GLOBAL):  # non-zero B so both adapters change the output, differently
-            for p in adapter_params(self.model, name).values():
-                p.data = 0.2 * torch.randn(p.shape, generator=g)
-        self.engine = self.model
-        self.device = torch.device("cpu")
-        self.size, self.local_rank = 1, 0
-        self.comm = types.SimpleNamespace(allreduce=lambda x: x, allgather=lambda x: [x])
-        self.data = load_clients(self.cfg.data, 2, self.cfg.seed)[0]
-        for name in ("_sequence_nll", "evaluate", "_set_scales", "_score_mine"):  # the engine's own scoring code
-            setattr(self, name, types.MethodType(getattr(ClientEngine, name), self))
-
-
 @pytest.fixture(scope="module")
 def one_rank():
-    return OneRank()
+    return OneRank(seed=5, scale=0.2)
 
 
 def test_row_weights_score_each_row_as_the_fixed_scales_would(one_rank):

@@ -17,6 +17,7 @@ from fdlora_cluster.generation import (cached_forward, exact_match, greedy_decod
                                        rouge_l)
 from fdlora_cluster.model import GLOBAL, PERSONAL
 
+from one_rank import OneRank
 from conftest import (CONFIGS, JOB_TIMEOUT, ROOT, TINY, assert_ok, job_env, mpiexec, read_summary, run_job,
                       write_config)
 
@@ -56,36 +57,9 @@ def test_rouge_l_by_hand():
 # --------------------------------------------------------------------------- decoding on one process
 
 
-class OneRank:
-    """The slice of a ClientEngine that generation.py uses, on one process: the demo's tiny base
-    with both adapters (non-zero B so they change the output), the engine's own evaluate code, a
-    one-rank 'comm'."""
-
-    def __init__(self, **eval_sets):
-        from fdlora_cluster.data import get_tokenizer, load_clients
-        from fdlora_cluster.engine import ClientEngine
-        from fdlora_cluster.model import adapter_params, add_adapters, build_base
-
-        self.cfg = load_config(CONFIGS / "demo.yaml", overrides=[f"eval.{k}={v}" for k, v in eval_sets.items()])
-        self.tok = get_tokenizer(None)
-        self.model = add_adapters(build_base(self.cfg.model, self.cfg.seed, vocab_size=self.tok.vocab_size),
-                                  {PERSONAL: self.cfg.lora.personal, GLOBAL: self.cfg.lora.global_}, self.cfg.seed)
-        g = torch.Generator().manual_seed(3)
-        for name in (PERSONAL, GLOBAL):
-            for p in adapter_params(self.model, name).values():
-                p.data = 0.05 * torch.randn(p.shape, generator=g)
-        self.engine = self.model
-        self.device = torch.device("cpu")
-        self.size, self.local_rank = 1, 0
-        self.comm = types.SimpleNamespace(allreduce=lambda x: x, allgather=lambda x: [x])
-        self.data = load_clients(self.cfg.data, 2, self.cfg.seed)[0]
-        for name in ("_sequence_nll", "evaluate", "_set_scales", "_score_mine"):
-            setattr(self, name, types.MethodType(getattr(ClientEngine, name), self))
-
-
 @pytest.fixture(scope="module")
 def one_rank():
-    return OneRank(generate="true", max_new_tokens=12)
+    return OneRank(seed=3, scale=0.05, overrides=["eval.generate=true", "eval.max_new_tokens=12"])
 
 
 def test_prompt_is_what_training_puts_before_the_response():
@@ -190,14 +164,14 @@ def test_engine_evaluate_reports_generation_as_a_hand_loop_scores_it(one_rank):
 
 
 def test_generate_rows_and_metrics_limit_what_is_decoded_and_reported():
-    e = OneRank(generate="true", max_new_tokens=4, generate_rows=3, metrics='["rouge_l"]')
+    e = OneRank(seed=3, scale=0.05, overrides=["eval.generate=true", "eval.max_new_tokens=4", "eval.generate_rows=3", 'eval.metrics=["rouge_l"]'])
     out = e.evaluate(e.data.test[:5], PERSONAL)
     assert out["generated_rows"] == 3 and out["rows"] == 5
     assert "rouge_l" in out and "exact_match" not in out
 
 
 def test_generation_off_by_default(one_rank):
-    e = OneRank()
+    e = OneRank(seed=3, scale=0.05)
     assert e.cfg.eval.generate is False
     out = e.evaluate(e.data.test[:2], PERSONAL)
     assert "exact_match" not in out and "rouge_l" not in out
