@@ -211,13 +211,15 @@ class Transport:
         """The layout of a compressed message (the codec's tensors for the global adapter's)."""
         return Layout(self.codec.wire_entries(self.layout.entries))
 
-    def _encode_change(self, change: dict) -> dict:
-        """The wire tensors of `change` plus the residual; the new residual is what encoding lost."""
+    def _encode_change(self, change: dict) -> tuple[dict, dict]:
+        """(wire tensors, their decoding) of `change` plus the residual; the new residual is what
+        encoding lost."""
         if self.residual is not None:
             change = add(change, self.residual)
         wire = self.codec.encode(change)
-        self.residual = sub(change, self.codec.decode(wire, change))
-        return wire
+        decoded = self.codec.decode(wire, change)
+        self.residual = sub(change, decoded)
+        return wire, decoded
 
     def _decode_change(self, body: torch.Tensor) -> dict:
         """The reference adapter with the change in `body` applied (it becomes the new reference
@@ -314,7 +316,8 @@ class Transport:
         """The update, or with compression its change to the round's global adapter, encoded."""
         kind, state, layout = "update", update.state, None
         if self.codec is not None and self.reference is not None:
-            kind, state, layout = "update_c", self._encode_change(sub(update.state, self.reference)), self.wire_layout
+            wire, _ = self._encode_change(sub(update.state, self.reference))
+            kind, state, layout = "update_c", wire, self.wire_layout
         request, _buf = self._send(kind, 0, TAG_TO_SERVER, state, round=update.round, client=update.client,
                                    num_samples=update.num_samples, layout=layout)
         wait_for(request.Test)
@@ -428,8 +431,8 @@ class Transport:
             if self.reference is None:  # the first global adapter travels whole: the leaders' reference
                 self.reference = {k: v.clone() for k, v in message.state.items()}
             else:
-                wire = self._encode_change(sub(message.state, self.reference))
-                self.reference = add(self.reference, self.codec.decode(wire, self.reference))
+                wire, decoded = self._encode_change(sub(message.state, self.reference))
+                self.reference = add(self.reference, decoded)
                 kind, state, layout = kind + "_c", wire, self.wire_layout
             held = {k: v.clone() for k, v in self.reference.items()}
         self._send_all([(kind, self.plan.federation_rank(c), TAG_TO_LEADER,
