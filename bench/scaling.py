@@ -203,7 +203,7 @@ def run_job(pkg_root: Path, out: Path, rounds: int) -> dict:
     from fdlora_cluster.cli import find_mpiexec
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK_CPU_DIR": str(out / "cpu"),
-           "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions"), "PYTHONPATH": str(pkg_root)}
+           "PYTHONPATH": str(pkg_root)}
     cmd = [find_mpiexec(), "-n", "5", sys.executable, str(ROOT / "bench" / "rank_cpu.py"), "run", str(cfg_path)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -292,8 +292,7 @@ def cmd_rounds(args) -> None:
                 apply_override(raw, f"{k}={json.dumps(v)}")
             cfg = Path(tmp) / "config.yaml"
             cfg.write_text(yaml.safe_dump(raw))
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT),
-                   "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions")}
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
             t0 = time.monotonic()
             proc = subprocess.run([find_mpiexec(), "-n", str(1 + sum(sizes)), sys.executable, "-m", "fdlora_cluster.cli",
                                    "run", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)

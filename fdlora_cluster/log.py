@@ -41,7 +41,7 @@ def console_err():
 
 def capture_output(log_path: str) -> None:
     """Point this process's stdout and stderr at the rank's log file, at the file descriptors, so
-    that C code, subprocesses (DeepSpeed's JIT build) and third-party prints land there too; the
+    that C code, subprocesses and third-party prints land there too; the
     console keeps a copy of the original descriptors (`console_out`, `console_err`), which is where
     our console lines, the server's progress bar and every error go. Errors that escape the
     entry point's handler still reach the console: uncaught exceptions and fatal signals."""

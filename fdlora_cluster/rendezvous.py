@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import time
 
 import torch
 
@@ -25,25 +24,21 @@ class RendezvousError(RuntimeError):
     pass
 
 
-STALE_BUILD_LOCK_S = 900  # DeepSpeed's CPU comm op builds in ~25 s; a lock this old has no builder
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op at init.
 
+    DeepSpeed's torch backend builds that op whenever the accelerator is the CPU, but only
+    `inference_all_reduce` (tensor-parallel inference) uses it; training never does. The build costs
+    a compiler run (~25 s the first time) and, on every start, a turn at torch's build lock file: a
+    rank killed while it holds the lock (a job that aborts at start, a timeout) leaves the file, and
+    every later job on that build cache waits on it for ever. We need none of it."""
+    import importlib
 
-def check_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = STALE_BUILD_LOCK_S) -> None:
-    """Refuse to start on a stale torch JIT build lock instead of waiting on it for ever.
-
-    DeepSpeed JIT-builds its CPU comm op the first time a rank initialises; torch serialises the
-    build with a lock file and every other process waits until it disappears. A build killed
-    midway (Ctrl-C, a job timeout) leaves the file behind, and every later job hangs at start."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for the directory
-        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
-        age = time.time() - os.stat(lock).st_mtime
-    except (ImportError, OSError):
-        return
-    if age > max_age_s:
-        raise RendezvousError(
-            f"{lock} is {age / 60:.0f} minutes old: a DeepSpeed op build was killed midway and left torch's "
-            "build lock behind, so this job would wait on it for ever; if no build is running, remove the file")
+    # importlib, not `import deepspeed.comm.torch as ...`: that name resolves to the torch module
+    # deepspeed.comm imports
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
 
 
 def _free_port() -> int:
@@ -144,7 +139,7 @@ def join_client_world(topo, backend: str, rendezvous_addr: str | None) -> torch.
     else:
         local_rank = topo.host_local_index
         device = torch.device("cpu")
-    check_build_lock()
+    skip_deepspeed_shm_op()
     comm = topo.client_comm
     addr = port = None
     if comm.Get_rank() == 0:

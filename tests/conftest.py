@@ -10,8 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -60,9 +58,6 @@ def job_env() -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu")
-    # DeepSpeed JIT-builds its CPU comm op into torch's per-user cache; two virtualenvs sharing that
-    # cache rebuild it in turn (and wait on each other's lock). One cache per environment.
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -99,24 +94,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def read_summary(run_dir: Path) -> dict:
     with open(run_dir / "summary.json") as f:
         return json.load(f)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def deepspeed_comm_op():
-    """DeepSpeed JIT-builds its CPU comm op the first time a rank initialises (~25 s). Build it
-    once here, before any job, so that no job's ranks build it side by side under a job timeout: a
-    rank killed mid-build leaves torch's build lock behind, and every later job would wait on it
-    for ever. A lock older than 15 minutes is such a leftover and is removed (with a warning)."""
-    env = job_env()
-    lock = Path(env["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
-    from fdlora_cluster.rendezvous import STALE_BUILD_LOCK_S  # the age at which a job refuses the lock
-
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
-        warnings.warn(f"removing a stale DeepSpeed build lock left by a killed build: {lock}")
-        lock.unlink()
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"building DeepSpeed's CPU comm op failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
 
 
 @pytest.fixture(scope="session", autouse=True)

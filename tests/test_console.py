@@ -45,14 +45,14 @@ def test_steps_and_library_output_are_in_the_log_files_only(job):
     out = proc.stdout + proc.stderr
     assert " step " not in out and "checkpoint of round" not in out
     assert "rank 2]" not in out and "rank 4]" not in out  # followers are quiet
-    # DeepSpeed's op message (a print in every client rank) and torch's C++ INFO lines ([I1126 ... c10d])
-    assert "built successfully" not in out and not re.search(r"^\[I\d{4} ", out, re.M), out[-3000:]
+    # torch's C++ INFO lines ([I1126 ... c10d]), written by C code straight to fd 2 of every client rank
+    assert not re.search(r"^\[I\d{4} ", out, re.M), out[-3000:]
     leader = (run / "logs" / "rank-1.log").read_text()
     assert "[personal stage] personal step 2/2 loss" in leader and "[round 2] global step 2/2 loss" in leader
     assert "[round 1] global: 2 steps in" in leader and "checkpoint of round 1 written" in leader
     for rank in (1, 2, 3, 4):  # ... of every client rank: in its own file
         text = (run / "logs" / f"rank-{rank}.log").read_text()
-        assert "deepspeed_shm_comm_op built successfully" in text and re.search(r"^\[I\d{4} .*\[c10d\]", text, re.M), rank
+        assert re.search(r"^\[I\d{4} .*\[c10d\]", text, re.M), rank
 
 
 def test_the_progress_rule():

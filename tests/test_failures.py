@@ -102,20 +102,15 @@ def test_a_slow_client_misses_a_round_and_the_run_finishes(tmp_path):
     assert "late update of client 1 (round 2) dropped" in out
 
 
-def test_a_stale_deepspeed_build_lock_is_refused_not_waited_on(tmp_path):
-    """A DeepSpeed JIT build killed midway leaves torch's lock file; DeepSpeed would wait on it for
-    ever. The job stops at start and names the file."""
+def test_a_leftover_deepspeed_build_lock_does_not_hold_the_job(tmp_path):
+    """DeepSpeed's CPU backend would JIT-load its shared-memory op at init, taking torch's build
+    lock; a rank killed holding it left the file, and every later job waited on it for ever (CI
+    hung this way). The trainer does not load that op, so a lock file there changes nothing."""
     ext = tmp_path / "torch_extensions"
     lock = ext / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
-    old = time.time() - 3600
-    os.utime(lock, (old, old))
     cfg = write_config(tmp_path, **FAST)
-    t0 = time.time()
     proc = run_ranks(5, ["run", str(cfg)], timeout=240, env={"TORCH_EXTENSIONS_DIR": str(ext)})
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-3000:]
-    assert f"{lock} is 60 minutes old: a DeepSpeed op build was killed midway" in out, out[-3000:]
-    assert time.time() - t0 < 120
-    assert lock.exists()  # not ours to remove: a user may know better
+    assert_ok(proc)
+    assert lock.exists() and os.listdir(lock.parent) == ["lock"]  # nothing built there

@@ -26,7 +26,6 @@ def job_env(**extra) -> dict:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))  # see conftest.job_env
     env["FDLORA"] = os.path.join(os.path.dirname(sys.executable), "fdlora-cluster")
     env.update(extra)
     return env
