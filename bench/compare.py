@@ -15,8 +15,9 @@ A job that fails stops the comparison with its exit status.
 
 With `--seeds S...` every strategy runs once per seed (the run's `seed`: data split, client mixes,
 LoRA init and batch order; the pretrained base is shared) into OUT/seed-<S>/<strategy>, and the
-table gives each method's headline adapter per client as mean +- standard deviation over the seeds,
-with the per-seed values beside it: no seed is chosen, all are shown.
+table gives each method's headline adapter (in bold) and every other adapter it evaluates, per
+client as mean +- standard deviation over the seeds, with the per-seed values beside it: no seed is
+chosen, all are shown.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ def fusion_choices(runs) -> str:
 
 
 def seeds_table(runs_by_seed: dict[int, list], metric: str) -> str:
-    """Methods as rows: per client and over clients, the headline adapter's `metric` as mean +- sd
-    over seeds, then the per-seed means over clients."""
+    """Methods as rows: per client and over clients, `metric` as mean +- sd over seeds, then the
+    per-seed means over clients. The headline adapter's row first, then a row per other adapter the
+    method evaluates (FDLoRA's personal and global ones are what its fused one must beat)."""
     import statistics
 
     from fdlora_cluster.report import headline_adapter
@@ -132,9 +134,8 @@ def seeds_table(runs_by_seed: dict[int, list], metric: str) -> str:
     clients = sorted(s["client"] for s in next(iter(runs_by_seed.values()))[0].summary["clients"])
     seeds = sorted(runs_by_seed)
 
-    def value(run, client):
-        s = next(s for s in run.summary["clients"] if s["client"] == client)
-        return s["metrics"][headline_adapter(s)].get(metric), headline_adapter(s)
+    def value(run, client, adapter):
+        return next(s for s in run.summary["clients"] if s["client"] == client)["metrics"][adapter].get(metric)
 
     def ms(xs):
         return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
@@ -142,11 +143,14 @@ def seeds_table(runs_by_seed: dict[int, list], metric: str) -> str:
     head = ["method (adapter)"] + [f"client {c}" for c in clients] + ["mean over clients"] + [f"seed {s}" for s in seeds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, m in enumerate(methods):
-        per_client = {c: [value(runs_by_seed[s][i], c)[0] for s in seeds] for c in clients}
-        per_seed = [statistics.mean(per_client[c][k] for c in clients) for k in range(len(seeds))]
-        adapter = value(runs_by_seed[seeds[0]][i], clients[0])[1]
-        lines.append(f"| {m} ({adapter}) | " + " | ".join(ms(per_client[c]) for c in clients) + f" | {ms(per_seed)} | "
-                     + " | ".join(f"{x:.3f}" for x in per_seed) + " |")
+        first = runs_by_seed[seeds[0]][i].summary["clients"][0]
+        headline = headline_adapter(first)
+        for adapter in [headline] + [a for a in first["metrics"] if a != headline]:
+            per_client = {c: [value(runs_by_seed[s][i], c, adapter) for s in seeds] for c in clients}
+            per_seed = [statistics.mean(per_client[c][k] for c in clients) for k in range(len(seeds))]
+            name = f"**{m} ({adapter})**" if adapter == headline else f"{m} ({adapter})"
+            lines.append(f"| {name} | " + " | ".join(ms(per_client[c]) for c in clients) + f" | {ms(per_seed)} | "
+                         + " | ".join(f"{x:.3f}" for x in per_seed) + " |")
     return "\n".join(lines)
 
 
@@ -228,8 +232,8 @@ def over_seeds(args, argv) -> int:
             return rc
         runs_by_seed[seed] = [load_run(os.path.join(out, s)) for s in args.strategies]
     headline = runs_by_seed[args.seeds[0]][0].config.get("eval", {}).get("headline", "accuracy")
-    print(f"\nMade by `python bench/compare.py {' '.join(base)}`. Headline adapter's test {headline} "
-          f"(eval.headline) over seeds {args.seeds}:\n")
+    print(f"\nMade by `python bench/compare.py {' '.join(base)}`. Test {headline} (eval.headline) "
+          f"over seeds {args.seeds}, each method's headline adapter in bold:\n")
     print(seeds_table(runs_by_seed, headline))
     other = "accuracy_all" if headline == "accuracy" else "accuracy"
     print(f"\nThe same under {other}:\n")

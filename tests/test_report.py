@@ -10,7 +10,7 @@ import yaml
 from fdlora_cluster.cli import main
 from fdlora_cluster.report import ReportError, comparison_table, load_run, write_report
 
-from conftest import CONFIGS, TINY, assert_ok, run_job, write_config
+from conftest import ROOT, TINY, assert_ok, run_job, write_config
 
 
 def fake_run(path, strategy, accs, fusion=None):
@@ -84,3 +84,21 @@ def test_report_renders_from_a_finished_run(tmp_path):
     assert (run_dir / "report" / "fusion_weights.png").is_file()
     assert "## Fusion weights" in text
     assert "comparison" not in comparison_table([load_run(str(run_dir))]).lower()
+
+
+def test_compare_seeds_table_gives_every_adapter_mean_and_spread(tmp_path):
+    """bench/compare.py --seeds: the headline adapter (bold) and each other adapter a method
+    evaluates, per client as mean +- sd over seeds, and the per-seed means over clients."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from compare import seeds_table
+
+    runs = {}
+    for seed, accs in ((0, [0.9, 0.7]), (1, [0.7, 0.5])):
+        runs[seed] = [load_run(fake_run(tmp_path / f"s{seed}" / m, m, accs)) for m in ("fdlora", "fedavg")]
+    rows = seeds_table(runs, "accuracy").splitlines()
+    assert rows[0] == "| method (adapter) | client 0 | client 1 | mean over clients | seed 0 | seed 1 |"
+    # fake_run gives every adapter of a run the same accuracy: client 0 0.9 / 0.7 over the seeds
+    assert rows[2] == "| **fdlora (fused)** | 0.800 +- 0.141 | 0.600 +- 0.141 | 0.700 +- 0.141 | 0.800 | 0.600 |"
+    assert [r.split(" | ")[0] for r in rows[3:]] == ["| fdlora (personal)", "| fdlora (global)", "| **fedavg (global)**"]
