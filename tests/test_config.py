@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from fdlora_cluster.config import ConfigError, config_from_dict, deepspeed_dict, load_config
+from fdlora_cluster.config import ConfigError, config_from_dict, load_config
+from fdlora_cluster.deepspeed_config import deepspeed_dict
 from fdlora_cluster.topology import RankPlan, TopologyError
 
 from conftest import CONFIGS, write_config
