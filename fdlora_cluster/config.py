@@ -31,12 +31,12 @@ def _require(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def why(text: str) -> dict:
-    """`Field(json_schema_extra=why(...))`: added in parentheses to the field's range error."""
+def _why(text: str) -> dict:
+    """`Field(json_schema_extra=_why(...))`: added in parentheses to the field's range error."""
     return {"why": text}
 
 
-def section(**kw):
+def _section(**kw):
     """A section left out is validated as an empty one (`model:` and `topology:` then say what they need)."""
     return Field(default_factory=dict, validate_default=True, **kw)
 
@@ -115,9 +115,9 @@ class AdapterConfig(Section):
 
 
 class LoraConfig(Section):
-    personal: AdapterConfig = section()
+    personal: AdapterConfig = _section()
     """The client's own adapter; it never leaves the client."""
-    global_: AdapterConfig = section(alias="global")
+    global_: AdapterConfig = _section(alias="global")
     """The adapter synchronised through the server (YAML key `global`)."""
 
 
@@ -242,7 +242,7 @@ class GlobalConfig(Section):
 
 
 class FederationConfig(Section):
-    round_timeout_s: Optional[float] = Field(None, gt=0, json_schema_extra=why("or left out: wait for every client"))
+    round_timeout_s: Optional[float] = Field(None, gt=0, json_schema_extra=_why("or left out: wait for every client"))
     """When set, the server aggregates the updates that arrived within this many seconds of sending
     the round's global adapter; the others count as missing for the round (metrics.jsonl, summary).
     A late update is recognised by its round and dropped; its client goes on from the newest global.
@@ -250,7 +250,7 @@ class FederationConfig(Section):
     min_clients: int = Field(1, ge=1)
     """A round needs at least this many accepted updates; fewer fails the job with the clients
     that were missing or rejected and why."""
-    max_update_norm: Optional[float] = Field(None, gt=0, json_schema_extra=why("or left out"))
+    max_update_norm: Optional[float] = Field(None, gt=0, json_schema_extra=_why("or left out"))
     """When set, an update whose change ||client global - round's global|| exceeds it is rejected
     for that round (logged with the client and its norm), not averaged."""
     compress: Literal["none", "bf16", "int8"] = "none"
@@ -259,7 +259,7 @@ class FederationConfig(Section):
     update as its change to the round's global adapter, rounded, with error feedback (what rounding
     lost is sent with the next change). Every rank still holds the same global adapter bit for bit.
     A resumed job restarts the error feedback at zero (bit-identical resume needs `none`)."""
-    compress_block: int = Field(256, ge=0, json_schema_extra=why("0 = one scale per tensor"))
+    compress_block: int = Field(256, ge=0, json_schema_extra=_why("0 = one scale per tensor"))
     """int8: values per fp32 scale (0 = one scale per tensor)."""
 
 
@@ -274,7 +274,7 @@ class PersonalConfig(Section):
 class FusionConfig(Section):
     optimizer: str = "NGOpt"
     """nevergrad optimizer name (NGOpt, Shiwa, CMA, ...)."""
-    budget: int = Field(20, ge=3, json_schema_extra=why("the search scores personal only, global only and both at 1 first"))
+    budget: int = Field(20, ge=3, json_schema_extra=_why("the search scores personal only, global only and both at 1 first"))
     """Evaluations one search spends, its three anchors included (personal only, global only,
     both at 1: scored first, so the choice is never worse than any of them on the search rows)."""
     bounds: list[float] = [-1.5, 1.5]
@@ -309,7 +309,7 @@ class FusionConfig(Section):
     granularity: Literal["adapter", "layer", "module"] = "adapter"
     """One (w_p, w_g) pair for the whole adapter (the paper's AdaFusion), one per transformer
     layer, or one per target module (2 x groups weights for nevergrad to search)."""
-    folds: int = Field(4, ge=1, json_schema_extra=why("1 = no k-fold check"))
+    folds: int = Field(4, ge=1, json_schema_extra=_why("1 = no k-fold check"))
     """k of a k-fold check over the search rows (1 = off): the search is rerun on every k-1 folds;
     when its picks do worse on the held-out folds than the best anchor's, the best anchor is
     chosen (the search fitted noise). Each fold costs another `budget` - 3 evaluations. Default 4:
@@ -325,10 +325,10 @@ class FedDPAConfig(Section):
     """T: the local (personal) adapter trains every round from round 2 on, before the global steps,
     with the just-received global adapter active and frozen. F: plain FedAvg of the global adapter,
     then the local adapter trains once after the rounds, with the final global active and frozen."""
-    local_weight: float = Field(0.5, ge=0, le=1, json_schema_extra=why("the frozen global adapter gets 1 - it"))
+    local_weight: float = Field(0.5, ge=0, le=1, json_schema_extra=_why("the frozen global adapter gets 1 - it"))
     """While the local adapter trains, its output is scaled by this and the frozen global one's by
     1 - this (the authors' --local_weight, default 0.5). In [0, 1]."""
-    finetune_steps: Optional[int] = Field(None, ge=0, json_schema_extra=why("or left out"))
+    finetune_steps: Optional[int] = Field(None, ge=0, json_schema_extra=_why("or left out"))
     """F only: steps on the local adapter after the rounds. None: the local steps T takes, (rounds - 1)
     x the per-round personal steps (personal.steps_per_round, else K)."""
     weighting: Literal["dynamic", "fixed"] = "dynamic"
@@ -370,7 +370,7 @@ class DataConfig(Section):
     """Rows per client held out for the fusion search."""
     test_fraction: float = Field(0.2, gt=0, lt=1)
     """Share of each client's rows held out for its test split."""
-    max_rows_per_client: Optional[int] = Field(None, ge=1, json_schema_extra=why("or left out"))
+    max_rows_per_client: Optional[int] = Field(None, ge=1, json_schema_extra=_why("or left out"))
     """Cap on each client's rows after partitioning (None = all)."""
     skew: float = Field(1.0, gt=0)
     """generator: how different the clients' line mixes are (a Dirichlet concentration; small =
@@ -408,7 +408,7 @@ class EvalConfig(Section):
     inner runs of whitespace one space; case kept) and `rouge_l` (ROUGE-L F1 on whitespace tokens)."""
     max_new_tokens: int = Field(32, ge=1)
     """eval.generate: at most this many generated tokens per row (decoding also stops at eos)."""
-    generate_rows: Optional[int] = Field(None, ge=1, json_schema_extra=why("or null: every test row"))
+    generate_rows: Optional[int] = Field(None, ge=1, json_schema_extra=_why("or null: every test row"))
     """eval.generate: decode only the first this many test rows per client (null = all of them);
     loss, perplexity and accuracy still cover every test row."""
 
@@ -457,7 +457,7 @@ class LogConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(1, ge=0, json_schema_extra=why("0 = no checkpoints"))
+    every: int = Field(1, ge=0, json_schema_extra=_why("0 = no checkpoints"))
     """Write a checkpoint after every this many rounds, and after the last round (0 = never).
     `fdlora-cluster run CONFIG --resume auto` continues from the newest complete one
     (docs/RELIABILITY.md, fdlora_cluster/checkpoint.py)."""
@@ -465,7 +465,9 @@ class CheckpointConfig(Section):
     """Complete checkpoints kept under RUN_DIR/checkpoints; older ones are removed."""
 
 
-STRATEGIES = ("fdlora", "fedavg", "fedprox", "diloco", "local", "feddpa", "ditto")  # fdlora_cluster.strategies
+# fdlora_cluster.strategies implements these. A str checked against them rather than a Literal, so
+# the error lists the names unquoted, as the docs write them.
+STRATEGIES = ("fdlora", "fedavg", "fedprox", "diloco", "local", "feddpa", "ditto")
 
 
 class Config(Section):
@@ -475,9 +477,9 @@ class Config(Section):
     """Seeds the base init, adapters, data splits and every per-client, per-round stream."""
     output_dir: str = "runs/demo"
     """Run directory (config.yaml, metrics.jsonl, summary.json, adapters/, logs/)."""
-    model: ModelConfig = section()
-    lora: LoraConfig = section()
-    topology: TopologyConfig = section()
+    model: ModelConfig = _section()
+    lora: LoraConfig = _section()
+    topology: TopologyConfig = _section()
     deepspeed: Union[dict, str] = Field(default_factory=dict)
     """DeepSpeed config dict, or the path of a DeepSpeed JSON file, passed through. Batch sizes
     and the optimizer (and its lr) are filled in from `train` unless given here; what is given
@@ -485,23 +487,23 @@ class Config(Section):
     frozen by lr 0 in its parameter group, which a scheduler would overwrite."""
     client_overrides: dict[int, ClientOverride] = Field(default_factory=dict)
     """Per-client settings keyed by client id (0-based)."""
-    train: TrainConfig = section()
-    outer: OuterConfig = section()
-    global_: GlobalConfig = section(alias="global")
-    personal: PersonalConfig = section()
-    federation: FederationConfig = section()
+    train: TrainConfig = _section()
+    outer: OuterConfig = _section()
+    global_: GlobalConfig = _section(alias="global")
+    personal: PersonalConfig = _section()
+    federation: FederationConfig = _section()
     """What the server accepts: checks on every update (docs/RELIABILITY.md)."""
-    fusion: FusionConfig = section()
+    fusion: FusionConfig = _section()
     fedprox_mu: float = Field(0.01, ge=0)
     """Proximal weight mu for `fedprox`."""
-    feddpa: FedDPAConfig = section()
+    feddpa: FedDPAConfig = _section()
     """Settings of strategy `feddpa`."""
-    ditto: DittoConfig = section()
+    ditto: DittoConfig = _section()
     """Settings of strategy `ditto`."""
-    data: DataConfig = section()
-    eval: EvalConfig = section()
-    log: LogConfig = section()
-    checkpoint: CheckpointConfig = section()
+    data: DataConfig = _section()
+    eval: EvalConfig = _section()
+    log: LogConfig = _section()
+    checkpoint: CheckpointConfig = _section()
 
     @field_validator("strategy")
     @classmethod
@@ -547,6 +549,10 @@ class Config(Section):
 
             _require(n <= MAX_CLIENTS, f"the shipped scenario has rules for {MAX_CLIENTS} clients, "
                      f"the topology has {n}; use fewer clients or data.source: jsonl")
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_outer(self):
         self.outer = resolve_outer(self)  # the resolved config.yaml then shows what ran
         return self
 
