@@ -86,9 +86,8 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (self.config is None):
-            raise ValueError("model: set exactly one of model.path (a local checkpoint) or model.config "
-                             "(build from scratch)")
+        _require((self.path is None) != (self.config is None),
+                 "model: set exactly one of model.path (a local checkpoint) or model.config (build from scratch)")
         if self.path is not None:
             _require(os.path.isdir(self.path), f"model.path = {self.path!r} is not a directory")
             _require(self.pretrained is None, "model.pretrained only applies with model.config")
