@@ -20,7 +20,8 @@ import time
 import traceback
 import warnings
 
-from .config import ConfigError, deepspeed_dict, load_config
+from .config import ConfigError, load_config
+from .deepspeed_config import deepspeed_dict
 from .topology import RankPlan, TopologyError
 
 

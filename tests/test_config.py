@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import yaml
 
-from fdlora_cluster.config import ConfigError, config_from_dict, deepspeed_dict, load_config
+from fdlora_cluster.config import ConfigError, config_from_dict, load_config
+from fdlora_cluster.deepspeed_config import deepspeed_dict
 from fdlora_cluster.topology import RankPlan, TopologyError
 
 from conftest import CONFIGS, write_config
@@ -49,6 +51,22 @@ def test_bad_choice_lists_allowed_values():
     raw["outer"]["optimizer"] = "lamb"
     with pytest.raises(ConfigError, match=r"outer\.optimizer = 'lamb'.*'sgd', 'nesterov', 'adam'"):
         config_from_dict(raw)
+
+
+def test_every_error_of_a_file_is_reported_at_once(tmp_path):
+    raw = demo_raw()
+    raw["train"]["rounds"] = "three"
+    raw["log"] = {"levle": "INFO"}
+    raw["fusion"] = {"mix": 2}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: 3 errors:"), msg
+    assert "train.rounds = 'three' is not valid; expected int" in msg
+    assert "unknown key 'log.levle'; allowed keys at log: " in msg
+    assert "fusion.mix = 2.0 must be in [0, 1]" in msg
 
 
 def test_unknown_strategy_lists_strategies():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -180,7 +179,7 @@ def test_generator_source_through_load_clients():
     assert a == load_clients(d, 3, seed=0)
     assert [len(c.test) for c in a] == [12, 12, 12]
     assert all(c.candidates == [" abnormal", " normal"] for c in a)
-    assert load_clients(replace(d, skew=0.3), 3, seed=0) != a
+    assert load_clients(d.model_copy(update={"skew": 0.3}), 3, seed=0) != a
 
 
 def test_a_response_too_long_for_max_seq_len_fails_before_training():

@@ -8,17 +8,16 @@ keeps CI reproducible: the same examples every run.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import re
 import tempfile
-import typing
 from pathlib import Path
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from fdlora_cluster.config import (Config, ConfigError, DataConfig, apply_override, config_from_dict, load_config,
                                    read_yaml)
@@ -56,14 +55,11 @@ VALUES = st.recursive(SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionari
 def typed_paths(cls=Config, prefix="") -> list[str]:
     """Every YAML key path the config declares (the sections' fields, recursively)."""
     out = []
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("internal"):
-            continue
-        key = prefix + f.metadata.get("key", f.name)
+    for name, f in cls.model_fields.items():
+        key = prefix + (f.alias or name)
         out.append(key)
-        tp = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            out += typed_paths(tp, key + ".")
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            out += typed_paths(f.annotation, key + ".")
     return out
 
 
