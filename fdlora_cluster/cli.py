@@ -172,7 +172,7 @@ def cmd_run(args) -> int:
             f.flush()
 
     try:
-        # From here on what the libraries print (DeepSpeed's op build and info lines, progress
+        # From here on what the libraries print (DeepSpeed's info lines, progress
         # bars, warnings; from the import of train on) goes to this rank's log file; the console
         # gets our own lines and every error (log.py says which lines go where).
         capture_output(os.path.join(cfg.output_dir, "logs", f"rank-{rank}.log"))

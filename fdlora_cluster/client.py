@@ -106,10 +106,13 @@ class Client:
             return None
         return round
 
-    def send_update(self, round: int) -> None:
+    def send_update(self, round: int, loss: float | None) -> None:
+        """The round's global adapter to the server (collective under ZeRO-3), with its weight and
+        the leader's mean training loss of the round (`loss`, None when no step was taken)."""
         state = self.engine.read(GLOBAL)
         if self.is_leader:
-            update = ClientUpdate(round, self.id, float(len(self.engine.data.train)), state)
+            update = ClientUpdate(round, self.id, float(len(self.engine.data.train)), state,
+                                  float("nan") if loss is None else float(loss))
             what, args = fault(("nan_update", "nan_samples", "slow"), client=self.id, round=round)  # tests only
             if what == "slow":
                 time.sleep(args["seconds"])

@@ -8,7 +8,7 @@ Where a line goes (README, "The console"):
 - RUN_DIR/logs/rank-<r>.log gets everything this rank says: our lines, the per-step and per-round
   detail (logged with `extra=FILE_ONLY`), third-party logging and Python warnings, and, under
   `fdlora-cluster run` (`capture_output`), whatever is written to the process's stdout and stderr
-  (DeepSpeed's prints, the ninja output of its op build, transformers' progress bars).
+  (DeepSpeed's prints, transformers' progress bars).
 - The console gets the server's and the leaders' own lines (the followers' too with
   `log.followers_on_console`) without the FILE_ONLY detail, the server's progress over rounds
   (`RoundProgress`), and every rank's errors (`console_err`).
@@ -128,11 +128,11 @@ def use_bar(mode: str) -> bool:
 
 
 class RoundProgress:
-    """The server's progress over rounds: a tqdm bar (the round's updates, seconds, bytes and the
-    global adapter's change in its postfix) or one console line per round (`use_bar`). Each
-    round's line goes to the log file either way. The clients' training losses are not in the bar:
-    updates carry no loss, and the server gathers the clients' records only at the end of the job;
-    each leader's `rounds` line has its own."""
+    """The server's progress over rounds: a tqdm bar (the round's updates, the clients' mean
+    training loss, seconds, bytes and the global adapter's change in its postfix) or one console
+    line per round (`use_bar`). Each round's line goes to the log file either way. The loss is the
+    mean over the round's accepted updates of each leader's mean loss over its steps (every update
+    carries its client's)."""
 
     def __init__(self, total: int, done: int, mode: str):
         global _bar

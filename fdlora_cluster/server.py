@@ -99,6 +99,7 @@ class Server:
         before = self.global_state
         total = InOrderSum(self.clients)
         norms: dict[int, float] = {}
+        losses: dict[int, float] = {}  # the leaders' mean training loss of the round
         rejected: dict[int, str] = {}
         late: list[dict] = []
         waiting = set(self.clients)
@@ -120,6 +121,7 @@ class Server:
                 total.skip(update.client)
             else:
                 norms[update.client] = l2_distance(update.state, before)
+                losses[update.client] = update.loss
                 total.add(update.client, update.state, self.strategy.weight(update.num_samples))
             del update  # the sum has it now (or holds it until a lower client id is in)
         total.close()
@@ -136,6 +138,7 @@ class Server:
                 "clients": total.added, "rejected": {str(c): r for c, r in rejected.items()},
                 "missing": sorted(waiting), "late": late,
                 "update_norms": [norms[c] for c in total.added],
+                "train_loss": [losses[c] for c in total.added],
                 "global_change": l2_distance(self.global_state, before)}
 
     def send_final(self) -> None:

@@ -11,6 +11,7 @@ Both schedules are below, each in one function, so the protocol can be read side
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -170,11 +171,12 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
                 raise
             run_dir.record(rec)
             moved = rec["server_bytes_sent"] + rec["server_bytes_received"]
+            loss = mean_loss(rec["train_loss"])
             progress.round_done(
                 f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {len(rec['clients'])} "
-                f"updates in {rec['seconds']:.2f}s; sent {rec['server_bytes_sent']} B, received "
+                f"updates in {rec['seconds']:.2f}s; client loss {loss}; sent {rec['server_bytes_sent']} B, received "
                 f"{rec['server_bytes_received']} B; global moved {rec['global_change']:.4g}",
-                f"{len(rec['clients'])} updates, {rec['seconds']:.2f} s, {human_bytes(moved)}, "
+                f"{len(rec['clients'])} updates, loss {loss}, {rec['seconds']:.2f} s, {human_bytes(moved)}, "
                 f"global moved {rec['global_change']:.3g}")
     finally:
         progress.close()
@@ -185,6 +187,12 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), server.global_state,
                  lora_config(cfg.lora.global_), cfg.model.path)
     return {"bytes_total": transport.total.snapshot()}
+
+
+def mean_loss(losses: list[float]) -> str:
+    """The mean of the round's client training losses, for the progress line ('-' when none trained)."""
+    known = [x for x in losses if not math.isnan(x)]
+    return f"{sum(known) / len(known):.4f}" if known else "-"
 
 
 def human_bytes(n: float) -> str:
@@ -290,7 +298,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
             stats = engine.train(GLOBAL, K, round=t, prox_to=round_global, prox_mu=strategy.prox_mu, tag=f"[round {t}] ")
             client.record("train", t, adapter=GLOBAL, **stats)
             rounds.add(GLOBAL, t, stats)
-            client.send_update(t)
+            client.send_update(t, stats["loss"])
         if personal and not personal.before_global:  # Local, Ditto
             rounds.add(PERSONAL, t, train_personal(personal, t, round_global, f"[round {t}] "))
         if strategy.federated and cfg.personal.sync_every and t % cfg.personal.sync_every == 0:

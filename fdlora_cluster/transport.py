@@ -7,7 +7,7 @@
                                    adapter (global.init = personal_mean, the paper's line 7)
     server -> leader   global      GlobalAdapter(round t, state): the adapter round t starts from;
                                    round = rounds + 1 (`final`) is the one the clients keep
-    leader -> server   update      ClientUpdate(round t, client, num_samples, state)
+    leader -> server   update      ClientUpdate(round t, client, num_samples, state, loss)
     leader -> server   bye         after the final global: nothing more comes from this leader
     server -> leader   abort       instead of a global: the job stops, with the server's reason
 
@@ -18,8 +18,8 @@ earlier round) is recognised and dropped; a leader that fell behind takes only t
 adapter waiting for it (`recv_newest_global`) and goes on from there. After the final global the
 server drains each leader until its `bye`, so no message is left in flight.
 
-A message is ONE contiguous byte buffer moved with one MPI call: a 32-byte header (kind, round,
-client, num_samples) and the adapter packed by its `Layout` (or the abort reason as UTF-8). Both
+A message is ONE contiguous byte buffer moved with one MPI call: a 40-byte header (kind, round,
+client, num_samples, loss) and the adapter packed by its `Layout` (or the abort reason as UTF-8). Both
 ends agree on the layout once, at start-up, so adapter messages carry no other metadata, and
 every receive checks its byte count and kind against it. `Layout` also packs the leader's
 broadcast inside its client (engine.broadcast_from_leader). The transport counts the bytes it
@@ -55,7 +55,7 @@ TAG_TO_SERVER = 12  # init, update
 
 KINDS = ("init", "global", "final", "update", "abort", "bye", "global_c", "final_c", "update_c")
 # *_c: a compressed change to the reference adapter instead of the adapter (federation.compress)
-HEADER = struct.Struct("<qqqd")  # kind, round, client, num_samples
+HEADER = struct.Struct("<qqqdd")  # kind, round, client, num_samples, loss (an update's; NaN in the others)
 
 
 # The sleep between two tests of a pending MPI request: from 0.1 ms, doubled after each miss, up to
@@ -172,6 +172,9 @@ class ClientUpdate:
     client: int
     num_samples: float
     state: dict[str, torch.Tensor]
+    loss: float = float("nan")
+    """The leader's mean training loss over the round's steps (NaN when it took none): one number
+    per client per round, for the server's progress line and metrics; no data row travels."""
 
 
 @dataclass
@@ -239,12 +242,12 @@ class Transport:
     # -- the wire: header + payload in one buffer, one MPI call --
 
     def _send(self, kind: str, dest: int, tag: int, state=None, round: int = 0, client: int = -1,
-              num_samples: float = 0.0, text: str = "", layout: Layout | None = None):
+              num_samples: float = 0.0, loss: float = float("nan"), text: str = "", layout: Layout | None = None):
         """Start sending one message; returns (request, buffer). A large message completes only once
         the peer has posted its receive; the callers wait for it with `wait_for`, not spinning."""
         from mpi4py import MPI
 
-        head = torch.frombuffer(bytearray(HEADER.pack(KINDS.index(kind), round, client, num_samples)), dtype=torch.uint8)
+        head = torch.frombuffer(bytearray(HEADER.pack(KINDS.index(kind), round, client, num_samples, loss)), dtype=torch.uint8)
         body = (layout or self.layout).pack(state) if state is not None else torch.frombuffer(bytearray(text.encode() or b" "),
                                                                                   dtype=torch.uint8)
         buf = torch.cat([head, body]).numpy()
@@ -255,8 +258,8 @@ class Transport:
         self._count(sent=buf.nbytes)
         return request, buf  # the buffer must live until the request completes
 
-    def _recv(self, source: int, tag: int, peer: str) -> tuple[str, int, int, float, torch.Tensor]:
-        """(kind, round, client, num_samples, body) of the next message from `source`; the byte
+    def _recv(self, source: int, tag: int, peer: str) -> tuple[str, int, int, float, float, torch.Tensor]:
+        """(kind, round, client, num_samples, loss, body) of the next message from `source`; the byte
         count must be the layout's (an abort may be shorter: its reason is text)."""
         from mpi4py import MPI
 
@@ -275,13 +278,13 @@ class Transport:
         requests = [r for r, _ in pending]
         wait_for(lambda: MPI.Request.Testall(requests))
 
-    def _decode(self, buf: torch.Tensor, n: int, peer: str) -> tuple[str, int, int, float, torch.Tensor]:
+    def _decode(self, buf: torch.Tensor, n: int, peer: str) -> tuple[str, int, int, float, float, torch.Tensor]:
         """Count and check a received message of `n` bytes in `buf`: a known kind, and an adapter
         message's byte count equal to the layout's (abort and bye carry text)."""
         self._count(received=n)
         if n < HEADER.size:
             raise TransportError(f"{peer}: a message of {n} bytes, shorter than the {HEADER.size}-byte header")
-        kind_i, round, client, num_samples = HEADER.unpack(buf[:HEADER.size].numpy().tobytes())
+        kind_i, round, client, num_samples, loss = HEADER.unpack(buf[:HEADER.size].numpy().tobytes())
         if not 0 <= kind_i < len(KINDS):
             raise TransportError(f"{peer}: unknown message kind {kind_i}")
         kind, body = KINDS[kind_i], buf[HEADER.size:n]
@@ -295,7 +298,7 @@ class Transport:
         elif kind not in ("abort", "bye") and body.numel() != self.layout.nbytes:
             raise TransportError(f"{peer}: a {kind} message of {body.numel()} bytes, but the agreed layout of the "
                                  f"global adapter holds {self.layout.nbytes}")
-        return kind, round, client, num_samples, body
+        return kind, round, client, num_samples, loss, body
 
     # -- leader side --
 
@@ -319,11 +322,11 @@ class Transport:
             wire, _ = self._encode_change(sub(update.state, self.reference))
             kind, state, layout = "update_c", wire, self.wire_layout
         request, _buf = self._send(kind, 0, TAG_TO_SERVER, state, round=update.round, client=update.client,
-                                   num_samples=update.num_samples, layout=layout)
+                                   num_samples=update.num_samples, loss=update.loss, layout=layout)
         wait_for(request.Test)
 
     def recv_global(self) -> GlobalAdapter:
-        kind, round, _, _, body = self._recv(0, TAG_TO_LEADER, "the server")
+        kind, round, _, _, _, body = self._recv(0, TAG_TO_LEADER, "the server")
         if kind == "abort":
             raise FederationAborted(f"the server stopped the job: {bytes(body.numpy()).decode(errors='replace')}")
         if kind not in ("global", "final", "global_c", "final_c"):
@@ -373,7 +376,7 @@ class Transport:
         return first
 
     def recv_init(self, client: int) -> dict[str, torch.Tensor]:
-        kind, _, sender, _, body = self._recv(self.plan.federation_rank(client), TAG_TO_SERVER, f"client {client}")
+        kind, _, sender, _, _, body = self._recv(self.plan.federation_rank(client), TAG_TO_SERVER, f"client {client}")
         if kind != "init" or sender != client:
             raise TransportError(f"client {client}: expected its start-up adapter, got a {kind} message from client {sender}")
         return self.layout.unpack(body)
@@ -412,7 +415,7 @@ class Transport:
         if not wait_for(any_arrived, deadline):
             return None
         client, buf, n = arrived[0]
-        kind, round, sender, num_samples, body = self._decode(buf, n, f"client {client}")
+        kind, round, sender, num_samples, loss, body = self._decode(buf, n, f"client {client}")
         if sender != client or kind not in ("update", "update_c", "bye"):
             raise TransportError(f"client {client}: expected an update, got a {kind} message claiming client {sender}")
         if kind == "bye":
@@ -420,7 +423,7 @@ class Transport:
             return client
         state = self._decode_change(body) if kind == "update_c" else self.layout.unpack(body)
         self._post(client)
-        return ClientUpdate(round, client, num_samples, state)
+        return ClientUpdate(round, client, num_samples, state, loss)
 
     def send_global(self, message: GlobalAdapter, clients: list[int]) -> dict[str, torch.Tensor]:
         """Send the global adapter to every leader; returns the adapter they will hold: `message.state`

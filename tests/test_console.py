@@ -1,7 +1,7 @@
 """The console shows progress, not noise (log.py): a real job's console fits on one screen, with one
 line per round from the server and one per phase from each leader; the per-step lines and what
-the libraries print (DeepSpeed's op message and, asked for here, torch's C++ INFO lines, which every
-client rank writes to its own stdout or stderr) are in the ranks' log files only."""
+the libraries print (asked for here, torch's C++ INFO lines, which every client rank writes to its
+own stderr from C code) are in the ranks' log files only."""
 
 import io
 import logging
@@ -18,8 +18,8 @@ from conftest import TINY, assert_ok, run_ranks, write_config
 def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console")
     cfg = write_config(tmp, **TINY)
-    # torch's C++ logging at INFO: lines written by C code to fd 2 of every client rank, as DeepSpeed's
-    # op build and other libraries' prints are; they must land in the rank's log file, not here
+    # torch's C++ logging at INFO: lines written by C code to fd 2 of every client rank, as other
+    # libraries' prints are; they must land in the rank's log file, not here
     proc = run_ranks(5, ["run", str(cfg)], env={"TORCH_CPP_LOG_LEVEL": "INFO"})
     return proc, tmp / "run"
 
@@ -38,6 +38,23 @@ def test_the_console_has_one_line_per_round_and_phase(job):
                    for line in mine), mine
         assert len(mine) <= 5, mine  # start, personal stage, rounds, fusion (+ a warning at most)
     assert "results per client" in proc.stdout
+
+
+def test_each_round_line_has_the_clients_mean_training_loss(job):
+    """Every update carries its leader's mean loss over the round's steps: the server records them
+    (metrics.jsonl, in the order of `clients`) and prints their mean in the round's line."""
+    import json
+
+    proc, run = job
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    trained = {(r["client"], r["round"]): r["loss"] for r in recs if r["event"] == "train" and r["adapter"] == "global"}
+    console = (proc.stdout + proc.stderr).splitlines()
+    for r in (r for r in recs if r["event"] == "round"):
+        t = r["round"]
+        assert r["train_loss"] == [trained[(c, t)] for c in r["clients"]], r
+        mean = sum(r["train_loss"]) / len(r["train_loss"])
+        line = next(x for x in console if f"[server] [ROUND {t}/" in x)
+        assert f"client loss {mean:.4f};" in line, line
 
 
 def test_steps_and_library_output_are_in_the_log_files_only(job):
