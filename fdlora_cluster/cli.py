@@ -71,6 +71,9 @@ def cmd_check(args) -> int:
     if cfg is None:
         return 2
     plan = RankPlan(tuple(cfg.client_sizes()))
+    if args.world_size:  # for the launch scripts (launch/common.sh): the number alone
+        print(plan.world_size)
+        return 0
     print(f"config {args.config}: OK")
     print(f"strategy {cfg.strategy}, {cfg.train.rounds} rounds, seed {cfg.seed}, output {cfg.output_dir}")
     print(plan.describe())
@@ -321,6 +324,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("check", help="validate the config and print the topology; no training")
     _add_config_args(p)
+    _add_resume_arg(p)  # accepted, so that a launch script can pass `run`'s arguments on to check
+    p.add_argument("--world-size", action="store_true",
+                   help="print only the number of ranks the job needs, 1 + sum(topology.clients)")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("pretrain", help="pretrain the tiny base of model.config once (cached in model.pretrained)")
     _add_config_args(p)

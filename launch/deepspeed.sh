@@ -35,6 +35,7 @@
 #   DRY_RUN      1 = print the command only
 # Arguments: passed on to `fdlora-cluster run` (e.g. --set train.rounds=5).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fdlora_bin, world_size, openmpi_bin
 
 CONFIG=${CONFIG:-configs/demo.yaml}
 OUTPUT=${OUTPUT:-}
@@ -43,9 +44,8 @@ DS_LAUNCHER=${DS_LAUNCHER:-mpich}
 DS_ARGS=${DS_ARGS:-}
 TCP_IF=${TCP_IF:-}
 MPI_ARGS=${MPI_ARGS:-}
-FDLORA=${FDLORA:-$(command -v fdlora-cluster || true)}
 DRY_RUN=${DRY_RUN:-0}
-[[ -n "$FDLORA" ]] || { echo "fdlora-cluster not found: activate the virtualenv or set FDLORA" >&2; exit 2; }
+fdlora_bin
 [[ -f "$HOSTFILE" ]] || { echo "hostfile $HOSTFILE not found (see hostfiles/)" >&2; exit 2; }
 case "$DS_LAUNCHER" in
     mpich|openmpi) ;;
@@ -55,7 +55,7 @@ esac
 hosts=$(awk '!/^[[:space:]]*(#|$)/ {print $1}' "$HOSTFILE")
 slots=$(awk '!/^[[:space:]]*(#|$)/ {split($2, s, "="); n += s[2]} END {print n + 0}' "$HOSTFILE")
 MASTER_ADDR=${MASTER_ADDR:-$(head -1 <<<"$hosts")}
-world=$("$FDLORA" check "$CONFIG" "$@" | sed -n 's/^world=\([0-9]*\):.*/\1/p')
+world=$(world_size "$CONFIG" "$@")
 if [[ "$slots" != "$world" ]]; then
     echo "$HOSTFILE has $slots slots, but $CONFIG needs world=$world ranks (1 server + client ranks):" \
          "make the slots add up to $world, or change topology.clients" >&2
@@ -70,9 +70,8 @@ nhosts=$(wc -l <<<"$hosts")
 cmd=("$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "$DS_LAUNCHER" --master_addr "$MASTER_ADDR")
 (( nhosts == 1 )) && cmd+=(--force_multi)  # one host: else no MPI world
 if [[ "$DS_LAUNCHER" == openmpi ]]; then
-    ompi_info=$(command -v ompi_info || true)
-    [[ -n "$ompi_info" ]] || { echo "DS_LAUNCHER=openmpi: ompi_info is not on PATH; put Open MPI's bin on PATH" >&2; exit 2; }
-    export PATH="$(dirname "$ompi_info"):$PATH"  # DeepSpeed's `mpirun`: Open MPI's, not the mpich wheel's
+    ompi_bin=$(openmpi_bin DS_LAUNCHER=openmpi)
+    export PATH="$ompi_bin:$PATH"  # DeepSpeed's `mpirun`: Open MPI's, not the mpich wheel's
     export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
     TCP_IF=${TCP_IF:-$( (( nhosts == 1 )) && echo lo || echo eth0)}
     mpi_args="--mca btl_tcp_if_include $TCP_IF"

@@ -16,7 +16,7 @@
 #   CONFIG   the run config (default configs/demo.yaml)
 #   OUTPUT   the run directory (default: the config's output_dir)
 #   HOSTS    host:slots,host:slots,...; empty = this machine only (default empty)
-#   NP       number of ranks (default: 1 + sum(topology.clients), from `fdlora-cluster check`)
+#   NP       number of ranks (default: 1 + sum(topology.clients), from `fdlora-cluster check --world-size`)
 #   MPI      mpich | openmpi: which MPI starts the ranks (default: asked from `$MPIEXEC --version`)
 #   MPIEXEC  the launcher (default: MPI=openmpi: the mpirun beside `ompi_info` on PATH; otherwise
 #            mpiexec next to this Python (the pip mpich wheel), else mpiexec/mpirun on PATH)
@@ -36,30 +36,19 @@
 # Each rank's mpi4py loads the library of the MPI that started it (fdlora-cluster run reads the
 # launcher's variables; MPI4PY_LIBMPI / MPI4PY_MPIABI, forwarded when set, override it).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fdlora_bin, find_mpiexec, world_size
 
 CONFIG=${CONFIG:-configs/demo.yaml}
 OUTPUT=${OUTPUT:-}
 HOSTS=${HOSTS:-}
-FDLORA=${FDLORA:-$(command -v fdlora-cluster || true)}
 MPI_ARGS=${MPI_ARGS:-}
 DRY_RUN=${DRY_RUN:-0}
-[[ -n "$FDLORA" ]] || { echo "fdlora-cluster not found: activate the virtualenv or set FDLORA" >&2; exit 2; }
-if [[ -z "${MPIEXEC:-}" && "${MPI:-}" == openmpi ]]; then
-    ompi_info=$(command -v ompi_info || true)
-    [[ -n "$ompi_info" ]] || { echo "MPI=openmpi: ompi_info is not on PATH; put Open MPI's bin on PATH or set MPIEXEC" >&2; exit 2; }
-    MPIEXEC=$(dirname "$ompi_info")/mpirun
-fi
-if [[ -z "${MPIEXEC:-}" ]]; then
-    py_bin=$(dirname "$(head -1 "$FDLORA" | sed 's/^#!//')")
-    MPIEXEC=$( { [[ -x "$py_bin/mpiexec" ]] && echo "$py_bin/mpiexec"; } || command -v mpiexec || command -v mpirun || true)
-fi
-[[ -n "$MPIEXEC" ]] || { echo "no mpiexec found: pip install mpich, or load your cluster's MPI module" >&2; exit 2; }
+fdlora_bin
+find_mpiexec
 if [[ -z "${MPI:-}" ]]; then
     if "$MPIEXEC" --version 2>&1 | grep -qiE "open ?mpi|openrte"; then MPI=openmpi; else MPI=mpich; fi
 fi
-if [[ -z "${NP:-}" ]]; then
-    NP=$("$FDLORA" check "$CONFIG" "$@" | sed -n 's/^world=\([0-9]*\):.*/\1/p')
-fi
+NP=${NP:-$(world_size "$CONFIG" "$@")}
 [[ -n "$OUTPUT" ]] && set -- --output "$OUTPUT" "$@"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 

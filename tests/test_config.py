@@ -252,6 +252,24 @@ def test_output_is_a_path_never_yaml(tmp_path, capsys):
     assert "output 2024" in capsys.readouterr().out
 
 
+def test_check_world_size_prints_the_number_alone(capsys):
+    """`check --world-size` is how the launch scripts size a job (launch/common.sh): the number
+    alone on stdout, after the same --set arguments the run gets; a config error goes to stderr
+    with exit 2 and nothing on stdout, so no script starts with an empty -n."""
+    from fdlora_cluster.cli import main
+
+    demo = str(CONFIGS / "demo.yaml")
+    assert main(["check", demo, "--world-size"]) == 0
+    assert capsys.readouterr().out == "5\n"
+    assert main(["check", demo, "--set", "topology.clients=[1,3,2]", "--world-size"]) == 0
+    assert capsys.readouterr().out == "7\n"
+    assert main(["check", demo, "--resume", "auto", "--world-size"]) == 0  # run's arguments pass
+    assert capsys.readouterr().out == "5\n"
+    assert main(["check", demo, "--set", "topology.clients=[2,0]", "--world-size"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("config error:") and "topology.clients" in err, (out, err)
+
+
 @pytest.mark.parametrize("strategy, want", [
     ("fdlora", ("nesterov", 0.7, 0.9)), ("diloco", ("nesterov", 0.7, 0.9)),
     ("fedavg", ("sgd", 1.0, 0.9)), ("fedprox", ("sgd", 1.0, 0.9)),

@@ -93,6 +93,20 @@ def test_scripts_print_the_command_they_run():
     assert p.returncode == 2 and "only mpich and openmpi" in p.stderr, show(p)
     p = _script("launch/slurm/fdlora-srun.sh", {**env, "NODES": "2"})
     assert "srun --nodes=2 --ntasks=5 --mpi=pmi2" in p.stdout, show(p)
+    p = _script("launch/slurm/fdlora-srun.sh", env, "--set", "topology.clients=[3,3]")  # a --set sizes the job too
+    assert "srun --nodes=1 --ntasks=7 --mpi=pmi2" in p.stdout, show(p)
+
+
+@pytest.mark.parametrize("script", ["launch/mpirun.sh", "launch/deepspeed.sh", "launch/slurm/fdlora-srun.sh",
+                                    "launch/slurm/fdlora.sbatch", "launch/slurm/fdlora-mpiexec.sbatch",
+                                    "launch/slurm/fdlora-requeue.sbatch"])
+def test_scripts_stop_at_a_config_error(script):
+    """Every script sizes the job with `fdlora-cluster check --world-size` (launch/common.sh): a
+    config error stops it there, with the error and exit 2, before it prints or starts a command."""
+    p = _script(script, job_env(DRY_RUN="1", SLURM_NTASKS="5"), "--set", "topology.clients=[2,0]")
+    assert p.returncode == 2, show(p)
+    assert "config error:" in p.stderr and "topology.clients" in p.stderr and "cannot size the job" in p.stderr, show(p)
+    assert "+ " not in p.stdout, show(p)
 
 
 def test_requeue_script_resumes_in_one_run_directory():

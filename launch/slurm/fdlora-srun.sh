@@ -9,23 +9,24 @@
 #   CONFIG     the run config (default configs/demo.yaml)
 #   OUTPUT     the run directory (default: the config's output_dir)
 #   NODES      nodes (default 1)
-#   NTASKS     tasks (default: 1 + sum(topology.clients), from `fdlora-cluster check`)
+#   NTASKS     tasks (default: 1 + sum(topology.clients), from `fdlora-cluster check --world-size`)
 #   SRUN_MPI   srun's MPI plugin (default pmi2; `srun --mpi=list`)
 #   SRUN_ARGS  extra srun flags: --partition, --time, --gpus-per-node (GPUs per node, not per
 #              task: the server needs none; see fdlora.sbatch), --overcommit when tasks > CPUs
-#   FDLORA     the entry point (default fdlora-cluster)
+#   FDLORA     the entry point (default: fdlora-cluster on PATH, as an absolute path)
 #   DRY_RUN    1 = print the command only
 # Arguments: passed on to `fdlora-cluster run`.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"  # fdlora_bin, world_size
 
 CONFIG=${CONFIG:-configs/demo.yaml}
 OUTPUT=${OUTPUT:-}
 NODES=${NODES:-1}
 SRUN_MPI=${SRUN_MPI:-pmi2}
 SRUN_ARGS=${SRUN_ARGS:-}
-FDLORA=${FDLORA:-fdlora-cluster}
 DRY_RUN=${DRY_RUN:-0}
-NTASKS=${NTASKS:-$("$FDLORA" check "$CONFIG" "$@" | sed -n 's/^world=\([0-9]*\):.*/\1/p')}
+fdlora_bin
+NTASKS=${NTASKS:-$(world_size "$CONFIG" "$@")}
 [[ -n "$OUTPUT" ]] && set -- --output "$OUTPUT" "$@"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
