@@ -131,7 +131,7 @@ def test_padding_and_positions_matter_on_absolute_positions():
 
 def test_decoding_stops_at_eos_and_every_rank_steps_while_any_has_work():
     """A fake model that says eos after k tokens: rows stop there; `keep_going` sees every step."""
-    eos, calls = 9, []
+    eos = 9
 
     def forward(ids, mask, pos, past):
         n = ids.shape[0]

@@ -9,7 +9,7 @@ import torch
 
 from fdlora_cluster.model import GLOBAL, PERSONAL
 
-from conftest import CONFIGS, ROOT, TINY, assert_ok, read_metrics, read_summary, run_job, write_config
+from conftest import TINY, assert_ok, read_metrics, read_summary, run_job, write_config
 from test_jobs import load_saved, mpi_python
 
 # one rank per client keeps these smoke jobs cheap; the multi-rank paths are in test_jobs.py
