@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     from fdlora_cluster.deepspeed_config import deepspeed_dict
     from fdlora_cluster.data import collate, get_tokenizer, load_clients
     from fdlora_cluster.model import build_base, lora_config
+    from fdlora_cluster.rendezvous import skip_deepspeed_shm_op
 
     cfg = load_config(args.config, args.overrides)
     tok = get_tokenizer(cfg.model.path)
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    skip_deepspeed_shm_op()  # as the trainer does: an inference-only op, and a build lock that can hang the start
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False,
                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     engine, *_ = deepspeed.initialize(model=model, config=ds,
