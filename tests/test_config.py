@@ -58,7 +58,7 @@ def test_every_error_of_a_file_is_reported_at_once(tmp_path):
     raw["train"]["rounds"] = "three"
     raw["log"] = {"levle": "INFO"}
     raw["fusion"] = {"mix": 2}
-    path = tmp_path / "two.yaml"
+    path = tmp_path / "three.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as e:
         load_config(path)
