@@ -236,11 +236,24 @@ class ClientEngine:
         self._frozen: set[int] = set()
         self._freeze_hooks = (inner.register_step_pre_hook(pre), inner.register_step_post_hook(post))
 
+    def _clear_gradient_partitions(self) -> None:
+        """Zero ZeRO-3's gradient partitions at a phase boundary. ZeRO-3 keeps every parameter's
+        gradient partition in one flat buffer and reads all of them at each step, the gradient norm
+        for clipping included, but overwrites a partition only when its parameter gets a gradient.
+        The frozen adapter gets none, so its last phase's gradients would stay in this phase's norm
+        and change its clipping: after a personal stage ZeRO-3 trained the global adapter unlike
+        ZeRO-1/2 (which read a missing gradient as zeros), and unlike a job resumed into a fresh
+        engine. Between steps the buffer holds nothing still needed."""
+        buffer = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
+        if buffer is not None:
+            buffer.zero_()
+
     def _start_phase(self, name: str) -> None:
         """Train `name` only: it alone is active in the forward, the other group's lr is 0 and it is
         left out of every optimizer step, and the trained group's AdamW state starts fresh."""
         set_active(self.model, name)
         self._install_freeze_hooks()
+        self._clear_gradient_partitions()
         inner = self._inner_optimizer()
         self._frozen = set()
         for adapter, i in self.groups.items():

@@ -40,18 +40,10 @@ def after_round(run_dir: Path, k: int) -> list[dict]:
             if r["round"] is None or r["round"] > k]
 
 
-ZERO3_FDLORA = pytest.mark.xfail(strict=True, reason=(
-    "fdlora on ZeRO-3: the resumed job's first round differs from the uninterrupted one at float-noise "
-    "level (round-3 training loss 1.4e-8 relative), which Adam's first steps amplify (update norms 0.2% "
-    "apart). Resuming without DeepSpeed's engine state gives the same numbers as with it, and checkpointing "
-    "does not change the uninterrupted run, so the uninterrupted ZeRO-3 engine carries some state across "
-    "its personal stage that a fresh engine does not (see also tests/test_zero_stages.py's xfail)"))
-
-
 # fedavg and local on ZeRO-2 take the same code paths as the cases below (fdlora on ZeRO-2 runs
 # the personal stage, the fusion and the outer Nesterov state; ZeRO-3 is run by fedavg and local);
 # kept out to hold the suite's time.
-@pytest.mark.parametrize("strategy, stage", [("fdlora", 2), pytest.param("fdlora", 3, marks=ZERO3_FDLORA),
+@pytest.mark.parametrize("strategy, stage", [("fdlora", 2), ("fdlora", 3),
                                              ("fedavg", 3), ("local", 3)])
 def test_killed_and_resumed_ends_bit_identical(tmp_path, strategy, stage):
     (tmp_path / "whole").mkdir()

@@ -39,17 +39,30 @@ def test_each_phase_restarts_adamw_and_the_frozen_adapter_does_not_advance(stage
         assert steps["1"] and all(s == K for s in steps["1"]), (rank, steps)
 
 
-@pytest.mark.parametrize("stage", [
-    1,
-    pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
-        "open: after a personal stage, ZeRO-3's first global round sends an update that differs from "
-        "ZeRO-2's by ~0.3% (global moved 0.4305 vs 0.4292); with no personal stage the two agree, and "
-        "the per-group AdamW step counts agree on every stage; cause not found yet"))),
-])
-def test_the_saved_adapters_match_zero_2(stage_runs, stage):
+def round_records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["event"] == "round"]
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_the_saved_adapters_and_rounds_match_zero_2(stage_runs, stage):
+    """Float tolerance, not bit equality: ZeRO-3 sums and partitions in another order. Measured with
+    ZeRO-3's stale gradient partitions cleared (engine._clear_gradient_partitions): the rounds' update
+    norms 6e-7 apart, every saved tensor within 4e-5 of ZeRO-2's in relative norm. Adam magnifies the
+    noise on single elements whose gradient is near zero (one lora_B element 1.8e-5 apart), hence a
+    norm per tensor rather than an elementwise bound. Before that fix the first global round's
+    update was 0.3% apart."""
     for name in ("client-0/personal", "global", "client-0/fused"):
         ref = load_saved(stage_runs[2] / "run" / "adapters" / name)
         got = load_saved(stage_runs[stage] / "run" / "adapters" / name)
         assert set(got) == set(ref)
         for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"ZeRO-{stage} vs ZeRO-2: {name} {k}")
+            gap = float((got[k] - ref[k]).norm() / ref[k].norm())
+            assert gap < 1e-4, f"ZeRO-{stage} vs ZeRO-2: {name} {k} is {gap:.1e} apart in relative norm"
+    ref_rounds = round_records(stage_runs[2] / "run")
+    got_rounds = round_records(stage_runs[stage] / "run")
+    assert len(got_rounds) == len(ref_rounds) > 0
+    for a, b in zip(got_rounds, ref_rounds):
+        for field in ("update_norms", "train_loss"):
+            assert a[field] == pytest.approx(b[field], rel=1e-5), (stage, a["round"], field)
+        assert a["global_change"] == pytest.approx(b["global_change"], rel=1e-5), (stage, a["round"])
