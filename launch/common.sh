@@ -16,13 +16,16 @@
 #   find_mpiexec          sets MPIEXEC unless it is set: MPI=openmpi: Open MPI's mpirun; otherwise
 #                         the mpiexec next to fdlora-cluster's Python (the pip mpich wheel in the
 #                         virtualenv), else mpiexec or mpirun on PATH
+#   remove_stale_mpich_shm
+#                         removes this user's MPICH shared-memory segments on this node that no
+#                         live process has mapped (what a killed job leaves in /dev/shm)
 #
 # Who uses what:
 #   launch/mpirun.sh                    fdlora_bin, find_mpiexec (+ openmpi_bin), world_size
 #   launch/deepspeed.sh                 fdlora_bin, world_size, openmpi_bin
 #   launch/slurm/fdlora-srun.sh         fdlora_bin, world_size
 #   launch/slurm/fdlora.sbatch          fdlora_bin, world_size, require_ntasks
-#   launch/slurm/fdlora-requeue.sbatch  fdlora_bin, world_size, require_ntasks
+#   launch/slurm/fdlora-requeue.sbatch  fdlora_bin, world_size, require_ntasks, remove_stale_mpich_shm
 #   launch/slurm/fdlora-mpiexec.sbatch  fdlora_bin, find_mpiexec, world_size, require_ntasks
 #
 # How they find it: the .sh scripts beside themselves, `source "$(dirname "${BASH_SOURCE[0]}")/common.sh"`
@@ -82,4 +85,19 @@ find_mpiexec() {
         MPIEXEC=$( { [[ -x "$py_bin/mpiexec" ]] && echo "$py_bin/mpiexec"; } || command -v mpiexec || command -v mpirun || true)
     fi
     [[ -n "$MPIEXEC" ]] || { echo "no mpiexec found: pip install mpich, or load your cluster's MPI module (module load ...)" >&2; exit 2; }
+}
+
+remove_stale_mpich_shm() {
+    # MPICH keeps a node's shared memory in /dev/shm/mpich_shm_*, named from the job's PMI name
+    # (job and step id). A killed job leaves its segments there, and a requeued attempt (the same
+    # job id, step ids from 0 again) opens the stale one and waits in MPI_Init forever. Only our
+    # own files, and only those no process has mapped (a running job of ours keeps its segments).
+    local mapped f n=0
+    mapped=$(cat /proc/[0-9]*/maps 2>/dev/null | grep -o '/dev/shm/mpich_shm_[^ ]*' | sort -u || true)
+    for f in /dev/shm/mpich_shm_*; do
+        [[ -O "$f" ]] || continue
+        grep -qxF "$f" <<<"$mapped" && continue
+        rm -f "$f" && n=$((n + 1))
+    done
+    echo "$(hostname): removed $n stale MPICH shared-memory segment(s)"
 }

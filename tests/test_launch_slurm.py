@@ -7,6 +7,9 @@ Needs root and Slurm (tests/cluster/install.sh); the daemons are stopped afterwa
 
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
 
 from cluster import hosts
@@ -53,6 +56,87 @@ def test_srun_without_an_mpi_plugin_is_stopped_with_the_fix(slurm_local, tmp_pat
     assert job["JobState"] == "FAILED", (job, console)
     assert "srun started 5 tasks, but they are not one MPI world" in console and "--mpi=pmi2" in console, console
 
+
+def first_attempt_wrapper(tmp_path, fault: str):
+    """An FDLORA entry point that injects the test-only `fault` (FDLORA_FAULT) in attempt 1 only."""
+    wrapper = tmp_path / "fdlora-first-attempt-fault"
+    wrapper.write_text("#!/bin/sh\n"
+                       f'[ "${{SLURM_RESTART_COUNT:-0}}" = 0 ] && export FDLORA_FAULT="{fault}"\n'
+                       f'exec {sys.prefix}/bin/fdlora-cluster "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+REQUEUE_ARGS = ["--overcommit", "launch/slurm/fdlora-requeue.sbatch", *TINY_ARGS, "--set", "checkpoint.every=1"]
+
+
+def wait_for_attempt_2(cluster, job: str) -> dict:
+    def finished():
+        q = cluster.run(["scontrol", "-o", "show", "job", job], timeout=20)
+        f = dict(kv.split("=", 1) for kv in q.stdout.split() if "=" in kv)
+        return f if f.get("Restarts") == "1" and f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None
+
+    # Slurm holds a requeued job for about 2 minutes before it may start again
+    return hosts.wait_for(f"attempt 2 of Slurm job {job}", finished, timeout=JOB_TIMEOUT + 180, every=1)
+
+
+def check_resumed(cluster, fields: dict, console: str, run_dir, rounds: int) -> None:
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{console}\n{cluster.logs()}"
+    assert "attempt 2: resuming from the newest complete checkpoint" in console, console
+    assert "(end of round 2)" in console and "results per client" in console, console
+    assert (run_dir / "checkpoints" / f"round-{rounds:05d}" / "manifest.json").exists(), console
+    check_run(run_dir, [2, 2])
+
+
+def test_requeue_script_resumes_after_a_killed_attempt(slurm_local, tmp_path):
+    """Attempt 1 dies after its round-2 checkpoint (a leader SIGKILLs itself at round 3, test-only
+    FDLORA_FAULT); `scontrol requeue` starts attempt 2 (SLURM_RESTART_COUNT=1) in the same job,
+    which resumes from that checkpoint and finishes. The killed attempt leaves MPICH's /dev/shm
+    segments, named from the job and step id that attempt 2 reuses; before the script removed them
+    (remove_stale_mpich_shm), attempt 2 waited in MPI_Init forever."""
+    wrapper = first_attempt_wrapper(tmp_path, "kill@rank=3,round=3")
+    slurm_local.env = {**job_env(OUTPUT=str(tmp_path / "run"), FDLORA=str(wrapper)),
+                       "SLURM_CONF": slurm_local.env["SLURM_CONF"]}
+    job, fields = slurm_local.submit_and_wait(
+        [f"--output={tmp_path}/slurm-%j.out", *REQUEUE_ARGS, "--set", "train.rounds=3"], timeout=JOB_TIMEOUT, cwd=ROOT)
+    console = tmp_path / f"slurm-{job}.out"
+    assert fields["JobState"] == "FAILED", (fields, console.read_text())
+    assert (tmp_path / "run" / "checkpoints" / "round-00002" / "manifest.json").exists(), console.read_text()
+
+    p = slurm_local.run(["scontrol", "requeue", job], timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr
+    fields = wait_for_attempt_2(slurm_local, job)
+    text = console.read_text()
+    check_resumed(slurm_local, fields, text, tmp_path / "run", 3)
+    removed = re.search(r"removed (\d+) stale MPICH shared-memory segment", text)
+    assert removed and int(removed.group(1)) >= 1, text
+
+
+def test_requeue_script_requeues_itself_near_the_time_limit(slurm_local, tmp_path):
+    """Near the time limit Slurm sends the batch script USR1 (--signal=B:USR1@300); here the test
+    sends it, as slurmctld would, once the round-2 checkpoint is written and while round 3 runs
+    (client 1 held back in attempt 1). The script's trap requeues the job, and attempt 2 resumes
+    from that checkpoint and finishes."""
+    wrapper = first_attempt_wrapper(tmp_path, "slow@client=1,round=3,seconds=600")
+    run_dir = tmp_path / "run"
+    slurm_local.env = {**job_env(OUTPUT=str(run_dir), FDLORA=str(wrapper)), "SLURM_CONF": slurm_local.env["SLURM_CONF"]}
+    p = slurm_local.run(["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", *REQUEUE_ARGS,
+                         "--set", "train.rounds=4"], timeout=30, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    job = p.stdout.strip().split(";")[0]
+    console = tmp_path / f"slurm-{job}.out"
+    try:
+        hosts.wait_for("the round-2 checkpoint", lambda: (run_dir / "checkpoints" / "round-00002" / "manifest.json").exists(),
+                       timeout=JOB_TIMEOUT, every=1)
+    except TimeoutError:
+        slurm_local.run(["scancel", job], timeout=20)
+        raise AssertionError(console.read_text() if console.exists() else "no console") from None
+    p = slurm_local.run(["scancel", "--batch", "--signal=USR1", job], timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr
+    fields = wait_for_attempt_2(slurm_local, job)
+    text = console.read_text()
+    assert "time limit near: requeueing job" in text, text
+    check_resumed(slurm_local, fields, text, run_dir, 4)
 
 OPENMPI_SKIP = openmpi_missing()
 

@@ -381,6 +381,9 @@ def _slurm_stop(d: Path) -> None:
             sh(["scancel", "--full", "--partition=debug"], check=False, timeout=20,
                env={**os.environ, "SLURM_CONF": str(conf)})
     kill_pidfiles(*sorted(d.glob("slurmd-*.pid")), d / "slurmctld.pid")
+    # A step that outlived its cluster (scancel could not end it) reports to the next cluster's
+    # controller, which then drains the node ("Kill task failed") and every later job waits.
+    sh(["pkill", "-KILL", "-x", "slurmstepd"], check=False)
     kill_pidfiles(d / "munged.pid")  # last: the Slurm daemons authenticate through it until they stop
 
 
