@@ -19,7 +19,7 @@ import torch
 
 from .config import Config
 from .deepspeed_config import deepspeed_dict
-from .data import ClientData, Example, collate
+from .data import ClientData, Example, collate, encode_example, pad_batch
 from .log import FILE_ONLY, get_logger
 from .model import GLOBAL, PERSONAL, adapter_params, read_adapter, set_active, write_adapter
 from .rendezvous import join_client_world
@@ -110,6 +110,9 @@ class ClientEngine:
             model=model, model_parameters=groups, config=self.ds_config)
         self.streams = {a: BatchStream(data.train, cfg.seed, self.client, a) for a in (PERSONAL, GLOBAL)}
         self.global_step = 0
+        # each training row tokenised once (a plain loop tokenises its batches up front), keyed by
+        # the row object: data.train lives as long as the engine
+        self._encoded: dict[int, tuple[list[int], list[int]]] = {}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -305,8 +308,7 @@ class ClientEngine:
             step_loss = 0.0
             for a in range(accum):
                 start = (self.local_rank * accum + a) * micro
-                batch = {k: v.to(self.device) for k, v in collate(self.tok, rows[start:start + micro],
-                                                                   self.cfg.train.max_seq_len).items()}
+                batch = self._train_batch(rows[start:start + micro])
                 loss = self.engine(**batch).loss
                 if anchor is not None:
                     loss = loss + proximal_term(params, anchor, prox_mu)
@@ -320,6 +322,14 @@ class ClientEngine:
                 self.log.info(f"  {tag}{name} step {step + 1}/{steps} loss {step_loss:.4f}", extra=FILE_ONLY)
         mean = float(self.comm.allreduce(sum(losses) / len(losses))) / self.size
         return {"loss": mean, "steps": steps, "seconds": time.perf_counter() - t0}
+
+    def _train_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
+        enc = []
+        for ex in rows:
+            if id(ex) not in self._encoded:
+                self._encoded[id(ex)] = encode_example(self.tok, ex, self.cfg.train.max_seq_len)
+            enc.append(self._encoded[id(ex)])
+        return {k: v.to(self.device) for k, v in pad_batch(self.tok, enc).items()}
 
     # ------------------------------------------------------------------ evaluation
 

@@ -40,11 +40,8 @@ def after_round(run_dir: Path, k: int) -> list[dict]:
             if r["round"] is None or r["round"] > k]
 
 
-# fedavg and local on ZeRO-2 take the same code paths as the cases below (fdlora on ZeRO-2 runs
-# the personal stage, the fusion and the outer Nesterov state; ZeRO-3 is run by fedavg and local);
-# kept out to hold the suite's time.
-@pytest.mark.parametrize("strategy, stage", [("fdlora", 2), ("fdlora", 3),
-                                             ("fedavg", 3), ("local", 3)])
+@pytest.mark.parametrize("strategy, stage", [("fdlora", 2), ("fdlora", 3), ("fedavg", 2), ("fedavg", 3),
+                                             ("local", 2), ("local", 3)])
 def test_killed_and_resumed_ends_bit_identical(tmp_path, strategy, stage):
     (tmp_path / "whole").mkdir()
     (tmp_path / "cut").mkdir()

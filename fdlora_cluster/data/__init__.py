@@ -19,7 +19,7 @@ import random
 from ..log import get_logger
 from .chat import has_chat_template
 from .errors import DataError
-from .examples import IGNORE_INDEX, ClientData, Example, collate, encode_example, segments
+from .examples import IGNORE_INDEX, ClientData, Example, collate, encode_example, pad_batch, segments
 from .formats import Row, parse_row
 from .jsonl import read_jsonl, write_jsonl
 from .partition import (PARTITIONS, field_clients, file_client, label_counts, partition_dirichlet, partition_iid,
@@ -146,5 +146,5 @@ def load_clients(cfg, num_clients: int, seed: int) -> list[ClientData]:
 __all__ = ["ByteTokenizer", "ClientData", "candidate_responses", "check_responses_fit", "DataError", "Example",
            "HFTokenizer", "IGNORE_INDEX", "LABELS", "PARTITIONS", "Row", "collate", "describe_clients",
            "encode_example", "field_clients", "file_client", "general_text", "generate_client_rows", "get_tokenizer",
-           "label_counts", "load_clients", "load_rows", "parse_row", "partition_dirichlet", "partition_iid",
+           "label_counts", "load_clients", "load_rows", "pad_batch", "parse_row", "partition_dirichlet", "partition_iid",
            "partition_rows", "read_jsonl", "read_rows", "segments", "split_client", "write_jsonl"]

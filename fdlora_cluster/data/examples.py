@@ -67,15 +67,16 @@ def encode_example(tok, ex: Example, max_len: int) -> tuple[list[int], list[int]
 
 def collate(tok, rows: list[Example], max_len: int):
     """Right-padded batch tensors: input_ids, attention_mask, labels."""
+    return pad_batch(tok, [encode_example(tok, ex, max_len) for ex in rows])
+
+
+def pad_batch(tok, enc: list[tuple[list[int], list[int]]]):
+    """`collate` of rows already encoded by `encode_example` (a trainer that tokenises each row once)."""
     import torch
 
-    enc = [encode_example(tok, ex, max_len) for ex in rows]
     width = max(len(i) for i, _ in enc)
-    ids = torch.full((len(enc), width), tok.pad_id, dtype=torch.long)
-    labels = torch.full((len(enc), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(enc), width), dtype=torch.long)
-    for k, (i, l) in enumerate(enc):
-        ids[k, : len(i)] = torch.tensor(i)
-        labels[k, : len(l)] = torch.tensor(l)
-        mask[k, : len(i)] = 1
+    # one tensor per field from padded lists: a tensor per row costs more than the rows' tokens
+    ids = torch.tensor([i + [tok.pad_id] * (width - len(i)) for i, _ in enc], dtype=torch.long)
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in enc], dtype=torch.long)
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in enc], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
