@@ -3,6 +3,7 @@
     python bench/compare.py                                   # fdlora, local, fedavg, diloco, feddpa, ditto
     python bench/compare.py --strategies fdlora fedprox --set seed=1 --out runs/compare-seed1
     python bench/compare.py --seeds 0 1 2                     # every job per seed, mean and spread
+    python bench/compare.py --setting configs/real-smollm2.yaml --strategies fdlora local fedavg   # another setting
 
 Every job runs with `fdlora-cluster launch` (1 server + 2 clients x 2 ranks on this machine, as
 configs/demo.yaml says), each into OUT/<strategy>; the tiny base is pretrained once first. At the
@@ -12,6 +13,11 @@ for local, global for fedavg / diloco) under the headline accuracy (`eval.headli
 (`accuracy_all`, over every client's labels), every adapter with both accuracies, FDLoRA's fusion
 choices, and writes OUT/report/REPORT.md with the plots.
 A job that fails stops the comparison with its exit status.
+
+With `--setting FILE` the jobs run in another setting (model, topology, train, data, ...): the
+file's own sections (not what it `include:`s) are merged over each strategy's config, the same way
+`include:` merges, and the merged configs are written to OUT/configs/<strategy>.yaml and run. The
+strategy's own sections (strategy, outer, fusion, ...) stay as the strategy config says.
 
 With `--seeds S...` every strategy runs once per seed (the run's `seed`: data split, client mixes,
 LoRA init and batch order; the pretrained base is shared) into OUT/seed-<S>/<strategy>, and the
@@ -32,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fdlora_cluster.config import load_config  # noqa: E402
+from fdlora_cluster.config import ConfigError, load_config, merge, read_yaml  # noqa: E402
 from fdlora_cluster.pretrain import ensure_pretrained  # noqa: E402
 from fdlora_cluster.report import ReportError, comparison_table, load_run, write_report  # noqa: E402
 
@@ -158,6 +164,25 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def with_setting(configs: list[str], setting: str, out_dir: str) -> list[str]:
+    """Each strategy config with the setting file's own sections merged over it, written to out_dir."""
+    import yaml
+
+    with open(setting, encoding="utf-8") as f:
+        own = yaml.safe_load(f) or {}
+    own.pop("include", None)  # its include (e.g. demo.yaml) is the strategies' base already
+    if "strategy" in own:  # it would turn every job into one strategy
+        raise ConfigError(f"{setting}: a setting for --setting must not set `strategy`")
+    os.makedirs(out_dir, exist_ok=True)
+    out = []
+    for c in configs:
+        path = os.path.join(out_dir, os.path.basename(c))
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(merge(read_yaml(c), own), f, sort_keys=False)
+        out.append(path)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strategies", nargs="+", default=DEFAULT, help=f"configs/<name>.yaml to run (default {DEFAULT})")
@@ -169,19 +194,28 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true", help="skip the jobs; tabulate OUT/<strategy> as they are")
     ap.add_argument("--seeds", type=int, nargs="+", help="run every strategy once per seed (OUT/seed-<S>/<strategy>) "
                     "and print mean +- sd over seeds")
+    ap.add_argument("--setting", metavar="FILE", help="YAML whose own sections are merged over every strategy's "
+                    "config (e.g. configs/real-smollm2.yaml); the merged configs go to OUT/configs/")
     args = ap.parse_args(argv)
     if args.seeds:
         return over_seeds(args, argv)
 
     configs = [os.path.join(ROOT, "configs", f"{s}.yaml") for s in args.strategies]
-    missing = [c for c in configs if not os.path.isfile(c)]
+    missing = [c for c in configs if not os.path.isfile(c)] + ([args.setting] if args.setting and
+                                                               not os.path.isfile(args.setting) else [])
     if missing:
         print(f"compare: no such config: {', '.join(missing)}", file=sys.stderr)
         return 2
     run_dirs = [os.path.join(args.out, s) for s in args.strategies]
     if not args.report_only:
-        # one pretraining for all jobs (they share model.pretrained), with every core
-        ensure_pretrained(load_config(configs[0], args.overrides))
+        try:
+            if args.setting:
+                configs = with_setting(configs, args.setting, os.path.join(args.out, "configs"))
+            # one pretraining for all jobs (they share model.pretrained), with every core
+            ensure_pretrained(load_config(configs[0], args.overrides))
+        except ConfigError as e:
+            print(f"compare: {e}", file=sys.stderr)
+            return 2
         for cfg, out in zip(configs, run_dirs):
             cmd = [sys.executable, "-m", "fdlora_cluster.cli", "launch", cfg, "--output", out]
             for o in args.overrides:
@@ -226,7 +260,8 @@ def over_seeds(args, argv) -> int:
     for seed in args.seeds:
         out = os.path.join(args.out, f"seed-{seed}")
         sub = ["--strategies", *args.strategies, "--out", out, *[x for o in args.overrides for x in ("--set", o)],
-               "--set", f"seed={seed}"] + (["--report-only"] if args.report_only else [])
+               "--set", f"seed={seed}"] + (["--report-only"] if args.report_only else []) + \
+              (["--setting", args.setting] if args.setting else [])
         rc = main(sub)
         if rc != 0:
             return rc

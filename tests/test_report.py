@@ -102,3 +102,32 @@ def test_compare_seeds_table_gives_every_adapter_mean_and_spread(tmp_path):
     # fake_run gives every adapter of a run the same accuracy: client 0 0.9 / 0.7 over the seeds
     assert rows[2] == "| **fdlora (fused)** | 0.800 +- 0.141 | 0.600 +- 0.141 | 0.700 +- 0.141 | 0.800 | 0.600 |"
     assert [r.split(" | ")[0] for r in rows[3:]] == ["| fdlora (personal)", "| fdlora (global)", "| **fedavg (global)**"]
+
+
+def test_compare_setting_goes_over_each_strategy_config(tmp_path):
+    """bench/compare.py --setting configs/real-smollm2.yaml: the setting's own sections (the real
+    model, 2 x 1 ranks, its train sizes) replace the demo's in every strategy's config, and each
+    strategy keeps its own sections (fedavg its plain-average outer step, fdlora its fusion)."""
+    import sys
+
+    from fdlora_cluster.config import ConfigError, load_config
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from compare import with_setting
+
+    strategies = ("fdlora", "local", "fedavg")
+    paths = with_setting([str(ROOT / "configs" / f"{s}.yaml") for s in strategies],
+                         str(ROOT / "configs" / "real-smollm2.yaml"), str(tmp_path / "configs"))
+    model_dir = tmp_path / "smollm2"  # model.path must be a directory; nothing is loaded here
+    model_dir.mkdir()
+    cfgs = {s: load_config(p, [f"model.path={model_dir}"]) for s, p in zip(strategies, paths)}
+    for s, cfg in cfgs.items():
+        assert cfg.strategy == s and cfg.model.config is None and cfg.model.pretrained is None
+        assert cfg.client_sizes() == [1, 1] and cfg.train.lr == 0.001 and cfg.train.max_seq_len == 32
+        assert list(cfg.lora.personal.target_modules) == ["q_proj", "v_proj"]
+    assert (cfgs["fedavg"].outer.optimizer, cfgs["fedavg"].outer.lr) == ("sgd", 1.0)
+    assert cfgs["fdlora"].outer.optimizer == "nesterov" and cfgs["fdlora"].fusion.budget == 20
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("strategy: local\n")
+    with pytest.raises(ConfigError, match="must not set `strategy`"):
+        with_setting(paths[:1], str(bad), str(tmp_path / "other"))
