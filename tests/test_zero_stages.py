@@ -5,7 +5,6 @@ short fdlora job saves agree across stages within float tolerance."""
 import json
 
 import pytest
-import torch
 
 from conftest import TINY, assert_ok, write_config
 from test_jobs import load_saved, mpi_python
