@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--torch", action="store_true",
                     help="no DeepSpeed: torch.optim.AdamW on the LoRA parameters (the plain torch + PEFT loop)")
+    ap.add_argument("--second-adapter", action="store_true",
+                    help="carry a second, inactive LoRA in its own parameter group at lr 0, as the federated "
+                         "client carries its personal adapter while it trains the global one")
     args = ap.parse_args(argv)
 
     import torch
@@ -51,7 +54,12 @@ def main(argv=None) -> int:
     tok = get_tokenizer(cfg.model.path)
     rows = load_clients(cfg.data, len(cfg.client_sizes()), cfg.seed)[0].train
     base = build_base(cfg.model, cfg.seed, vocab_size=tok.vocab_size, dtype=cfg.base_dtype(0))
-    model = get_peft_model(base, lora_config(cfg.lora.global_))
+    model = get_peft_model(base, lora_config(cfg.lora.global_), adapter_name="global")
+    if args.second_adapter:
+        model.add_adapter("personal", lora_config(cfg.lora.personal))
+        model.set_adapter("global")  # the personal adapter stays in the model, out of the forward
+        for n, p in model.named_parameters():
+            p.requires_grad = "lora_" in n  # set_adapter freezes the inactive adapter; the trainer keeps it a group
     ds = deepspeed_dict(cfg, 0)
     micro = ds["train_micro_batch_size_per_gpu"]
 
@@ -65,8 +73,10 @@ def main(argv=None) -> int:
     skip_deepspeed_shm_op()  # as the trainer does: an inference-only op, and a build lock that can hang the start
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False,
                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    engine, *_ = deepspeed.initialize(model=model, config=ds,
-                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    params = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and ".global." in n]}]
+    if args.second_adapter:  # the trainer's two groups: the trained adapter, and the other one at lr 0
+        params.append({"params": [p for n, p in model.named_parameters() if ".personal." in n], "lr": 0.0})
+    engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=params)
     device = engine.device
     # tokenised once, on the device: the loop below is forward, backward, step and nothing else
     n_batches = max(1, len(rows) // micro)
@@ -91,7 +101,8 @@ def main(argv=None) -> int:
     if gpu:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / args.steps
-    print(json.dumps({"what": "plain DeepSpeed + PEFT loop", "seconds_per_step": seconds, "steps": args.steps,
+    print(json.dumps({"what": "plain DeepSpeed + PEFT loop", "second_adapter": args.second_adapter,
+                      "seconds_per_step": seconds, "steps": args.steps,
                       "micro_batch": micro, "zero_stage": ds["zero_optimization"].get("stage", 0),
                       "dtype": cfg.base_dtype(0), "device": str(device),
                       "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
