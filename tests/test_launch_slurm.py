@@ -72,8 +72,7 @@ REQUEUE_ARGS = ["--overcommit", "launch/slurm/fdlora-requeue.sbatch", *TINY_ARGS
 
 def wait_for_attempt_2(cluster, job: str) -> dict:
     def finished():
-        q = cluster.run(["scontrol", "-o", "show", "job", job], timeout=20)
-        f = dict(kv.split("=", 1) for kv in q.stdout.split() if "=" in kv)
+        f = cluster.job_fields(job)
         return f if f.get("Restarts") == "1" and f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None
 
     # Slurm holds a requeued job for about 2 minutes before it may start again
@@ -120,10 +119,7 @@ def test_requeue_script_requeues_itself_near_the_time_limit(slurm_local, tmp_pat
     wrapper = first_attempt_wrapper(tmp_path, "slow@client=1,round=3,seconds=600")
     run_dir = tmp_path / "run"
     slurm_local.env = {**job_env(OUTPUT=str(run_dir), FDLORA=str(wrapper)), "SLURM_CONF": slurm_local.env["SLURM_CONF"]}
-    p = slurm_local.run(["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", *REQUEUE_ARGS,
-                         "--set", "train.rounds=4"], timeout=30, cwd=ROOT)
-    assert p.returncode == 0, p.stdout + p.stderr
-    job = p.stdout.strip().split(";")[0]
+    job = slurm_local.submit([f"--output={tmp_path}/slurm-%j.out", *REQUEUE_ARGS, "--set", "train.rounds=4"], cwd=ROOT)
     console = tmp_path / f"slurm-{job}.out"
     try:
         hosts.wait_for("the round-2 checkpoint", lambda: (run_dir / "checkpoints" / "round-00002" / "manifest.json").exists(),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import TINY, assert_ok, write_config
+from conftest import TINY, assert_ok, read_metrics, write_config
 from test_jobs import load_saved, mpi_python
 
 PERSONAL_STEPS, K = 3, 2
@@ -39,8 +39,7 @@ def test_each_phase_restarts_adamw_and_the_frozen_adapter_does_not_advance(stage
 
 
 def round_records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["event"] == "round"]
+    return [r for r in read_metrics(run_dir) if r["event"] == "round"]
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -278,6 +278,10 @@ def netns_hosts():
 # --------------------------------------------------------------------------- munge + Slurm
 
 
+JOB_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+             "DEADLINE")  # the JobStates of a job that has ended
+
+
 @dataclass
 class SlurmCluster:
     """A running Slurm cluster; `run` executes a client command (sbatch, srun, ...) against it."""
@@ -292,20 +296,26 @@ class SlurmCluster:
         full = self.submit_host.wrap(cmd) if self.submit_host else cmd
         return sh(full, timeout=timeout, check=check, env=self.env, cwd=cwd)
 
-    def submit_and_wait(self, args: list[str], timeout: float, cwd=None) -> tuple[str, dict]:
-        """`sbatch --parsable ARGS`, then poll the job every second until it ends (faster than
-        `sbatch --wait`, which backs off to long sleeps); returns (job id, scontrol's fields)."""
+    def submit(self, args: list[str], cwd=None) -> str:
+        """`sbatch --parsable ARGS`; returns the job id."""
         p = self.run(["sbatch", "--parsable", *args], timeout=30, cwd=cwd)
         if p.returncode != 0:
             raise RuntimeError(f"sbatch failed: {p.stdout}{p.stderr}")
-        job = p.stdout.strip().split(";")[0]
-        ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-                 "DEADLINE")
+        return p.stdout.strip().split(";")[0]
+
+    def job_fields(self, job: str) -> dict:
+        """scontrol's fields of the job (JobState, ExitCode, Restarts, ...)."""
+        q = self.run(["scontrol", "-o", "show", "job", job], timeout=20)
+        return dict(kv.split("=", 1) for kv in q.stdout.split() if "=" in kv)
+
+    def submit_and_wait(self, args: list[str], timeout: float, cwd=None) -> tuple[str, dict]:
+        """`submit`, then poll the job every second until it ends (faster than `sbatch --wait`,
+        which backs off to long sleeps); returns (job id, scontrol's fields)."""
+        job = self.submit(args, cwd=cwd)
 
         def done():
-            q = self.run(["scontrol", "-o", "show", "job", job], timeout=20)
-            fields = dict(kv.split("=", 1) for kv in q.stdout.split() if "=" in kv)
-            return fields if fields.get("JobState") in ended else None
+            fields = self.job_fields(job)
+            return fields if fields.get("JobState") in JOB_ENDED else None
 
         try:
             return job, wait_for(f"Slurm job {job}", done, timeout=timeout, every=1)
