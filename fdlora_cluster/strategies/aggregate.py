@@ -133,6 +133,9 @@ class InOrderSum:
         return {k: (acc / self.weight).to(self.dtypes[k]) for k, acc in self.sum.items()}
 
 
+OUTER_OPTIMIZERS = ("sgd", "nesterov", "adam")  # the server's outer step (global.optimizer / outer.optimizer)
+
+
 class OuterOptimizer:
     """The server's optimizer over the pseudo-gradient `delta = global_before - average(clients)`,
     as DiLoCo does it: torch.optim on float64 copies of the global adapter, `delta` as the gradient.
@@ -145,8 +148,8 @@ class OuterOptimizer:
     """
 
     def __init__(self, name: str, lr: float, momentum: float = 0.9, betas=(0.9, 0.99), eps: float = 1e-8):
-        if name not in ("sgd", "nesterov", "adam"):
-            raise ValueError(f"outer optimizer {name!r}; expected sgd, nesterov or adam")
+        if name not in OUTER_OPTIMIZERS:
+            raise ValueError(f"outer optimizer {name!r}; expected one of {', '.join(OUTER_OPTIMIZERS)}")
         self.name, self.lr, self.momentum, self.betas, self.eps = name, lr, momentum, tuple(betas), eps
         self.params: dict[str, torch.nn.Parameter] = {}
         self.optim: torch.optim.Optimizer | None = None
