@@ -70,7 +70,8 @@ def aggregate_one(method: str, n: int) -> dict:
     import torch
 
     from fdlora_cluster.server import rejection
-    from fdlora_cluster.strategies import InOrderSum, OuterOptimizer, pseudo_gradient
+    from fdlora_cluster.strategies import InOrderSum, OuterOptimizer
+    from fdlora_cluster.state import pseudo_gradient
     from fdlora_cluster.transport import ClientUpdate
 
     torch.set_num_threads(1)
@@ -91,7 +92,7 @@ def aggregate_one(method: str, n: int) -> dict:
             u = ClientUpdate(1, i, counts[i], update(i))
             t0 = time.perf_counter()
             assert rejection(u, 1, before, None) is None
-            from fdlora_cluster.strategies import l2_distance
+            from fdlora_cluster.state import l2_distance
             l2_distance(u.state, before)
             total.add(i, u.state, counts[i])
             timed += time.perf_counter() - t0

@@ -1,13 +1,14 @@
 """The client role: every rank of one client, around its ClientEngine.
 
-Only the leader talks to the server (through the transport); it then broadcasts what it got to
-the client's other ranks over the client's own torch.distributed world. The personal adapter and
-the data stay here.
+`run_steps` executes the plans a strategy writes (strategies/plan.py): each step maps to one
+method here (Train -> ClientEngine.train, SendUpdate -> send_update, Copy, JoinFederation -> join,
+Fuse -> fuse, Evaluate -> evaluate). Only the leader talks to the server (through the transport);
+it then broadcasts what it got to the client's other ranks over the client's own
+torch.distributed world. The personal adapter and the data stay here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import NamedTuple
@@ -19,11 +20,10 @@ from .engine import ClientEngine
 from .faults import fault
 from .fusion import fuse, modules_of, per_module, search_weights, weight_groups
 from .log import FILE_ONLY, get_logger
-from .model import GLOBAL, PERSONAL, adapter_scaling, lora_config, save_adapter
-from .transport import ClientUpdate, Counters, Layout, Transport, yielding_barrier
-
-FUSED = "fused"
-
+from .model import adapter_scaling, lora_config, save_adapter
+from .state import FUSED, GLOBAL, PERSONAL, Layout, digest
+from .strategies.plan import Copy, Evaluate, Fuse, JoinFederation, SendUpdate, Step, Train
+from .transport import ClientUpdate, Counters, Transport, yielding_barrier
 
 class Received(NamedTuple):
     """A global adapter as every rank of the client learns it (the state on the leader only)."""
@@ -34,15 +34,6 @@ class Received(NamedTuple):
     state: dict | None
 
 
-def digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of an adapter's bytes, in key order: equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class Client:
     def __init__(self, cfg, topo, strategy, engine: ClientEngine, transport: Transport | None, run):
         self.cfg, self.topo, self.strategy, self.engine, self.transport, self.run = (
@@ -51,11 +42,55 @@ class Client:
         self.is_leader = topo.is_leader
         self.log = get_logger()
         self.layout = Layout.of(engine.read(GLOBAL))
-        self.fusion_weights: tuple[float, float] | None = None
+        self.fusion_weights: tuple[float, float] | None = None  # set by `fuse` (means over modules)
+        self.first = True  # no round has run yet in this job (Ditto's start); kept in checkpoints
+        self.results: dict = {}  # adapter -> test metrics, set by `evaluate`
+        self.instance_weights: dict | None = None  # FedDPA's dynamic per-row global weights (stats)
 
     def record(self, event: str, round: int | None, **fields) -> None:
         if self.is_leader:
             self.run.record({"round": round, "client": self.id, "event": event, **fields})
+
+    # ---------------------------------------------------------------- the plan
+
+    def run_steps(self, steps: list[Step], round: int, tag: str) -> list[tuple[str, dict]]:
+        """Run a strategy's steps in order; returns (adapter, stats) for each Train. The global
+        adapter as the client holds it before the first step is read only when a step needs it (a
+        proximal anchor)."""
+        anchor = self.engine.read(GLOBAL) if any(isinstance(s, Train) and s.prox_mu > 0 for s in steps) else None
+        trained, global_loss = [], None
+        for step in steps:
+            if isinstance(step, Train):
+                stats = self.engine.train(step.adapter, step.steps, round=round, prox_to=anchor, prox_mu=step.prox_mu,
+                                          tag=tag, frozen_active=step.frozen or None, weight=step.weight)
+                self.record("train", round, adapter=step.adapter, **stats)
+                trained.append((step.adapter, stats))
+                if step.adapter == GLOBAL:
+                    global_loss = stats["loss"]
+            elif isinstance(step, SendUpdate):
+                self.send_update(round, global_loss)
+            elif isinstance(step, Copy):
+                self.copy(step, round)
+            elif isinstance(step, JoinFederation):
+                self.join()
+            elif isinstance(step, Fuse):
+                self.fuse(step.mode)
+            elif isinstance(step, Evaluate):
+                self.evaluate(step)
+            else:
+                raise TypeError(f"unknown plan step {step!r}")
+        return trained
+
+    def run_round(self, t: int, plan: list[Step]) -> list[tuple[str, dict]]:
+        trained = self.run_steps(plan, t, f"[round {t}] ")
+        self.first = False
+        return trained
+
+    def copy(self, step: Copy, round: int) -> None:
+        self.engine.write(step.dst, self.engine.read(step.src))
+        self.record(step.event, round, source=step.src)
+        if self.is_leader:
+            self.log.info(f"  {step.dst} adapter overwritten with the {step.src} one ({step.event})", extra=FILE_ONLY)
 
     # ---------------------------------------------------------------- federation
 
@@ -67,7 +102,7 @@ class Client:
             self.transport.send_layout(self.layout)
             self.transport.total = Counters(**self._resumed_counters)
 
-    def send_layout_and_init(self) -> None:
+    def join(self) -> None:
         """Tell the server the global adapter's layout (every leader: the server checks they agree),
         and the start it cannot compute itself."""
         start = self.engine.read(GLOBAL) if self.cfg.global_.init == "seed" else self.engine.read(PERSONAL)
@@ -124,7 +159,7 @@ class Client:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def checkpoint(self, ckpt, k: int, first: bool, counters: dict | None) -> None:
+    def checkpoint(self, ckpt, k: int, counters: dict | None) -> None:
         """This client's part of the checkpoint at the end of round k (collective over the world).
         `counters`: the leader's byte counters at the end of round k (before the next global)."""
         personal, glob = self.engine.read(PERSONAL), self.engine.read(GLOBAL)  # collective under ZeRO-3
@@ -136,15 +171,16 @@ class Client:
         extra = {}
         if self.is_leader:
             files[f"{rel}/leader.pt"] = {
-                "round": k, "personal": personal, "global": glob, "first": first, "records": self.run.records,
+                "round": k, "personal": personal, "global": glob, "first": self.first, "records": self.run.records,
                 "bytes": counters}
             extra = ckpt.digest_tree(ds_dir, ckpt.partial(k))
         ckpt.write(k, files, extra)
         if self.is_leader:
             self.log.info(f"  checkpoint of round {k} written", extra=FILE_ONLY)
 
-    def resume(self, ckpt) -> bool:
-        """Restore this client from `ckpt.resumed`; returns the `first` flag of the schedule."""
+    def resume(self, ckpt) -> None:
+        """Restore this client from `ckpt.resumed`, then redo the layout handshake (the server has
+        the global adapter)."""
         rel = f"client-{self.id}"
         self.engine.load_engine(os.path.join(ckpt.resumed, rel, "deepspeed"))
         mine = ckpt.load(f"{rel}/rank-{self.topo.local_rank_in_client}.pt")
@@ -159,17 +195,9 @@ class Client:
             self._resumed_counters = leader["bytes"]
             self.log.info(f"client {self.id}: resumed from {ckpt.resumed} (end of round {leader['round']})")
         set_rng_state(mine["rng"])
-        return leader["first"]
-
-    # ---------------------------------------------------------------- personal
-
-    def sync_personal_from_global(self, round: int) -> None:
-        """Paper's line 14: personal <- local copy of global, every H rounds."""
-        self.engine.write(PERSONAL, self.engine.read(GLOBAL))
-        self.record("personal_sync", round)
-        if self.is_leader:
-            self.log.info(f"  personal adapter overwritten with the global one (H = {self.cfg.personal.sync_every})",
-                          extra=FILE_ONLY)
+        self.first = leader["first"]
+        if self.strategy.federated:
+            self.send_layout()
 
     # ---------------------------------------------------------------- fusion
 
@@ -184,7 +212,7 @@ class Client:
         d = self.engine.data
         return d.candidates_all if self.cfg.eval.headline == "accuracy_all" else d.candidates
 
-    def fuse(self) -> None:
+    def fuse(self, mode: str) -> None:
         """Find the fusion weights (searched or fixed), merge into the `fused` adapter, record the curve.
 
         Every candidate is scored as the adapter that would be saved: with merge `exact`, both
@@ -197,7 +225,7 @@ class Client:
         s_g = adapter_scaling(self.engine.model, GLOBAL)
         personal, glob = self.engine.read(PERSONAL), self.engine.read(GLOBAL)
         groups = weight_groups(modules_of(personal), f.granularity)
-        if self.strategy.fusion == "search":
+        if mode == "search":
             rows = self.fusion_rows()
             if not rows:
                 raise ValueError(f"client {self.id}: the fusion search needs few-shot rows; set data.fewshot_rows > 0")
@@ -257,20 +285,40 @@ class Client:
 
     # ---------------------------------------------------------------- evaluation and saving
 
-    def evaluate(self) -> dict:
+    def evaluate(self, step: Evaluate) -> None:
         d = self.engine.data
-        out = {}
-        for name in self.strategy.evaluated:
-            out[name] = self.engine.evaluate(d.test, name, candidates=d.candidates, candidates_all=d.candidates_all)
-            self.record("eval", None, adapter=name, split="test", **out[name])
-        return out
+        for name in step.adapters:
+            self.results[name] = self.engine.evaluate(d.test, name, candidates=d.candidates,
+                                                      candidates_all=d.candidates_all)
+            self.record("eval", None, adapter=name, split="test", **self.results[name])
+        if step.instance_weighted:
+            self.results[FUSED], self.instance_weights = self.evaluate_instance_weighted()
+
+    def evaluate_instance_weighted(self) -> tuple[dict, dict]:
+        """FedDPA's test-time evaluation: both adapters, a global weight per test row (evaluation.py).
+        Returns the metrics and the weights' mean / min / max."""
+        from .evaluation import dynamic_weights, evaluate_instance_weighted
+
+        d, cfg = self.engine.data, self.cfg
+        w_g = dynamic_weights(self.engine, d.test, d.train, cfg.feddpa, cfg.seed, self.id)
+        out = evaluate_instance_weighted(self.engine, d.test, w_g, candidates=d.candidates)
+        if d.candidates:  # accuracy among every client's labels too, as ClientEngine.evaluate reports
+            same = list(d.candidates_all) == list(d.candidates)
+            out["accuracy_all"] = out["accuracy"] if same else evaluate_instance_weighted(
+                self.engine, d.test, w_g, candidates=d.candidates_all, generate=False)["accuracy"]
+        stats = {"mean": float(w_g.mean()), "min": float(w_g.min()), "max": float(w_g.max())}
+        self.record("eval", None, adapter=FUSED, split="test", global_weight=stats, **out)
+        if self.is_leader:
+            self.log.info(f"instance-wise global weight over {len(w_g)} test rows: mean {stats['mean']:.3f} "
+                          f"(min {stats['min']:.3f}, max {stats['max']:.3f}); local weight = 1 - it")
+        return out, stats
 
     def save(self, fused_config) -> None:
         """adapters/client-<i>/{personal,fused}/ in PEFT format (written by the leader)."""
         root = os.path.join(self.run.dir, "adapters", f"client-{self.id}")
         base_name = self.cfg.model.path
         states = {PERSONAL: self.engine.read(PERSONAL)}
-        if self.strategy.fusion:
+        if self.fusion_weights is not None:
             states[FUSED] = self.engine.read(FUSED)
         if self.is_leader:
             save_adapter(os.path.join(root, PERSONAL), states[PERSONAL], lora_config(self.cfg.lora.personal), base_name)

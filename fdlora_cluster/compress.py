@@ -21,8 +21,9 @@ import math
 
 import torch
 
+from .state import State
+
 MODES = ("none", "bf16", "int8")
-State = dict[str, torch.Tensor]
 
 
 class Codec:
@@ -77,13 +78,3 @@ class Codec:
             blocks = wire[k].view(scale.numel(), -1).float() * scale[:, None]
             out[k] = blocks.reshape(-1)[:v.numel()].view(v.shape).to(v.dtype)
         return out
-
-
-def add(reference: State, change: State) -> State:
-    """reference + change: the ONE function both ends use to apply a decoded change, so the server
-    and every leader compute the same global adapter bit for bit."""
-    return {k: reference[k] + change[k] for k in reference}
-
-
-def sub(a: State, b: State) -> State:
-    return {k: a[k] - b[k] for k in a}

@@ -21,9 +21,10 @@ from .config import Config
 from .deepspeed_config import deepspeed_dict
 from .data import ClientData, Example, collate, encode_example, pad_batch
 from .log import FILE_ONLY, get_logger
-from .model import GLOBAL, PERSONAL, adapter_params, read_adapter, set_active, write_adapter
+from .model import adapter_params, read_adapter, set_active, write_adapter
+from .state import GLOBAL, PERSONAL
 from .rendezvous import join_client_world
-from .transport import Layout
+from .state import Layout
 
 def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
     """(mu/2) * ||w - anchor||^2 summed over an adapter's tensors (A and B each, as the adapter's

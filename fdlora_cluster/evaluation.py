@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .data import Example
-from .model import GLOBAL, PERSONAL, set_active
+from .model import set_active
+from .state import GLOBAL, PERSONAL
 
 
 def reference_sample(num_train: int, num_test: int, k: int, seed: int, client: int) -> np.ndarray:

@@ -157,5 +157,20 @@ class RoundProgress:
             self.bar = _bar = None
 
 
+def text_table(head, rows) -> str:
+    """A plain-text table for the console: left-aligned columns, a dashed rule under the head."""
+    rows = [tuple(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in [tuple(head)] + rows) for i in range(len(head))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as the byte tables in docs/BENCHMARKS.md)."""
+    from tqdm import tqdm
+
+    return tqdm.format_sizeof(n, "B", 1000) if n >= 1000 else f"{n:.0f} B"
+
+
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)

@@ -14,9 +14,8 @@ import os
 
 import torch
 
-PERSONAL = "personal"
-GLOBAL = "global"
-ADAPTERS = (PERSONAL, GLOBAL)
+from .state import ADAPTERS, check_same_layout
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -174,23 +173,6 @@ def write_adapter(model, name: str, state: dict[str, torch.Tensor], zero_stage: 
 
         for k, p in params.items():
             safe_set_full_fp32_param(p, state[k].to(p.device, torch.float32))  # no-op for a frozen adapter
-
-
-def key_diff(ref: dict, state: dict) -> str | None:
-    """None when both have the same keys, else a short 'missing [...], unexpected [...]'."""
-    if set(ref) == set(state):
-        return None
-    return f"missing {sorted(set(ref) - set(state))[:3]}, unexpected {sorted(set(state) - set(ref))[:3]}"
-
-
-def check_same_layout(ref: dict, state: dict, what: str) -> None:
-    diff = key_diff(ref, state)
-    if diff:
-        raise ValueError(f"{what}: keys differ ({diff})")
-    for k, p in ref.items():
-        shape = tuple(getattr(p, "ds_shape", p.shape))
-        if tuple(state[k].shape) != shape:
-            raise ValueError(f"{what}: {k} has shape {tuple(state[k].shape)}, expected {shape}")
 
 
 def save_adapter(path: str, state: dict[str, torch.Tensor], peft_lora_config, base_name: str | None) -> None:

@@ -15,7 +15,8 @@ import time
 import torch
 
 from .log import get_logger
-from .strategies import InOrderSum, UpdateError, check_update, l2_distance, weighted_average
+from .strategies import InOrderSum, UpdateError, check_update, weighted_average
+from .state import l2_distance
 from .transport import ClientUpdate, GlobalAdapter, Transport
 
 

@@ -25,6 +25,8 @@ import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from .log import text_table
+
 SERVER_RANK = 0
 
 
@@ -153,12 +155,7 @@ class Topology:
             hosts = sorted(set(self.client_hosts(c)))
             rows.append((f"client {c}", f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]),
                          ",".join(hosts), str(ranks[0])))
-        head = ("role", "ranks", "hosts", "leader")
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-        fmt = "  ".join("{:<%d}" % w for w in widths)
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows]
-        return "\n".join(lines)
+        return text_table(("role", "ranks", "hosts", "leader"), rows)
 
 
 def host_local_indices(plan: RankPlan, hosts: list[str]) -> list[int | None]:

@@ -1,11 +1,12 @@
 """The job, top to bottom: topology -> run directory -> roles -> schedule -> results.
 
     server:  init global -> [ROUND t: send global -> collect -> aggregate] x T -> send final
-    client:  personal stage -> init global -> [ROUND t: receive -> (personal steps, FedDPA-T)
-             -> K local steps -> send update -> (personal steps: local, Ditto) -> sync every H] x T
-             -> receive final -> (personal steps, FedDPA-F) -> fuse -> evaluate -> save
+    client:  plan before the rounds -> [ROUND t: receive -> checkpoint if due -> apply -> run the
+             strategy's plan for round t] x T -> receive final -> plan after the rounds -> save
 
-Both schedules are below, each in one function, so the protocol can be read side by side.
+What a client does in a round is the strategy's plan (strategies/plan.py, strategies/methods.py);
+`Client.run_steps` executes it. Both schedules are below, each in one function, so the protocol
+can be read side by side.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from .config import AdapterConfig, Config
 from .data import check_responses_fit, get_tokenizer, load_clients
 from .faults import maybe_fail
 from .fusion import fused_lora_shape
-from .log import FILE_ONLY, RoundProgress, get_logger, setup_logging
-from .model import GLOBAL, PERSONAL, add_adapters, build_base, lora_config, save_adapter
-from .strategies import make_strategy
+from .log import FILE_ONLY, RoundProgress, get_logger, human_bytes, setup_logging, text_table
+from .model import add_adapters, build_base, lora_config, save_adapter
+from .state import FUSED, GLOBAL, PERSONAL
+from .strategies import Fuse, make_strategy
 from .topology import build_topology
 from .transport import Counters, Transport, yielding_barrier
 
@@ -59,25 +61,6 @@ class RunDir:
 def fused_adapter_config(cfg: Config) -> AdapterConfig:
     r, alpha = fused_lora_shape(cfg.lora.personal, cfg.lora.global_, cfg.fusion.merge)
     return AdapterConfig(r=r, alpha=alpha, dropout=0.0, target_modules=list(cfg.lora.personal.target_modules))
-
-
-def evaluate_dynamic(cfg, topo, engine, client, data) -> tuple[dict, dict]:
-    """FedDPA's test-time evaluation: both adapters, a global weight per test row (evaluation.py).
-    Returns the metrics and the weights' mean / min / max."""
-    from .evaluation import dynamic_weights, evaluate_instance_weighted
-
-    w_g = dynamic_weights(engine, data.test, data.train, cfg.feddpa, cfg.seed, topo.client_id)
-    out = evaluate_instance_weighted(engine, data.test, w_g, candidates=data.candidates)
-    if data.candidates:  # accuracy among every client's labels too, as ClientEngine.evaluate reports
-        same = list(data.candidates_all) == list(data.candidates)
-        out["accuracy_all"] = out["accuracy"] if same else \
-            evaluate_instance_weighted(engine, data.test, w_g, candidates=data.candidates_all, generate=False)["accuracy"]
-    stats = {"mean": float(w_g.mean()), "min": float(w_g.min()), "max": float(w_g.max())}
-    client.record("eval", None, adapter="fused", split="test", global_weight=stats, **out)
-    if topo.is_leader:
-        get_logger().info(f"instance-wise global weight over {len(w_g)} test rows: mean {stats['mean']:.3f} "
-                          f"(min {stats['min']:.3f}, max {stats['max']:.3f}); local weight = 1 - it")
-    return out, stats
 
 
 def run(cfg: Config, record_payloads: list | None = None, resume: str | None = None):
@@ -195,22 +178,15 @@ def mean_loss(losses: list[float]) -> str:
     return f"{sum(known) / len(known):.4f}" if known else "-"
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
 def progress_bar(done: int, total: int, width: int = 20) -> str:
     filled = round(width * done / max(total, 1))
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def build_client(cfg, topo, strategy, transport, run_dir):
-    """This rank's client: its data, the base with both adapters (and the fused slot), the
-    DeepSpeed engine over the client's ranks, and the Client around it."""
-    from .client import FUSED, Client
+def build_client(cfg, topo, strategy, transport, run_dir, inner_steps: int):
+    """This rank's client: its data, the base with both adapters (and the fused slot when the
+    strategy fuses), the DeepSpeed engine over the client's ranks, and the Client around it."""
+    from .client import Client
     from .engine import ClientEngine
 
     tok = get_tokenizer(cfg.model.path)
@@ -218,7 +194,7 @@ def build_client(cfg, topo, strategy, transport, run_dir):
     check_responses_fit(tok, data, cfg.train.max_seq_len)
     base = build_base(cfg.model, cfg.seed, vocab_size=tok.vocab_size, dtype=cfg.base_dtype(topo.client_id))
     adapters = {PERSONAL: cfg.lora.personal, GLOBAL: cfg.lora.global_}
-    if strategy.fusion:
+    if any(isinstance(step, Fuse) for step in strategy.after_rounds(inner_steps)):
         adapters[FUSED] = fused_adapter_config(cfg)
     model = add_adapters(base, adapters, cfg.seed, trainable=(PERSONAL, GLOBAL))
     engine = ClientEngine(cfg, topo, model, tok, data)
@@ -227,106 +203,59 @@ def build_client(cfg, topo, strategy, transport, run_dir):
 
 def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
     log = get_logger()
-    client, fused_config = build_client(cfg, topo, strategy, transport, run_dir)
-    engine, data = client.engine, client.engine.data
     K = cfg.inner_steps(topo.client_id)
+    client, fused_config = build_client(cfg, topo, strategy, transport, run_dir, K)
+    engine, data = client.engine, client.engine.data
     if topo.is_leader:
         log.info(f"client {topo.client_id}: {len(data.train)} train / {len(data.fewshot)} few-shot / "
                  f"{len(data.test)} test rows; ZeRO stage {engine.zero_stage}; K = {K}")
 
-    # A resumed client restores its state at the end of the checkpoint's round (phases 1 and 2
-    # happened before it); the server then resends that round's global adapter.
-    t, first = ckpt.resumed_round, True
+    # Before the rounds (the personal stage, joining the federation). A resumed client restores
+    # its state at the end of the checkpoint's round instead; the server then resends that
+    # round's global adapter.
     if ckpt.resumed:
-        first = client.resume(ckpt)
-        if strategy.federated:
-            client.send_layout()
+        client.resume(ckpt)
     else:
-        # Phase 1: the personal stage (each client alone).
-        if strategy.personal_stage and cfg.train.personal_steps:
-            stats = engine.train(PERSONAL, cfg.train.personal_steps, round=0, tag="[personal stage] ")
-            client.record("train", 0, adapter=PERSONAL, **stats)
+        for _, stats in client.run_steps(strategy.before_rounds(K), 0, "[personal stage] "):
             if topo.is_leader:
                 log.info(f"personal stage: {trained(stats)}")
 
-        # Phase 2: the global start (seeded, or the mean of the personal adapters).
-        if strategy.federated:
-            client.send_layout_and_init()
-
-    rounds = RoundsSummary()
-
-    def train_personal(how, t: int, anchor, tag: str) -> dict:
-        """One personal phase as the strategy describes it (Local, Ditto, FedDPA)."""
-        stats = engine.train(PERSONAL, how.steps, round=t, prox_to=anchor, prox_mu=how.prox_mu, tag=tag,
-                             frozen_active=None if how.global_weight is None else {GLOBAL: how.global_weight},
-                             weight=how.personal_weight)
-        client.record("train", t, adapter=PERSONAL, **stats)
-        return stats
-
-    # Phase 3: the rounds. A federated client follows the server's round numbers: one that fell
-    # behind (federation.round_timeout_s) goes on from the newest global adapter, skipping rounds.
-    # Checkpoints are written at the end of a round: here, once the next round's (or the final)
-    # global adapter has arrived and before it is applied.
+    # The rounds. A federated client follows the server's round numbers: one that fell behind
+    # (federation.round_timeout_s) goes on from the newest global adapter, skipping rounds.
+    # The checkpoint of round k is written at its end: once the next (or the final) global
+    # adapter has arrived, before it is applied.
+    rounds, t = RoundsSummary(), ckpt.resumed_round
     while True:
         if strategy.federated:
             counters = transport.total.snapshot() if transport is not None else None
             message = client.receive_global()
             if ckpt.due(message.round - 1):
-                client.checkpoint(ckpt, message.round - 1, first, counters)
+                client.checkpoint(ckpt, message.round - 1, counters)
             t = client.apply_global(message)  # None: the final global adapter arrived
-            if t is None:
-                break
         else:
             if ckpt.due(t):
-                client.checkpoint(ckpt, t, first, None)
-            if t == cfg.train.rounds:
-                break
-            t += 1
+                client.checkpoint(ckpt, t, None)
+            t = t + 1 if t < cfg.train.rounds else None
+        if t is None:
+            break
         maybe_fail(topo.rank, t)
-        personal = strategy.personal_in_round(t, K)
-        round_global = None  # the global adapter as received: FedProx's and Ditto's anchor
-        if strategy.federated:
-            if strategy.prox_mu > 0 or (personal and personal.prox_mu > 0) or strategy.personal_starts_as_global:
-                round_global = engine.read(GLOBAL)
-            if first and strategy.personal_starts_as_global:
-                engine.write(PERSONAL, round_global)  # Ditto: v starts as the global model
-                client.record("personal_init", t, source=GLOBAL)
-        first = False
-        if personal and personal.before_global:  # FedDPA-T: with the server's aggregate active
-            rounds.add(PERSONAL, t, train_personal(personal, t, round_global, f"[round {t}] "))
-        if strategy.federated:
-            stats = engine.train(GLOBAL, K, round=t, prox_to=round_global, prox_mu=strategy.prox_mu, tag=f"[round {t}] ")
-            client.record("train", t, adapter=GLOBAL, **stats)
-            rounds.add(GLOBAL, t, stats)
-            client.send_update(t, stats["loss"])
-        if personal and not personal.before_global:  # Local, Ditto
-            rounds.add(PERSONAL, t, train_personal(personal, t, round_global, f"[round {t}] "))
-        if strategy.federated and cfg.personal.sync_every and t % cfg.personal.sync_every == 0:
-            client.sync_personal_from_global(t)
-
+        for adapter, stats in client.run_round(t, strategy.round_plan(t, K, client.first)):
+            rounds.add(adapter, t, stats)
     if topo.is_leader and rounds.trained:
         log.info(rounds.line())
 
-    # Phase 4: personal training after the rounds (FedDPA-F), fusion, evaluation, adapters on disk.
-    after = strategy.personal_after_rounds(K)
-    if after:
-        stats = train_personal(after, cfg.train.rounds + 1, None, "[after the rounds] ")
+    # After the rounds (FedDPA-F's personal training, fusion, evaluation), then the adapters on disk.
+    for _, stats in client.run_steps(strategy.after_rounds(K), cfg.train.rounds + 1, "[after the rounds] "):
         if topo.is_leader:
             log.info(f"personal training after the rounds: {trained(stats)}")
-    if strategy.fusion:
-        client.fuse()
-    results = client.evaluate()
-    instance_weights = None
-    if strategy.instance_weighting:
-        results["fused"], instance_weights = evaluate_dynamic(cfg, topo, engine, client, data)
     client.save(fused_config)
     client.summary = {"client": topo.client_id, "method": strategy.name, "ranks": topo.client_size,
                       "train_rows": len(data.train), "fewshot_rows": len(data.fewshot), "test_rows": len(data.test),
-                      "zero_stage": engine.zero_stage, "inner_steps": K, "metrics": results}
+                      "zero_stage": engine.zero_stage, "inner_steps": K, "metrics": client.results}
     if client.fusion_weights:
         client.summary["fusion_weights"] = {"personal": client.fusion_weights[0], "global": client.fusion_weights[1]}
-    if instance_weights:
-        client.summary["instance_global_weight"] = instance_weights
+    if client.instance_weights:
+        client.summary["instance_global_weight"] = client.instance_weights
     if transport is not None:
         client.summary["bytes"] = transport.total.snapshot()
     run_dir.summary = client.summary if topo.is_leader else None
@@ -411,6 +340,4 @@ def results_table(summary: dict) -> str:
         for adapter, m in s["metrics"].items():
             scores = [f"{m[k]:.3f}" if k in m else "-" for k in ("accuracy", *gen)]
             rows.append((str(s["client"]), str(s["ranks"]), s["method"], adapter, *scores, f"{m['loss']:.4f}", str(m["rows"])))
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+    return text_table(head, rows)

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compress import add, sub
+from .state import Layout, add, sub
 
 TAG_LAYOUT = 10
 TAG_TO_LEADER = 11  # global, final, abort
@@ -94,64 +94,6 @@ class TransportError(RuntimeError):
 
 class FederationAborted(RuntimeError):
     """The server stopped the job and said why (raised on the leaders)."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Names, shapes and dtypes of a message's tensors, in packing order."""
-
-    entries: tuple[tuple[str, tuple[int, ...], str], ...]
-
-    @staticmethod
-    def of(state: dict[str, torch.Tensor]) -> "Layout":
-        return Layout(tuple((k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(_numel(s) * _itemsize(d) for _, s, d in self.entries)
-
-    def pack(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        if set(state) != {k for k, _, _ in self.entries}:
-            raise ValueError(f"message keys {sorted(state)[:3]}... do not match the agreed layout")
-        parts = []
-        for k, shape, dtype in self.entries:
-            t = state[k].detach().to("cpu")
-            if tuple(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
-                raise ValueError(f"{k}: {tuple(t.shape)} {t.dtype} does not match the layout {shape} {dtype}")
-            parts.append(t.contiguous().reshape(-1).view(torch.uint8))
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-
-    def unpack(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        if buf.numel() != self.nbytes:
-            raise ValueError(f"{buf.numel()} bytes, but the layout holds {self.nbytes}")
-        out, off = {}, 0
-        for k, shape, dtype in self.entries:
-            n = _numel(shape) * _itemsize(dtype)
-            # clone first: a slice at an odd byte offset cannot be viewed as a wider dtype
-            out[k] = buf[off:off + n].clone().view(getattr(torch, dtype)).reshape(shape)
-            off += n
-        return out
-
-    def describe_difference(self, other: "Layout") -> str | None:
-        """None when equal, else the first entry that differs (for the handshake's refusal)."""
-        if self == other:
-            return None
-        mine, theirs = dict((k, (s, d)) for k, s, d in self.entries), dict((k, (s, d)) for k, s, d in other.entries)
-        for k in sorted(set(mine) | set(theirs)):
-            if mine.get(k) != theirs.get(k):
-                return f"{k}: {mine.get(k, 'missing')} against {theirs.get(k, 'missing')}"
-        return "the same tensors in another order"
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _itemsize(dtype: str) -> int:
-    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
 
 
 @dataclass

@@ -5,7 +5,7 @@ import types
 import torch
 
 from fdlora_cluster.config import load_config
-from fdlora_cluster.model import GLOBAL, PERSONAL
+from fdlora_cluster.state import GLOBAL, PERSONAL
 
 from conftest import CONFIGS
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fdlora_cluster.model import GLOBAL, PERSONAL
+from fdlora_cluster.state import GLOBAL, PERSONAL
 
 from conftest import TINY, assert_ok, read_metrics, read_summary, write_config
 from test_jobs import mpi_python

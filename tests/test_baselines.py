@@ -10,7 +10,7 @@ import torch
 from fdlora_cluster.config import ConfigError, load_config
 from fdlora_cluster.engine import proximal_term
 from fdlora_cluster.evaluation import instance_global_weights, reference_sample
-from fdlora_cluster.model import GLOBAL, PERSONAL
+from fdlora_cluster.state import GLOBAL, PERSONAL
 from fdlora_cluster.strategies import Ditto, FedDPA, make_strategy
 
 from one_rank import OneRank
@@ -78,41 +78,6 @@ def test_ditto_proximal_gradient_and_sgd_step_match_the_paper():
 
 def cfg_for(name, tmp_path, **sets):
     return load_config(write_config(tmp_path, f"{name}.yaml", **sets))
-
-
-def test_feddpa_T_trains_local_from_round_2_before_the_global_steps_with_global_active(tmp_path):
-    cfg = cfg_for("feddpa", tmp_path, **{"feddpa.local_weight": 0.3, "train.rounds": 4})
-    s = make_strategy(cfg)
-    assert isinstance(s, FedDPA) and s.federated and not s.personal_stage and s.instance_weighting
-    assert s.personal_in_round(1, inner_steps=7) is None  # the first global is still untrained
-    p = s.personal_in_round(2, inner_steps=7)
-    assert p.steps == 7 and p.before_global and p.prox_mu == 0
-    assert p.global_weight == pytest.approx(0.7) and p.personal_weight == pytest.approx(0.3)
-    assert s.personal_after_rounds(7) is None
-    assert s.fusion is None and s.evaluated == (PERSONAL, GLOBAL)  # "fused" is the instance-weighted pair
-
-
-def test_feddpa_F_trains_local_once_after_the_rounds_with_global_active(tmp_path):
-    cfg = cfg_for("feddpa_f", tmp_path, **{"train.rounds": 4})
-    s = make_strategy(cfg)
-    assert all(s.personal_in_round(t, 5) is None for t in range(1, 5))
-    p = s.personal_after_rounds(5)
-    assert p.steps == 3 * 5 and p.global_weight == pytest.approx(0.5) and p.personal_weight == pytest.approx(0.5)
-    cfg.feddpa.finetune_steps = 11
-    assert make_strategy(cfg).personal_after_rounds(5).steps == 11
-
-
-def test_feddpa_fixed_weighting_fuses_with_the_fixed_weights(tmp_path):
-    s = make_strategy(cfg_for("feddpa", tmp_path, **{"feddpa.weighting": "fixed"}))
-    assert s.fusion == "fixed" and not s.instance_weighting and "fused" in s.evaluated
-
-
-def test_ditto_trains_personal_every_round_pulled_to_the_global(tmp_path):
-    s = make_strategy(cfg_for("ditto", tmp_path, **{"ditto.lambda": 2.5, "personal.steps_per_round": 4}))
-    assert isinstance(s, Ditto) and s.personal_starts_as_global and s.prox_mu == 0  # the global trains as FedAvg
-    p = s.personal_in_round(1, inner_steps=9)
-    assert p.steps == 4 and p.prox_mu == 2.5 and p.global_weight is None and not p.before_global
-    assert s.evaluated == (PERSONAL, GLOBAL) and s.fusion is None
 
 
 # ---------------------------------------------------------------- config checks

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
-from fdlora_cluster.client import digest
-from fdlora_cluster.compress import Codec, add, sub
-from fdlora_cluster.transport import HEADER, Layout
+from fdlora_cluster.state import digest
+from fdlora_cluster.compress import Codec
+from fdlora_cluster.state import add, sub
+from fdlora_cluster.transport import HEADER
+from fdlora_cluster.state import Layout
 
 from conftest import TINY, assert_ok, read_metrics, run_job, write_config
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fdlora_cluster.server import rejection
-from fdlora_cluster.transport import ClientUpdate, Layout
+from fdlora_cluster.transport import ClientUpdate
+from fdlora_cluster.state import Layout
 
 from conftest import TINY, assert_ok, read_metrics, read_summary, run_ranks, write_config
 

@@ -15,7 +15,7 @@ import torch
 from fdlora_cluster.config import ConfigError, config_from_dict, load_config
 from fdlora_cluster.generation import (cached_forward, exact_match, greedy_decode, lcs_length, normalize, prompt_ids,
                                        rouge_l)
-from fdlora_cluster.model import GLOBAL, PERSONAL
+from fdlora_cluster.state import GLOBAL, PERSONAL
 
 from one_rank import OneRank
 from conftest import (CONFIGS, JOB_TIMEOUT, ROOT, TINY, assert_ok, job_env, mpiexec, read_summary, run_job,

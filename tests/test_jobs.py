@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fdlora_cluster.config import load_config
-from fdlora_cluster.model import GLOBAL, PERSONAL, add_adapters, adapter_params, build_base
+from fdlora_cluster.model import add_adapters, adapter_params, build_base
+from fdlora_cluster.state import GLOBAL, PERSONAL
 
 from conftest import ROOT, TINY, assert_ok, read_metrics, read_summary, run_job, run_ranks, write_config
 

@@ -4,7 +4,8 @@ import torch
 
 from fdlora_cluster.config import load_config
 from fdlora_cluster.data import get_tokenizer
-from fdlora_cluster.model import GLOBAL, PERSONAL, add_adapters, adapter_params, build_base, set_active
+from fdlora_cluster.model import add_adapters, adapter_params, build_base, set_active
+from fdlora_cluster.state import GLOBAL, PERSONAL
 
 from conftest import CONFIGS
 

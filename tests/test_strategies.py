@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from fdlora_cluster.config import load_config
+from fdlora_cluster.state import pseudo_gradient
 from fdlora_cluster.strategies import (STRATEGIES, OuterOptimizer, UpdateError, check_update, client_weights,
-                                       make_strategy, pseudo_gradient, weighted_average)
+                                       make_strategy, weighted_average)
 
 from conftest import CONFIGS
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fdlora_cluster.model import GLOBAL, PERSONAL
+from fdlora_cluster.state import GLOBAL, PERSONAL
 
 from conftest import TINY, assert_ok, read_metrics, read_summary, run_job, write_config
 from test_jobs import load_saved, mpi_python

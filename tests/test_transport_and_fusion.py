@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fdlora_cluster.fusion import delta_weight, fuse
-from fdlora_cluster.transport import Layout
+from fdlora_cluster.state import Layout
 
 
 def test_layout_packs_into_one_buffer_and_back():

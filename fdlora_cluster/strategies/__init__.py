@@ -1,10 +1,11 @@
 """Federated strategies: pure objects over `dict[str, Tensor]` (no MPI, no DeepSpeed)."""
 
-from .aggregate import (InOrderSum, OuterOptimizer, UpdateError, check_update, client_weights, l2_distance, pseudo_gradient,
+from .aggregate import (InOrderSum, OuterOptimizer, UpdateError, check_update, client_weights,
                         weighted_average)
-from .methods import (STRATEGIES, DiLoCo, Ditto, FDLoRA, FedAvg, FedDPA, FedProx, Local, PersonalTraining, Strategy,
+from .plan import Copy, Evaluate, Fuse, JoinFederation, SendUpdate, Step, Train
+from .methods import (STRATEGIES, DiLoCo, Ditto, FDLoRA, FedAvg, FedDPA, FedProx, Local, Strategy,
                       make_strategy)
 
-__all__ = ["STRATEGIES", "DiLoCo", "Ditto", "FDLoRA", "FedAvg", "FedDPA", "FedProx", "InOrderSum", "Local", "OuterOptimizer",
-           "PersonalTraining", "Strategy",
-           "UpdateError", "check_update", "client_weights", "l2_distance", "make_strategy", "pseudo_gradient", "weighted_average"]
+__all__ = ["Copy", "Evaluate", "Fuse", "JoinFederation", "SendUpdate", "Step", "Train", "STRATEGIES", "DiLoCo", "Ditto", "FDLoRA", "FedAvg", "FedDPA", "FedProx", "InOrderSum", "Local", "OuterOptimizer",
+           "Strategy",
+           "UpdateError", "check_update", "client_weights", "make_strategy", "weighted_average"]

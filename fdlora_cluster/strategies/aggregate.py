@@ -9,9 +9,7 @@ import math
 
 import torch
 
-from ..model import key_diff
-
-State = dict[str, torch.Tensor]
+from ..state import State, key_diff
 
 
 class UpdateError(ValueError):
@@ -191,16 +189,3 @@ class OuterOptimizer:
                 p.grad = delta[k].to(torch.float64)
         self.optim.step()
         return {k: p.detach().to(params[k].dtype, copy=True) for k, p in self.params.items()}
-
-
-def pseudo_gradient(before: State, after: State) -> State:
-    return {k: before[k].to(torch.float64) - after[k].to(torch.float64) for k in before}
-
-
-def l2_distance(a: State, b: State) -> float:
-    """||a - b|| over all tensors of two states with the same keys."""
-    total = 0.0
-    for k in a:
-        d = a[k].to(torch.float64, copy=True).sub_(b[k]).reshape(-1)
-        total += float(torch.dot(d, d))
-    return math.sqrt(total)

@@ -1,81 +1,65 @@
-"""The federated algorithms as small strategy objects (what a client does in a round, what the
-server does with the updates). The schedule that runs them is `fdlora_cluster.train`.
+"""The federated algorithms as small strategy objects (Flower's idea): what a client does in a
+round, and what the server does with the updates. A strategy imports neither MPI nor DeepSpeed.
 
-A strategy answers a few questions; it imports neither MPI nor DeepSpeed:
-  - does the client train its personal adapter before the rounds (`personal_stage`), in a round
-    (`personal_in_round(t)`), and/or once after the rounds (`personal_after_rounds()`), and how
-    (`PersonalTraining`: steps, proximal pull to the global adapter, global adapter active)?
-  - does the global adapter travel (`federated`) and with which proximal weight (`prox_mu`)?
-  - how does the server turn updates into the next global adapter (`aggregate`)?
-  - which adapters are evaluated, and is there a fusion phase (`fusion`: None, "search", "fixed")
-    or a per-test-row weighting of the two adapters (`instance_weighting`)?
+The client's side is three plans (strategies/plan.py), lists of steps the client runs in order:
+  - `before_rounds(K)`: the personal stage, joining the federation;
+  - `round_plan(t, K, first)`: round t (K = this client's inner steps; `first`: the client's first
+    round in this job, counted from the start, not from a resume);
+  - `after_rounds(K)`: personal training after the rounds, fusion, evaluation.
+The server's side is `federated` (does the global adapter travel at all), `weight` and `step`.
+Adding a strategy is a class here and an entry in STRATEGIES; nothing outside strategies/ changes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..model import GLOBAL, PERSONAL
-
-
-@dataclass(frozen=True)
-class PersonalTraining:
-    """How the personal adapter trains in one phase (the schedule passes this to ClientEngine.train)."""
-
-    steps: int
-    prox_mu: float = 0.0
-    """> 0: the loss adds (prox_mu/2)||personal - w||^2, w the global adapter as received at the
-    round's start (Ditto's lambda)."""
-    global_weight: float | None = None
-    """Not None: the global adapter takes part in the forward, frozen (no gradient, no update), its
-    output scaled by this (FedDPA). None: the personal adapter alone."""
-    personal_weight: float = 1.0
-    """Scale of the personal adapter's own output while it trains (FedDPA's local_weight)."""
-    before_global: bool = False
-    """Train right after the global adapter is received, before the round's global steps, so the
-    active global adapter is the server's aggregate and not this client's half-trained copy."""
-from .aggregate import InOrderSum, OuterOptimizer, State, check_update, pseudo_gradient
+from ..state import FUSED, GLOBAL, PERSONAL, State, pseudo_gradient
+from .aggregate import InOrderSum, OuterOptimizer, check_update
+from .plan import Copy, Evaluate, Fuse, JoinFederation, SendUpdate, Step, Train
 
 
 class Strategy:
+    """FedAvg's shape, which the others change in parts: K steps on the global adapter, send it,
+    and (personal.sync_every = H) personal <- global every H rounds."""
+
     name = "base"
     federated = True
-    personal_stage = False
-    personal_each_round = False
-    fusion: str | None = None
-    evaluated: tuple[str, ...] = (GLOBAL,)
-    trains_global = True
 
     def __init__(self, cfg):
         self.cfg = cfg
         o = cfg.outer
         self.outer = OuterOptimizer(o.optimizer, o.lr, o.momentum, o.betas, o.eps)
 
-    # Set by strategies that evaluate the two adapters with per-test-row weights (FedDPA dynamic).
-    instance_weighting = False
-    # Ditto: the personal adapter starts as a copy of the first global adapter received.
-    personal_starts_as_global = False
+    # ---------------------------------------------------------------- the client's plans
 
-    @property
-    def prox_mu(self) -> float:
-        return 0.0
+    def before_rounds(self, inner_steps: int) -> list[Step]:
+        return [JoinFederation()] if self.federated else []
 
-    def personal_in_round(self, t: int, inner_steps: int) -> PersonalTraining | None:
-        """How the personal adapter trains in round t (None: it does not). By default: alone, for
-        personal.steps_per_round steps (else K), when the strategy trains it every round."""
-        if not self.personal_each_round:
-            return None
-        return PersonalTraining(steps=self.cfg.personal.steps_per_round or inner_steps)
+    def round_plan(self, t: int, inner_steps: int, first: bool) -> list[Step]:
+        return self.global_steps(inner_steps) + self.sync(t)
 
-    def personal_after_rounds(self, inner_steps: int) -> PersonalTraining | None:
-        """How the personal adapter trains once after the last round (None: it does not)."""
-        return None
+    def after_rounds(self, inner_steps: int) -> list[Step]:
+        return [Evaluate((GLOBAL,))]
 
-    @property
-    def adapters(self) -> tuple[str, ...]:
-        """Adapters the client model carries. Every strategy creates both, so the dual-adapter
-        machinery (and the proof that `personal` never travels) is exercised by all of them."""
-        return (PERSONAL, GLOBAL)
+    # ---------------------------------------------------------------- parts the plans share
+
+    def personal_stage(self) -> list[Step]:
+        """Stage 1: the personal adapter alone, from the shared initialisation."""
+        steps = self.cfg.train.personal_steps
+        return [Train(PERSONAL, steps)] if steps else []
+
+    def global_steps(self, inner_steps: int, prox_mu: float = 0.0) -> list[Step]:
+        return [Train(GLOBAL, inner_steps, prox_mu=prox_mu), SendUpdate()]
+
+    def personal_round_steps(self, inner_steps: int) -> int:
+        """Personal steps in a round: personal.steps_per_round, else K."""
+        return self.cfg.personal.steps_per_round or inner_steps
+
+    def sync(self, t: int) -> list[Step]:
+        """The paper's line 14: personal <- the client's copy of the global adapter every H rounds."""
+        every = self.cfg.personal.sync_every
+        return [Copy(GLOBAL, PERSONAL, "personal_sync")] if every and t % every == 0 else []
+
+    # ---------------------------------------------------------------- the server's side
 
     def weight(self, num_samples: float) -> float:
         """An update's weight in the average: its sample count (global.aggregation = samples) or 1."""
@@ -113,9 +97,8 @@ class FedProx(FedAvg):
 
     name = "fedprox"
 
-    @property
-    def prox_mu(self) -> float:
-        return self.cfg.fedprox_mu
+    def round_plan(self, t: int, inner_steps: int, first: bool) -> list[Step]:
+        return self.global_steps(inner_steps, prox_mu=self.cfg.fedprox_mu) + self.sync(t)
 
 
 class DiLoCo(Strategy):
@@ -132,10 +115,15 @@ class Local(Strategy):
 
     name = "local"
     federated = False
-    trains_global = False
-    personal_stage = True
-    personal_each_round = True
-    evaluated = (PERSONAL,)
+
+    def before_rounds(self, inner_steps: int) -> list[Step]:
+        return self.personal_stage()
+
+    def round_plan(self, t: int, inner_steps: int, first: bool) -> list[Step]:
+        return [Train(PERSONAL, self.personal_round_steps(inner_steps))]
+
+    def after_rounds(self, inner_steps: int) -> list[Step]:
+        return [Evaluate((PERSONAL,))]
 
 
 class FDLoRA(Strategy):
@@ -145,9 +133,12 @@ class FDLoRA(Strategy):
     rounds, and AdaFusion: a gradient-free search of (w_p, w_g) on few-shot rows."""
 
     name = "fdlora"
-    personal_stage = True
-    fusion = "search"
-    evaluated = (PERSONAL, GLOBAL, "fused")
+
+    def before_rounds(self, inner_steps: int) -> list[Step]:
+        return self.personal_stage() + [JoinFederation()]
+
+    def after_rounds(self, inner_steps: int) -> list[Step]:
+        return [Fuse("search"), Evaluate((PERSONAL, GLOBAL, FUSED))]
 
 
 class FedDPA(Strategy):
@@ -166,34 +157,30 @@ class FedDPA(Strategy):
 
     name = "feddpa"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        d = cfg.feddpa
-        self.variant = d.variant
-        self.instance_weighting = d.weighting == "dynamic"
-        self.fusion = None if self.instance_weighting else "fixed"
-        # fixed: the `fused` adapter is evaluated like any adapter. dynamic: there is no one fused
-        # adapter (the weights differ per test row); the schedule adds the weighted pair as "fused".
-        self.evaluated = (PERSONAL, GLOBAL) if self.instance_weighting else (PERSONAL, GLOBAL, "fused")
-
-    def _local(self, steps: int, before_global: bool) -> PersonalTraining:
+    def _local(self, steps: int) -> Train:
         w = self.cfg.feddpa.local_weight
-        return PersonalTraining(steps=steps, global_weight=1.0 - w, personal_weight=w, before_global=before_global)
+        return Train(PERSONAL, steps, frozen={GLOBAL: 1.0 - w}, weight=w)
 
-    def personal_in_round(self, t: int, inner_steps: int) -> PersonalTraining | None:
-        # Authors' code (main.py, `local_model and epoch > 0`): no local training in the first round,
-        # whose global adapter is still the untrained initialisation.
-        if self.variant != "T" or t < 2:
-            return None
-        return self._local(self.cfg.personal.steps_per_round or inner_steps, before_global=True)
+    def round_plan(self, t: int, inner_steps: int, first: bool) -> list[Step]:
+        # -T trains the local adapter first, so the active global adapter is the server's aggregate
+        # and not this client's half-trained copy. Authors' code (main.py, `local_model and epoch >
+        # 0`): no local training in the first round, whose global adapter is still the untrained
+        # initialisation.
+        local = [self._local(self.personal_round_steps(inner_steps))] if self.cfg.feddpa.variant == "T" and t >= 2 else []
+        return local + self.global_steps(inner_steps) + self.sync(t)
 
-    def personal_after_rounds(self, inner_steps: int) -> PersonalTraining | None:
-        if self.variant != "F":
-            return None
-        steps = self.cfg.feddpa.finetune_steps
-        if steps is None:  # the local steps -T takes: every round but the first
-            steps = max(self.cfg.train.rounds - 1, 0) * (self.cfg.personal.steps_per_round or inner_steps)
-        return self._local(steps, before_global=False)
+    def after_rounds(self, inner_steps: int) -> list[Step]:
+        d = self.cfg.feddpa
+        plan: list[Step] = []
+        if d.variant == "F":
+            steps = d.finetune_steps
+            if steps is None:  # the local steps -T takes: every round but the first
+                steps = max(self.cfg.train.rounds - 1, 0) * self.personal_round_steps(inner_steps)
+            plan.append(self._local(steps))
+        if d.weighting == "dynamic":
+            # no one fused adapter (the weights differ per test row): the weighted pair is reported as "fused"
+            return plan + [Evaluate((PERSONAL, GLOBAL), instance_weighted=True)]
+        return plan + [Fuse("fixed"), Evaluate((PERSONAL, GLOBAL, FUSED))]
 
 
 class Ditto(Strategy):
@@ -205,12 +192,14 @@ class Ditto(Strategy):
     (Ditto's personalised model) and the global adapter are evaluated."""
 
     name = "ditto"
-    personal_each_round = True
-    personal_starts_as_global = True
-    evaluated = (PERSONAL, GLOBAL)
 
-    def personal_in_round(self, t: int, inner_steps: int) -> PersonalTraining | None:
-        return PersonalTraining(steps=self.cfg.personal.steps_per_round or inner_steps, prox_mu=self.cfg.ditto.lam)
+    def round_plan(self, t: int, inner_steps: int, first: bool) -> list[Step]:
+        start = [Copy(GLOBAL, PERSONAL, "personal_init")] if first else []  # v starts as the global model
+        personal = Train(PERSONAL, self.personal_round_steps(inner_steps), prox_mu=self.cfg.ditto.lam)
+        return start + self.global_steps(inner_steps) + [personal] + self.sync(t)
+
+    def after_rounds(self, inner_steps: int) -> list[Step]:
+        return [Evaluate((PERSONAL, GLOBAL))]
 
 
 STRATEGIES = {s.name: s for s in (FDLoRA, FedAvg, FedProx, DiLoCo, Local, FedDPA, Ditto)}

@@ -42,7 +42,7 @@ def recording_score_rows(self, rows, active, *args, **kwargs):
 ClientEngine.evaluate = recording_evaluate
 ClientEngine.score_rows = recording_score_rows
 
-from fdlora_cluster.model import PERSONAL
+from fdlora_cluster.state import PERSONAL
 
 personal_values = []  # on a client's rank 0: the personal adapter's start and every value its training made
 _init, _train = ClientEngine.__init__, ClientEngine.train
@@ -95,7 +95,7 @@ if not isinstance(result, dict):  # a client rank: result is the Client
     logits = {}
     engine.engine.eval()
     with torch.no_grad():
-        for name in client.strategy.adapters + (("fused",) if client.strategy.fusion else ()):
+        for name in ("personal", "global") + (("fused",) if client.fusion_weights is not None else ()):
             set_active(engine.model, name)
             logits[name] = engine.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     torch.save({"client": client.id, "logits": logits, "batch": batch}, os.path.join(out, f"logits-rank-{rank}.pt"))

@@ -17,23 +17,30 @@ import sys
 
 import torch
 
-from fdlora_cluster.client import digest
 from fdlora_cluster.config import load_config
 from fdlora_cluster.engine import ClientEngine
-from fdlora_cluster.model import GLOBAL, PERSONAL, _lora_layers, adapter_params
+from fdlora_cluster.model import _lora_layers, adapter_params
+from fdlora_cluster.state import GLOBAL, PERSONAL, digest
 from fdlora_cluster.train import run
 
 cfg_path, out = sys.argv[1], sys.argv[2]
 os.makedirs(out, exist_ok=True)
 cfg = load_config(cfg_path)
 phases = []
+round_start = {}  # round -> the global adapter at the round's first training phase: as received
 _train = ClientEngine.train
 
 
 def probed_train(self, name, steps, round, *args, **kwargs):
     rec = {"adapter": name, "round": round, "steps": steps,
            "before": {a: digest(self.read(a)) for a in (PERSONAL, GLOBAL)}}
+    if round not in round_start:
+        round_start[round] = self.read(GLOBAL)
+    # the trainer passes an anchor only when it pulls to it (prox_mu > 0); measure the distance to
+    # the round's received global adapter with lambda = 0 too, to compare
     anchor = kwargs.get("prox_to")
+    if anchor is None:
+        anchor = round_start[round]
 
     def distance_to_anchor():  # ||trained adapter - the round's received global||, Ditto's pull
         state = self.read(name)
