@@ -258,18 +258,8 @@ class ClientEngine:
         return tok_nll.sum(-1).cpu(), mask.sum(-1).cpu()
 
     def _set_scales(self, active, scales: dict | None) -> None:
-        """Activate `active`; `scales` multiplies an adapter's contribution, by one number or by a
-        {module name: number} dict (the fusion search's per-layer and per-module weights)."""
-        from .model import _lora_layers
-
-        scales = scales or {}
-        set_active(self.model, active, {a: s for a, s in scales.items() if not isinstance(s, dict)})
-        per_module = {a: s for a, s in scales.items() if isinstance(s, dict)}
-        if per_module:
-            for mod_name, mod in _lora_layers(self.model):
-                for a, s in per_module.items():
-                    if a in mod.scaling:
-                        mod.scaling[a] = mod.lora_alpha[a] / mod.r[a] * float(s.get(mod_name, 1.0))
+        """Activate `active`, scaled per adapter or per module (model.set_active)."""
+        set_active(self.model, active, scales)
 
     def _score_mine(self, rows: list[Example], candidates: list[list[str]]):
         """This rank's share of `rows` (every size-th row): per-row NLL, token counts, and one
