@@ -12,16 +12,16 @@ must re-check).
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 
 import numpy as np
 import torch
 
+from . import evaluation
 from .config import Config
 from .deepspeed_config import deepspeed_dict
-from .data import ClientData, Example, collate, encode_example, pad_batch
+from .data import ClientData, Example, encode_example, pad_batch
 from .log import FILE_ONLY, get_logger
 from .model import GLOBAL, PERSONAL, adapter_params, read_adapter, set_active, write_adapter
 from .rendezvous import join_client_world
@@ -242,90 +242,14 @@ class ClientEngine:
             enc.append(self._encoded[id(ex)])
         return {k: v.to(self.device) for k, v in pad_batch(self.tok, enc).items()}
 
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def _sequence_nll(self, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row summed NLL of the response tokens, and their token counts."""
-        batch = collate(self.tok, rows, self.cfg.train.max_seq_len)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        logp = torch.log_softmax(logits, dim=-1)
-        tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        return tok_nll.sum(-1).cpu(), mask.sum(-1).cpu()
-
-    def _set_scales(self, active, scales: dict | None) -> None:
-        """Activate `active`, scaled per adapter or per module (model.set_active)."""
-        set_active(self.model, active, scales)
-
-    def _score_mine(self, rows: list[Example], candidates: list[list[str]]):
-        """This rank's share of `rows` (every size-th row): per-row NLL, token counts, and one
-        right/wrong flag per row for each candidate list. Every rank runs the same number of
-        forwards (ZeRO-3 gathers parameters collectively), padding with a repeat row it drops."""
-        self.engine.eval()
-        mine = rows[self.local_rank::self.size]
-        per_rank = -(-len(rows) // self.size)
-        bs = self.cfg.train.eval_batch_size
-        nll_out, tok_out, right = [], [], [[] for _ in candidates]
-        for start in range(0, per_rank, bs):
-            chunk = mine[start:start + bs]
-            real = len(chunk)
-            chunk = chunk + [rows[0]] * (min(bs, per_rank - start) - real)
-            nll, toks = self._sequence_nll(chunk)
-            nll_out += nll[:real].tolist()
-            tok_out += toks[:real].tolist()
-            # every distinct response of all candidate lists scored once; each list picks among its own
-            union = sorted({c for cands in candidates for c in cands})
-            if union:
-                scored = [Example(ex.prompt, c) for ex in chunk for c in union]
-                cn, _ = self._sequence_nll(scored)
-                cn = cn.view(len(chunk), len(union))
-                for j, cands in enumerate(candidates):
-                    cols = [union.index(c) for c in cands]
-                    best = cn[:, cols].argmin(-1)
-                    right[j] += [float(cands[int(best[i])] == chunk[i].response) for i in range(real)]
-        return nll_out, tok_out, right
+    # ------------------------------------------------------------------ scoring (evaluation.py)
 
     def score_rows(self, rows: list[Example], active, scales: dict | None = None,
                    candidates: list[str] | None = None):
-        """Per-row scores of `rows` in row order, on every rank of the client (a fusion.RowScores)."""
-        from .fusion import RowScores
-
-        self._set_scales(active, scales)
-        nll, toks, right = self._score_mine(rows, [candidates] if candidates else [])
-        parts = self.comm.allgather((nll, toks, right[0] if right else None))
-        n = len(rows)
-        out_nll, out_tok, out_right = np.zeros(n), np.zeros(n), np.zeros(n)
-        for r, (a, b, c) in enumerate(parts):
-            idx = list(range(r, n, self.size))
-            out_nll[idx], out_tok[idx] = a, b
-            if c is not None:
-                out_right[idx] = c
-        return RowScores(out_nll, out_tok, out_right if candidates else None)
+        """Per-row scores of `rows` in row order, on every rank of the client (evaluation.score_rows)."""
+        return evaluation.score_rows(self, rows, active, scales, candidates)
 
     def evaluate(self, rows: list[Example], active, scales: dict | None = None,
                  candidates: list[str] | None = None, candidates_all: list[str] | None = None) -> dict:
-        """Loss, perplexity and (with candidates) accuracy on `rows`, over all the client's ranks;
-        with eval.generate also exact_match and rouge_l of greedy answers (generation.py).
-
-        Accuracy scores every candidate response by its summed log-likelihood and takes the best;
-        a row is right when that is its own response. `accuracy` picks among `candidates` (the
-        client's own label set), `accuracy_all` among `candidates_all` (every client's labels)."""
-        self._set_scales(active, scales)
-        lists = [c for c in (candidates, candidates_all) if c]
-        nll, toks, right = self._score_mine(rows, lists)
-        sums = self.comm.allreduce(np.array([sum(nll), sum(toks), len(nll)] + [sum(r) for r in right], dtype=np.float64))
-        nll_sum, tok_sum, n = sums[:3]
-        loss = nll_sum / max(tok_sum, 1.0)
-        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rows": int(n)}
-        names = [k for k, c in (("accuracy", candidates), ("accuracy_all", candidates_all)) if c]
-        for k, total in zip(names, sums[3:]):
-            out[k] = total / max(n, 1.0)
-        if self.cfg.eval.generate:
-            from .generation import generation_metrics
-
-            out.update(generation_metrics(self, rows))  # the same active adapters and scales
-        return out
+        """Loss, perplexity, accuracy and generation metrics on `rows` (evaluation.evaluate)."""
+        return evaluation.evaluate(self, rows, active, scales, candidates, candidates_all)
