@@ -29,13 +29,11 @@ from fdlora_cluster.fusion import RowScores, modules_of, per_module, search_weig
 
 def scorer(model, tok, max_len):
     from fdlora_cluster.data import Example, collate
-    from fdlora_cluster.model import _lora_layers, set_active
+    from fdlora_cluster.model import set_active
 
     def score(rows, cands, wm):
-        set_active(model, ["personal", "global"])
-        for name, mod in _lora_layers(model):
-            for a, i in (("personal", 0), ("global", 1)):
-                mod.scaling[a] = mod.lora_alpha[a] / mod.r[a] * wm[name][i]
+        set_active(model, ["personal", "global"], {a: {name: w[i] for name, w in wm.items()}
+                                                   for a, i in (("personal", 0), ("global", 1))})
 
         def nll(batch_rows):
             b = collate(tok, batch_rows, max_len)

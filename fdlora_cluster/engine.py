@@ -5,26 +5,29 @@ Why one engine for both adapters: a second DeepSpeed engine on the same module w
 second set of ZeRO-3 parameter hooks. Instead both adapters are the engine's two parameter groups;
 the one not being trained is inactive in the forward (so it gets no gradient) and its group's
 learning rate is 0, so the optimizer never moves it (tests check it stays bit-identical). Each
-training phase starts with fresh AdamW state for the adapter it trains.
+training phase starts with fresh AdamW state for the adapter it trains. How a phase is switched
+on DeepSpeed's optimizer, on every ZeRO stage, is zero_phases.py (the code a DeepSpeed upgrade
+must re-check).
 """
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 
 import numpy as np
 import torch
 
+from . import evaluation
 from .config import Config
 from .deepspeed_config import deepspeed_dict
-from .data import ClientData, Example, collate, encode_example, pad_batch
+from .data import ClientData, Example, encode_example, pad_batch
 from .log import FILE_ONLY, get_logger
 from .model import adapter_params, read_adapter, set_active, write_adapter
 from .state import GLOBAL, PERSONAL
 from .rendezvous import join_client_world
 from .state import Layout
+from .zero_phases import PhaseSwitch
 
 def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
     """(mu/2) * ||w - anchor||^2 summed over an adapter's tensors (A and B each, as the adapter's
@@ -109,6 +112,7 @@ class ClientEngine:
                   {"params": list(adapter_params(model, GLOBAL).values()), "lr": self.lr}]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=self.ds_config)
+        self.phases = PhaseSwitch(self.optimizer, self.groups, self.lr)
         self.streams = {a: BatchStream(data.train, cfg.seed, self.client, a) for a in (PERSONAL, GLOBAL)}
         self.global_step = 0
         # each training row tokenised once (a plain loop tokenises its batches up front), keyed by
@@ -169,104 +173,11 @@ class ClientEngine:
 
     # ------------------------------------------------------------------ training
 
-    def _inner_optimizer(self):
-        """The torch optimizer that holds the AdamW state, under DeepSpeed's (ZeRO) wrappers."""
-        opt = self.optimizer
-        while hasattr(opt, "optimizer"):
-            opt = opt.optimizer
-        return opt
-
-    def _state_tensors(self, group: int) -> list[torch.Tensor]:
-        """The tensors the inner optimizer keys `group`'s state by, on every ZeRO stage.
-
-        They are not the model's parameters under ZeRO: stage 1/2 steps one flat fp32 partition per
-        group (`single_partition_of_fp32_groups[i]`, which is also what the group's `params` holds);
-        stage 3 steps one flat fp32 partition per sub-group (`fp32_partitioned_groups_flat[s]`, mapped
-        to its group by `sub_group_to_group_id`) and leaves every group's `params` empty outside
-        step(), so reading `params` there finds nothing to reset."""
-        zero = self.optimizer
-        if hasattr(zero, "fp32_partitioned_groups_flat") and hasattr(zero, "sub_group_to_group_id"):
-            return [zero.fp32_partitioned_groups_flat[s] for s, g in sorted(zero.sub_group_to_group_id.items())
-                    if g == group]
-        if hasattr(zero, "single_partition_of_fp32_groups"):
-            return [zero.single_partition_of_fp32_groups[group]]
-        return list(self._inner_optimizer().param_groups[group]["params"])
-
-    def _reset_state(self, group: int) -> None:
-        """Fresh AdamW state for `group`. Adam's state is zeroed in place (step 0, zero moments is
-        exactly a fresh state) rather than dropped, because ZeRO-1/2 links each parameter's
-        optimizer-state fragments to these very tensors after its first step; other optimizers'
-        state is dropped and re-created lazily at their next step."""
-        inner = self._inner_optimizer()
-        tensors = self._state_tensors(group)
-        if not tensors:
-            raise RuntimeError(f"cannot find the optimizer state of parameter group {group} under "
-                               f"{type(self.optimizer).__name__}; the phase's AdamW state would not restart")
-        for t in tensors:
-            state = inner.state.get(t)
-            if not state:
-                continue
-            if set(state) <= {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}:
-                for k, v in state.items():
-                    if torch.is_tensor(v):
-                        v.zero_()
-                    else:
-                        state[k] = 0  # a plain-number step count
-            else:
-                inner.state.pop(t)
-
-    def _install_freeze_hooks(self) -> None:
-        """Take the frozen group out of every inner step. Its lr is 0, so lr alone keeps its weights
-        still, but AdamW would still advance its step count (and decay its moments) each step; its
-        next phase would then start from a skewed bias correction. Emptying the group's params for
-        the duration of step() works on every stage: ZeRO-1/2 step one group at a time through the
-        same group dicts, ZeRO-3 puts a sub-group's partition into the dict just before step()."""
-        if getattr(self, "_freeze_hooks", None) is not None:
-            return
-        inner = self._inner_optimizer()
-        stash: dict[int, list] = {}
-
-        def pre(opt, args, kwargs):
-            for g in opt.param_groups:
-                if id(g) in self._frozen and g["params"]:
-                    stash[id(g)] = g["params"]
-                    g["params"] = []
-
-        def post(opt, args, kwargs):
-            for g in opt.param_groups:
-                if id(g) in stash:
-                    g["params"] = stash.pop(id(g))
-
-        self._frozen: set[int] = set()
-        self._freeze_hooks = (inner.register_step_pre_hook(pre), inner.register_step_post_hook(post))
-
-    def _clear_gradient_partitions(self) -> None:
-        """Zero ZeRO-3's gradient partitions at a phase boundary. ZeRO-3 keeps every parameter's
-        gradient partition in one flat buffer and reads all of them at each step, the gradient norm
-        for clipping included, but overwrites a partition only when its parameter gets a gradient.
-        The frozen adapter gets none, so its last phase's gradients would stay in this phase's norm
-        and change its clipping: after a personal stage ZeRO-3 trained the global adapter unlike
-        ZeRO-1/2 (which read a missing gradient as zeros), and unlike a job resumed into a fresh
-        engine. Between steps the buffer holds nothing still needed."""
-        buffer = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
-        if buffer is not None:
-            buffer.zero_()
-
     def _start_phase(self, name: str) -> None:
-        """Train `name` only: it alone is active in the forward, the other group's lr is 0 and it is
-        left out of every optimizer step, and the trained group's AdamW state starts fresh."""
+        """Train `name` only: it alone is active in the forward, and the optimizer trains its group
+        alone, from fresh AdamW state (zero_phases.py)."""
         set_active(self.model, name)
-        self._install_freeze_hooks()
-        self._clear_gradient_partitions()
-        inner = self._inner_optimizer()
-        self._frozen = set()
-        for adapter, i in self.groups.items():
-            group = inner.param_groups[i]
-            group["lr"] = self.lr if adapter == name else 0.0
-            if adapter == name:
-                self._reset_state(i)
-            else:
-                self._frozen.add(id(group))
+        self.phases.start(name)
 
     def train(self, name: str, steps: int, round: int, prox_to: dict[str, torch.Tensor] | None = None,
               prox_mu: float = 0.0, tag: str = "", frozen_active: dict[str, float] | None = None,
@@ -332,100 +243,14 @@ class ClientEngine:
             enc.append(self._encoded[id(ex)])
         return {k: v.to(self.device) for k, v in pad_batch(self.tok, enc).items()}
 
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def _sequence_nll(self, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row summed NLL of the response tokens, and their token counts."""
-        batch = collate(self.tok, rows, self.cfg.train.max_seq_len)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        logp = torch.log_softmax(logits, dim=-1)
-        tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        return tok_nll.sum(-1).cpu(), mask.sum(-1).cpu()
-
-    def _set_scales(self, active, scales: dict | None) -> None:
-        """Activate `active`; `scales` multiplies an adapter's contribution, by one number or by a
-        {module name: number} dict (the fusion search's per-layer and per-module weights)."""
-        from .model import _lora_layers
-
-        scales = scales or {}
-        set_active(self.model, active, {a: s for a, s in scales.items() if not isinstance(s, dict)})
-        per_module = {a: s for a, s in scales.items() if isinstance(s, dict)}
-        if per_module:
-            for mod_name, mod in _lora_layers(self.model):
-                for a, s in per_module.items():
-                    if a in mod.scaling:
-                        mod.scaling[a] = mod.lora_alpha[a] / mod.r[a] * float(s.get(mod_name, 1.0))
-
-    def _score_mine(self, rows: list[Example], candidates: list[list[str]]):
-        """This rank's share of `rows` (every size-th row): per-row NLL, token counts, and one
-        right/wrong flag per row for each candidate list. Every rank runs the same number of
-        forwards (ZeRO-3 gathers parameters collectively), padding with a repeat row it drops."""
-        self.engine.eval()
-        mine = rows[self.local_rank::self.size]
-        per_rank = -(-len(rows) // self.size)
-        bs = self.cfg.train.eval_batch_size
-        nll_out, tok_out, right = [], [], [[] for _ in candidates]
-        for start in range(0, per_rank, bs):
-            chunk = mine[start:start + bs]
-            real = len(chunk)
-            chunk = chunk + [rows[0]] * (min(bs, per_rank - start) - real)
-            nll, toks = self._sequence_nll(chunk)
-            nll_out += nll[:real].tolist()
-            tok_out += toks[:real].tolist()
-            # every distinct response of all candidate lists scored once; each list picks among its own
-            union = sorted({c for cands in candidates for c in cands})
-            if union:
-                scored = [Example(ex.prompt, c) for ex in chunk for c in union]
-                cn, _ = self._sequence_nll(scored)
-                cn = cn.view(len(chunk), len(union))
-                for j, cands in enumerate(candidates):
-                    cols = [union.index(c) for c in cands]
-                    best = cn[:, cols].argmin(-1)
-                    right[j] += [float(cands[int(best[i])] == chunk[i].response) for i in range(real)]
-        return nll_out, tok_out, right
+    # ------------------------------------------------------------------ scoring (evaluation.py)
 
     def score_rows(self, rows: list[Example], active, scales: dict | None = None,
                    candidates: list[str] | None = None):
-        """Per-row scores of `rows` in row order, on every rank of the client (a fusion.RowScores)."""
-        from .fusion import RowScores
-
-        self._set_scales(active, scales)
-        nll, toks, right = self._score_mine(rows, [candidates] if candidates else [])
-        parts = self.comm.allgather((nll, toks, right[0] if right else None))
-        n = len(rows)
-        out_nll, out_tok, out_right = np.zeros(n), np.zeros(n), np.zeros(n)
-        for r, (a, b, c) in enumerate(parts):
-            idx = list(range(r, n, self.size))
-            out_nll[idx], out_tok[idx] = a, b
-            if c is not None:
-                out_right[idx] = c
-        return RowScores(out_nll, out_tok, out_right if candidates else None)
+        """Per-row scores of `rows` in row order, on every rank of the client (evaluation.score_rows)."""
+        return evaluation.score_rows(self, rows, active, scales, candidates)
 
     def evaluate(self, rows: list[Example], active, scales: dict | None = None,
                  candidates: list[str] | None = None, candidates_all: list[str] | None = None) -> dict:
-        """Loss, perplexity and (with candidates) accuracy on `rows`, over all the client's ranks;
-        with eval.generate also exact_match and rouge_l of greedy answers (generation.py).
-
-        Accuracy scores every candidate response by its summed log-likelihood and takes the best;
-        a row is right when that is its own response. `accuracy` picks among `candidates` (the
-        client's own label set), `accuracy_all` among `candidates_all` (every client's labels)."""
-        self._set_scales(active, scales)
-        lists = [c for c in (candidates, candidates_all) if c]
-        nll, toks, right = self._score_mine(rows, lists)
-        sums = self.comm.allreduce(np.array([sum(nll), sum(toks), len(nll)] + [sum(r) for r in right], dtype=np.float64))
-        nll_sum, tok_sum, n = sums[:3]
-        loss = nll_sum / max(tok_sum, 1.0)
-        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rows": int(n)}
-        names = [k for k, c in (("accuracy", candidates), ("accuracy_all", candidates_all)) if c]
-        for k, total in zip(names, sums[3:]):
-            out[k] = total / max(n, 1.0)
-        if self.cfg.eval.generate:
-            from .generation import generation_metrics
-
-            out.update(generation_metrics(self, rows))  # the same active adapters and scales
-        return out
+        """Loss, perplexity, accuracy and generation metrics on `rows` (evaluation.evaluate)."""
+        return evaluation.evaluate(self, rows, active, scales, candidates, candidates_all)

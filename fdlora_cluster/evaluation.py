@@ -1,7 +1,16 @@
-"""FedDPA's instance-wise dynamic weighting of the two adapters at test time.
+"""Scoring on a client engine: loss, perplexity and candidate accuracy (`evaluate`), the fusion
+search's per-row scores (`score_rows`), FedDPA's instance-wise weighting (`dynamic_weights`,
+`evaluate_instance_weighted`) and greedy-generation metrics (`generation_metrics`).
 
-Yang et al., "Dual-Personalizing Adapter for Federated Foundation Models" (NeurIPS 2024), as their
-code computes it (Lydia-yang/FedDPA, GlobalModel_generated.py, `get_weight` and `set_local`):
+Every function that runs the model takes `engine`, the slice of a ClientEngine scoring uses:
+`engine.engine` (the DeepSpeed engine, or any module, to call), `model` (the PEFT model), `tok`,
+`cfg`, `device`, `comm` (the client's MPI communicator), `size` and `local_rank`
+(tests/one_rank.py is a one-process one). They are collective over the client's ranks: the rows
+are striped over the ranks by `Stripes`, and every rank runs the same number of forwards, because
+under ZeRO-3 each forward gathers the partitioned parameters collectively.
+
+FedDPA: Yang et al., "Dual-Personalizing Adapter for Federated Foundation Models" (NeurIPS 2024),
+as their code computes it (Lydia-yang/FedDPA, GlobalModel_generated.py, `get_weight` and `set_local`):
 
     for a test row x, with the local (personal) adapter alone active:
         r(x)   = last-layer hidden state of x's prompt at its last token   (or the mean over tokens)
@@ -9,9 +18,7 @@ code computes it (Lydia-yang/FedDPA, GlobalModel_generated.py, `get_weight` and 
         output = base + w_g(x) * global(x) + (1 - w_g(x)) * local(x)         (per LoRA layer)
 
 The pure pieces (`instance_global_weights`, `reference_sample`) are tested against a hand
-computation; `representations` and `evaluate_instance_weighted` run on a ClientEngine and are
-collective over the client's ranks, like `ClientEngine.evaluate`, whose scoring they repeat with
-one weight per row instead of one per call.
+computation; the decoding and the string metrics are generation.py's.
 """
 
 from __future__ import annotations
@@ -22,9 +29,163 @@ import math
 import numpy as np
 import torch
 
-from .data import Example
+from .data import Example, collate
+from .fusion import RowScores
+from .generation import METRICS, cached_forward, exact_match, greedy_decode, prompt_ids, rouge_l
 from .model import set_active
 from .state import GLOBAL, PERSONAL
+
+
+# --------------------------------------------------------------------------- rows over the client's ranks
+
+
+class Stripes:
+    """Rows 0..n-1 striped over the client's ranks: rank r takes rows r, r + size, r + 2 size, ...
+
+    Every rank runs the same number of batches, so every rank runs the same number of forwards: a
+    rank with fewer rows fills its batches up with row 0, whose results it drops."""
+
+    def __init__(self, engine, n: int):
+        self.comm, self.size, self.n = engine.comm, engine.size, n
+        self.mine = list(range(engine.local_rank, n, engine.size))
+        self.per_rank = -(-n // engine.size)  # the most rows any rank has
+
+    def batches(self, batch_size: int):
+        """This rank's rows in batches: (indices, real) per batch, `indices` the batch's row indices,
+        of which the first `real` are this rank's own and the rest row 0, run only to keep step."""
+        for start in range(0, self.per_rank, batch_size):
+            idx = self.mine[start:start + batch_size]
+            real = len(idx)
+            yield idx + [0] * (min(batch_size, self.per_rank - start) - real), real
+
+    def gather(self, values: list) -> list:
+        """One value per row, in row order, on every rank, from each rank's values of its own rows
+        (in the order of `mine`, as `batches` gives them)."""
+        out = [None] * self.n
+        for r, theirs in enumerate(self.comm.allgather(values)):
+            out[r::self.size] = theirs
+        return out
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def sequence_nll(engine, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed NLL of the response tokens, and their token counts (one forward)."""
+    batch = collate(engine.tok, rows, engine.cfg.train.max_seq_len)
+    batch = {k: v.to(engine.device) for k, v in batch.items()}
+    logits = engine.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logp = torch.log_softmax(logits, dim=-1)
+    tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return tok_nll.sum(-1).cpu(), mask.sum(-1).cpu()
+
+
+@torch.no_grad()
+def scored_batches(engine, rows: list[Example], stripes: Stripes, candidate_lists: list[list[str]], weigh=None):
+    """This rank's rows scored batch by batch, with the adapters now active: per batch (indices,
+    nll, tokens, right) for its real rows, `nll` and `tokens` as `sequence_nll` gives them and
+    `right` one list per candidate list, 1.0 where the row's best-scored candidate is its own
+    response. Every distinct response of all the lists is scored once per row, and each list
+    picks among its own. `weigh(indices, repeat)` is called before each forward whose batch is
+    each of those rows `repeat` times in a row (FedDPA sets its per-row weights there)."""
+    engine.engine.eval()
+    union = sorted({c for cands in candidate_lists for c in cands})
+    columns = [[union.index(c) for c in cands] for cands in candidate_lists]
+    for idx, real in stripes.batches(engine.cfg.train.eval_batch_size):
+        chunk = [rows[i] for i in idx]
+        if weigh is not None:
+            weigh(idx, 1)
+        nll, toks = sequence_nll(engine, chunk)
+        right = []
+        if union:
+            if weigh is not None:
+                weigh(idx, len(union))
+            cn, _ = sequence_nll(engine, [Example(ex.prompt, c) for ex in chunk for c in union])
+            cn = cn.view(len(chunk), len(union))
+            for cands, cols in zip(candidate_lists, columns):
+                best = cn[:, cols].argmin(-1)
+                right.append([float(cands[int(best[i])] == chunk[i].response) for i in range(real)])
+        yield idx[:real], nll[:real], toks[:real], right
+
+
+def score_rows(engine, rows: list[Example], active, scales: dict | None = None,
+               candidates: list[str] | None = None) -> RowScores:
+    """Per-row scores of `rows` in row order, on every rank of the client, with `active` adapters
+    scaled by `scales` (model.set_active: per adapter or per module): the fusion search's objective."""
+    set_active(engine.model, active, scales)
+    stripes = Stripes(engine, len(rows))
+    mine = []
+    for idx, nll, toks, right in scored_batches(engine, rows, stripes, [candidates] if candidates else []):
+        mine += zip(nll.tolist(), toks.tolist(), right[0] if right else [0.0] * len(idx))
+    every = np.array(stripes.gather(mine), dtype=np.float64).reshape(len(rows), 3)
+    return RowScores(every[:, 0], every[:, 1], every[:, 2] if candidates else None)
+
+
+def evaluate(engine, rows: list[Example], active, scales: dict | None = None,
+             candidates: list[str] | None = None, candidates_all: list[str] | None = None) -> dict:
+    """Loss, perplexity and (with candidates) accuracy on `rows`, over all the client's ranks, with
+    `active` adapters scaled by `scales`; with eval.generate also exact_match and rouge_l of greedy
+    answers (`generation_metrics`). The same dict on every rank.
+
+    Accuracy scores every candidate response by its summed log-likelihood and takes the best;
+    a row is right when that is its own response. `accuracy` picks among `candidates` (the
+    client's own label set), `accuracy_all` among `candidates_all` (every client's labels)."""
+    set_active(engine.model, active, scales)
+    lists = [c for c in (candidates, candidates_all) if c]
+    nll, toks, right = [], [], [[] for _ in lists]
+    for _, n, t, r in scored_batches(engine, rows, Stripes(engine, len(rows)), lists):
+        nll += n.tolist()
+        toks += t.tolist()
+        for j, rj in enumerate(r):
+            right[j] += rj
+    sums = engine.comm.allreduce(np.array([sum(nll), sum(toks), len(nll)] + [sum(r) for r in right], dtype=np.float64))
+    nll_sum, tok_sum, n = sums[:3]
+    loss = nll_sum / max(tok_sum, 1.0)
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rows": int(n)}
+    names = [k for k, c in (("accuracy", candidates), ("accuracy_all", candidates_all)) if c]
+    for k, total in zip(names, sums[3:]):
+        out[k] = total / max(n, 1.0)
+    if engine.cfg.eval.generate:
+        out.update(generation_metrics(engine, rows))  # the same active adapters and scales
+    return out
+
+
+def generation_metrics(engine, rows: list[Example], before_batch=None) -> dict:
+    """exact_match and rouge_l (the means over rows of eval.metrics) of greedy answers to `rows`'
+    prompts with the adapters now active, over all the client's ranks; the same dict on every rank.
+
+    `eval.generate_rows` rows at most (the first ones), striped over the ranks as `evaluate` does.
+    `before_batch(indices)` is called with the batch's row indices before it is decoded (FedDPA
+    sets its per-row weights there)."""
+    ev, tr = engine.cfg.eval, engine.cfg.train
+    rows = rows[: ev.generate_rows] if ev.generate_rows else rows
+    engine.engine.eval()
+    forward = cached_forward(engine.engine, engine.model)
+
+    def keep_going(unfinished: bool) -> bool:  # every rank steps while any rank of the client has a row left
+        return engine.comm.allreduce(int(unfinished)) > 0
+
+    sums = np.zeros(len(METRICS) + 1)
+    for idx, real in Stripes(engine, len(rows)).batches(tr.eval_batch_size):
+        if before_batch is not None:
+            before_batch(idx)
+        gen = greedy_decode(forward, [prompt_ids(engine.tok, rows[i], tr.max_seq_len) for i in idx],
+                            ev.max_new_tokens, engine.tok.eos_id, engine.tok.pad_id, engine.device, keep_going)
+        for i, g in zip(idx[:real], gen[:real]):
+            text = engine.tok.decode(g)
+            sums += [exact_match(text, rows[i].response), rouge_l(text, rows[i].response), 1.0]
+    sums = engine.comm.allreduce(sums)
+    n = max(float(sums[-1]), 1.0)
+    out = {m: float(s) / n for m, s in zip(METRICS, sums) if m in ev.metrics}
+    out["generated_rows"] = int(sums[-1])
+    return out
+
+
+# --------------------------------------------------------------------------- FedDPA's instance-wise weighting
 
 
 def reference_sample(num_train: int, num_test: int, k: int, seed: int, client: int) -> np.ndarray:
@@ -67,29 +228,19 @@ def representations(engine, rows: list[Example], adapter: str = PERSONAL, how: s
     every rank of the client (each rank embeds its share; the shares are all-gathered over MPI)."""
     set_active(engine.model, adapter)
     engine.engine.eval()
-    size, me = engine.size, engine.local_rank
-    mine = list(range(me, len(rows), size))
-    per_rank = -(-len(rows) // size)
-    bs = engine.cfg.train.eval_batch_size
-    out: list[np.ndarray] = []
-    for start in range(0, per_rank, bs):
-        chunk = mine[start:start + bs]
-        real = len(chunk)
-        # every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)
-        chunk = chunk + [0] * (min(bs, per_rank - start) - real)
-        ids, mask = _prompt_batch(engine.tok, [rows[i].prompt for i in chunk], engine.cfg.train.max_seq_len)
+    stripes = Stripes(engine, len(rows))
+    mine: list[np.ndarray] = []
+    for idx, real in stripes.batches(engine.cfg.train.eval_batch_size):
+        ids, mask = _prompt_batch(engine.tok, [rows[i].prompt for i in idx], engine.cfg.train.max_seq_len)
         hidden = engine.engine(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
                                output_hidden_states=True).hidden_states[-1].float().cpu()
         if how == "last":  # right padding: the last real token is at length - 1
-            rep = hidden[torch.arange(len(chunk)), mask.sum(-1) - 1]
+            rep = hidden[torch.arange(len(idx)), mask.sum(-1) - 1]
         else:  # mean over real tokens (the authors' "avg" also averages pads; we leave them out)
             rep = (hidden * mask[..., None]).sum(1) / mask.sum(-1, keepdim=True)
-        out.extend(rep[:real].numpy())
-    gathered = [(i, v) for idx, vecs in engine.comm.allgather((mine, out)) for i, v in zip(idx, vecs)]
-    reps = torch.zeros(len(rows), len(gathered[0][1]) if gathered else 0)
-    for i, v in gathered:
-        reps[i] = torch.as_tensor(v)
-    return reps
+        mine.extend(rep[:real].numpy())
+    every = stripes.gather(mine)
+    return torch.stack([torch.as_tensor(v) for v in every]) if every else torch.zeros(0, 0)
 
 
 @contextlib.contextmanager
@@ -117,46 +268,33 @@ def row_weighted_branches(model, weights: dict[str, list]):
 def evaluate_instance_weighted(engine, rows: list[Example], w_global: torch.Tensor,
                                candidates: list[str] | None = None, generate: bool = True) -> dict:
     """Loss, perplexity and (with candidates) accuracy on `rows` with both adapters active, row i
-    weighted w_global[i] * global + (1 - w_global[i]) * personal. Same scoring, striping and
-    padding across the client's ranks as ClientEngine.evaluate; with eval.generate (and `generate`)
-    also its exact_match and rouge_l, each row decoded under its own weights."""
+    weighted w_global[i] * global + (1 - w_global[i]) * personal. The same scoring as `evaluate`;
+    with eval.generate (and `generate`) also its exact_match and rouge_l, each row decoded under
+    its own weights."""
     set_active(engine.model, [PERSONAL, GLOBAL])  # plain alpha / r scaling; the row weights come on top
-    engine.engine.eval()
-    size, me = engine.size, engine.local_rank
-    mine = list(range(me, len(rows), size))
-    per_rank = -(-len(rows) // size)
-    bs = engine.cfg.train.eval_batch_size
     cands = candidates or []
     current = {GLOBAL: [None], PERSONAL: [None]}
+
+    def weigh(idx, repeat: int = 1):  # the batch's rows, each `repeat` times in a row, keep their weights
+        w = w_global[idx].float()
+        if repeat > 1:
+            w = w.repeat_interleave(repeat)
+        current[GLOBAL][0], current[PERSONAL][0] = w, 1.0 - w
+
+    # Sums per batch in float32, where `evaluate` sums the rows in float64: kept as it was, so the
+    # recorded metrics stay bit-identical; making the two agree is a change of the numbers.
     nll_sum = tok_sum = correct = n = 0.0
     gen = {}
     with row_weighted_branches(engine.model, current):
-        for start in range(0, per_rank, bs):
-            idx = mine[start:start + bs]
-            real = len(idx)
-            idx = idx + [0] * (min(bs, per_rank - start) - real)
-            chunk = [rows[i] for i in idx]
-            w = w_global[idx].float()
-            current[GLOBAL][0], current[PERSONAL][0] = w, 1.0 - w
-            nll, toks = engine._sequence_nll(chunk)
-            nll_sum += float(nll[:real].sum())
-            tok_sum += float(toks[:real].sum())
-            n += real
-            if cands:
-                scored = [Example(ex.prompt, c) for ex in chunk for c in cands]
-                wc = w.repeat_interleave(len(cands))
-                current[GLOBAL][0], current[PERSONAL][0] = wc, 1.0 - wc
-                cn, _ = engine._sequence_nll(scored)
-                best = cn.view(len(chunk), len(cands)).argmin(-1)
-                correct += sum(1 for i in range(real) if cands[int(best[i])] == chunk[i].response)
+        for idx, nll, toks, right in scored_batches(engine, rows, Stripes(engine, len(rows)), [cands] if cands else [],
+                                                    weigh):
+            nll_sum += float(nll.sum())
+            tok_sum += float(toks.sum())
+            n += len(idx)
+            if right:
+                correct += sum(right[0])
         if generate and engine.cfg.eval.generate:
-            from .generation import generation_metrics
-
-            def set_row_weights(idx):  # the batch's rows keep their weights at every decoding step
-                w = w_global[idx].float()
-                current[GLOBAL][0], current[PERSONAL][0] = w, 1.0 - w
-
-            gen = generation_metrics(engine, rows, before_batch=set_row_weights)
+            gen = generation_metrics(engine, rows, before_batch=weigh)
     nll_sum, tok_sum, correct, n = engine.comm.allreduce(np.array([nll_sum, tok_sum, correct, n]))
     loss = nll_sum / max(tok_sum, 1.0)
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rows": int(n)}

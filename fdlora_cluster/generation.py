@@ -2,8 +2,8 @@
 scored against the row's response by exact match and ROUGE-L F1 (eval.generate; docs/DATA.md).
 
 The metrics are pure functions on strings (tested against hand-computed values); `greedy_decode`
-runs any causal LM given as a forward callable; `generation_metrics` runs it on a ClientEngine and
-is collective over the client's ranks, like `ClientEngine.evaluate`.
+runs any causal LM given as a forward callable. evaluation.generation_metrics runs it on a client
+engine, collective over the client's ranks like the rest of the scoring.
 
 Why our own greedy loop and not `model.generate`: under ZeRO-3 every forward gathers partitioned
 parameters collectively, so every rank of the client must run the same number of forwards. Here
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
 import torch
 
 from .data import Example
@@ -124,45 +123,4 @@ def greedy_decode(forward, prompts: list[list[int]], max_new_tokens: int, eos_id
         step_ids = nxt.view(n, 1).to(device)
         step_pos = step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
-    return out
-
-
-# --------------------------------------------------------------------------- on a client engine
-
-
-def generation_metrics(engine, rows: list[Example], before_batch=None) -> dict:
-    """exact_match and rouge_l (the means over rows of eval.metrics) of greedy answers to `rows`'
-    prompts with the adapters now active, over all the client's ranks; the same dict on every rank.
-
-    Rows are striped over the ranks as in ClientEngine.evaluate (rank r takes every size-th row),
-    `eval.generate_rows` of them at most (the first ones). `before_batch(indices)` is called with
-    the batch's row indices before it is decoded (FedDPA sets its per-row weights there)."""
-    ev, tr = engine.cfg.eval, engine.cfg.train
-    rows = rows[: ev.generate_rows] if ev.generate_rows else rows
-    engine.engine.eval()
-    size, me, bs = engine.size, engine.local_rank, tr.eval_batch_size
-    mine = list(range(me, len(rows), size))
-    per_rank = -(-len(rows) // size)
-
-    forward = cached_forward(engine.engine, engine.model)
-
-    def keep_going(unfinished: bool) -> bool:  # every rank steps while any rank of the client has a row left
-        return engine.comm.allreduce(int(unfinished)) > 0
-
-    sums = np.zeros(len(METRICS) + 1)
-    for start in range(0, per_rank, bs):
-        idx = mine[start:start + bs]
-        real = len(idx)
-        idx = idx + [0] * (min(bs, per_rank - start) - real)  # a repeat row it drops, as evaluate does
-        if before_batch is not None:
-            before_batch(idx)
-        gen = greedy_decode(forward, [prompt_ids(engine.tok, rows[i], tr.max_seq_len) for i in idx],
-                            ev.max_new_tokens, engine.tok.eos_id, engine.tok.pad_id, engine.device, keep_going)
-        for i, g in zip(idx[:real], gen[:real]):
-            text = engine.tok.decode(g)
-            sums += [exact_match(text, rows[i].response), rouge_l(text, rows[i].response), 1.0]
-    sums = engine.comm.allreduce(sums)
-    n = max(float(sums[-1]), 1.0)
-    out = {m: float(s) / n for m, s in zip(METRICS, sums) if m in ev.metrics}
-    out["generated_rows"] = int(sums[-1])
     return out

@@ -111,16 +111,23 @@ def adapter_scaling(model, name: str) -> float:
     raise KeyError(name)
 
 
-def set_active(model, names, scales: dict[str, float] | None = None) -> None:
+def set_active(model, names, scales: dict[str, float | dict[str, float]] | None = None) -> None:
     """Make `names` the active adapters (one, or several summed) without touching requires_grad.
 
-    `scales` multiplies each adapter's contribution (used by the fusion search)."""
+    `scales` multiplies an adapter's contribution (alpha / r) on top: by one number for the whole
+    adapter, or by {module name: number} per LoRA-wrapped module (the fusion search's per-layer and
+    per-module weights; module names as `model.named_modules()` gives them, which is also how
+    fusion.modules_of names an adapter state's modules). An adapter or module left out is scaled 1.
+    Every adapter's scaling is set, active or not, so no scaling of an earlier call survives."""
     names = [names] if isinstance(names, str) else list(names)
-    for _, mod in _lora_layers(model):
+    scales = scales or {}
+    for mod_name, mod in _lora_layers(model):
         mod._active_adapter = names
         for n in mod.lora_A:
-            base = mod.lora_alpha[n] / mod.r[n]
-            mod.scaling[n] = base * (scales.get(n, 1.0) if scales else 1.0)
+            s = scales.get(n, 1.0)
+            if isinstance(s, dict):
+                s = s.get(mod_name, 1.0)
+            mod.scaling[n] = mod.lora_alpha[n] / mod.r[n] * float(s)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ from conftest import CONFIGS
 class OneRank:
     """The slice of a ClientEngine that evaluation.py and generation.py use, on one process: the
     demo's tiny base with both adapters (random non-zero B, `scale` * N(0, 1) from `seed`, so both
-    adapters change the output, differently), the engine's own scoring code
-    (ClientEngine._sequence_nll / evaluate / _set_scales / _score_mine), a one-rank 'comm'."""
+    adapters change the output, differently), the engine's own scoring methods (ClientEngine.evaluate
+    and score_rows, which call evaluation.py with the engine), a one-rank 'comm'."""
 
     def __init__(self, seed: int, scale: float, overrides: list[str] | None = None):
         from fdlora_cluster.data import get_tokenizer, load_clients
@@ -34,5 +34,5 @@ class OneRank:
         self.size, self.local_rank = 1, 0
         self.comm = types.SimpleNamespace(allreduce=lambda x: x, allgather=lambda x: [x])
         self.data = load_clients(self.cfg.data, 2, self.cfg.seed)[0]
-        for name in ("_sequence_nll", "evaluate", "_set_scales", "_score_mine"):
+        for name in ("evaluate", "score_rows"):
             setattr(self, name, types.MethodType(getattr(ClientEngine, name), self))

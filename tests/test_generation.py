@@ -228,7 +228,7 @@ def single_process_scores(cfg, run_dir, client: int, adapter: str) -> dict:
     from peft import PeftModel
 
     from fdlora_cluster.data import get_tokenizer, load_clients
-    from fdlora_cluster.generation import generation_metrics
+    from fdlora_cluster.evaluation import generation_metrics
     from fdlora_cluster.model import build_base
 
     tok = get_tokenizer(None)

@@ -53,3 +53,26 @@ def test_adapters_are_distinct_and_scales_add_up():
     pk = set(adapter_params(model, PERSONAL))
     assert pk == set(adapter_params(model, GLOBAL))  # same PEFT keys, different tensors
     assert all(a is not b for a, b in zip(adapter_params(model, PERSONAL).values(), adapter_params(model, GLOBAL).values()))
+
+
+def test_per_module_scales_scale_each_module_and_default_to_one():
+    from fdlora_cluster.fusion import modules_of
+    from fdlora_cluster.model import _lora_layers
+
+    model, ids = model_and_batch()
+    modules = modules_of(adapter_params(model, PERSONAL))
+    half = modules[: len(modules) // 2]
+    set_active(model, [PERSONAL, GLOBAL], {PERSONAL: {m: 0.5 for m in half}, GLOBAL: 2.0})
+    for name, mod in _lora_layers(model):
+        base = mod.lora_alpha[PERSONAL] / mod.r[PERSONAL]
+        assert mod.scaling[PERSONAL] == base * (0.5 if name in half else 1.0)
+        assert mod.scaling[GLOBAL] == mod.lora_alpha[GLOBAL] / mod.r[GLOBAL] * 2.0
+    # every module given the same number is the adapter-wide number
+    with torch.no_grad():
+        set_active(model, [PERSONAL, GLOBAL], {PERSONAL: {m: 0.3 for m in modules}, GLOBAL: {m: 0.7 for m in modules}})
+        per_module = model(input_ids=ids).logits
+        set_active(model, [PERSONAL, GLOBAL], {PERSONAL: 0.3, GLOBAL: 0.7})
+        whole = model(input_ids=ids).logits
+    assert torch.equal(per_module, whole)
+    set_active(model, PERSONAL)  # a later call without scales leaves none behind
+    assert all(mod.scaling[a] == mod.lora_alpha[a] / mod.r[a] for _, mod in _lora_layers(model) for a in (PERSONAL, GLOBAL))

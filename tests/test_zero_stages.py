@@ -45,7 +45,7 @@ def round_records(run_dir):
 @pytest.mark.parametrize("stage", [1, 3])
 def test_the_saved_adapters_and_rounds_match_zero_2(stage_runs, stage):
     """Float tolerance, not bit equality: ZeRO-3 sums and partitions in another order. Measured with
-    ZeRO-3's stale gradient partitions cleared (engine._clear_gradient_partitions): the rounds' update
+    ZeRO-3's stale gradient partitions cleared (zero_phases.clear_gradient_partitions): the rounds' update
     norms 6e-7 apart, every saved tensor within 4e-5 of ZeRO-2's in relative norm. Adam magnifies the
     noise on single elements whose gradient is near zero (one lora_B element 1.8e-5 apart), hence a
     norm per tensor rather than an elementwise bound. Before that fix the first global round's
