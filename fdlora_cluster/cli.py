@@ -20,8 +20,7 @@ import time
 import traceback
 import warnings
 
-from .config import ConfigError, load_config
-from .deepspeed_config import deepspeed_dict
+from .config import ConfigError, check_environment, deepspeed_dict, load_config
 from .topology import RankPlan, TopologyError
 
 
@@ -57,23 +56,30 @@ def _load(args):
     return load_config(args.config, overrides)
 
 
-def _load_or_report(args):
-    """The config, or None after printing why it cannot be used (single-process commands)."""
+def _load_or_report(args, environment: bool = True):
+    """The config, or None after printing why it cannot be used (single-process commands). With
+    `environment`, also what this Python lacks for it (config.check_environment)."""
     try:
-        return _load(args)
+        cfg = _load(args)
+        if environment:
+            check_environment(cfg, args.config)
+        return cfg
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return None
 
 
 def cmd_check(args) -> int:
+    if args.world_size:  # for the launch scripts (launch/common.sh): the number alone, from the config alone
+        cfg = _load_or_report(args, environment=False)
+        if cfg is None:
+            return 2
+        print(RankPlan(tuple(cfg.client_sizes())).world_size)
+        return 0
     cfg = _load_or_report(args)
     if cfg is None:
         return 2
     plan = RankPlan(tuple(cfg.client_sizes()))
-    if args.world_size:  # for the launch scripts (launch/common.sh): the number alone
-        print(plan.world_size)
-        return 0
     print(f"config {args.config}: OK")
     print(f"strategy {cfg.strategy}, {cfg.train.rounds} rounds, seed {cfg.seed}, output {cfg.output_dir}")
     print(plan.describe())
@@ -155,16 +161,13 @@ def cmd_run(args) -> int:
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
-    try:
-        cfg, error = _load(args), None
-    except ConfigError as e:
-        cfg, error = None, str(e)
-    # Every rank loaded the config; agree on the outcome so that no rank waits on a failed one.
+    cfg, error = _before_start(args, rank)
+    # Every rank checked the config; agree on the outcome so that no rank waits on a failed one.
     errors = world.allgather(error)
     if any(errors):
         if rank == 0:
             for e in dict.fromkeys(x for x in errors if x):
-                print(f"config error: {e}", file=sys.stderr)
+                print(e, file=sys.stderr)
         return 2
     from .log import capture_output, console_err
 
@@ -202,6 +205,20 @@ def cmd_run(args) -> int:
             world.Abort(1)
         return 1
     return 0
+
+
+def _before_start(args, rank: int):
+    """(config, None), or (None, the error) when this rank cannot start: the config, and what this
+    rank's role needs installed (the server's trackers; a client's transformers, nevergrad,
+    datasets: config.check_environment). Rank 0 is the server (topology.RankPlan)."""
+    try:
+        cfg = _load(args)
+        check_environment(cfg, args.config, roles=("server",) if rank == 0 else ("client",))
+        return cfg, None
+    except ConfigError as e:
+        return None, f"config error: {e}"
+    except Exception as e:  # a bug: still answer the allgather, so that no rank waits on this one
+        return None, f"[rank {rank}] error: {type(e).__name__}: {e}\n{traceback.format_exc()}"
 
 
 def _user_errors() -> tuple[type, ...]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .deepspeed_config import deepspeed_dict
+from .config import deepspeed_dict
 from .data import ClientData, Example, collate, encode_example, pad_batch
 from .log import FILE_ONLY, get_logger
 from .model import GLOBAL, PERSONAL, adapter_params, read_adapter, set_active, write_adapter
