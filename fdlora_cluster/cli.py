@@ -69,6 +69,34 @@ def _load_or_report(args, environment: bool = True):
         return None
 
 
+def check_data(cfg) -> list:
+    """Every client's rows, read and split as the ranks will read them (data.load_clients), and
+    every response checked against train.max_seq_len: in this one process, before any rank starts,
+    so that a bad line is said once, in seconds, and not by every rank of a started job."""
+    from .data import check_responses_fit, get_tokenizer, load_clients
+
+    clients = load_clients(cfg.data, len(cfg.client_sizes()), cfg.seed, announce=False)
+    tok = get_tokenizer(cfg.model.path)
+    for data in clients:
+        check_responses_fit(tok, data, cfg.train.max_seq_len)
+    return clients
+
+
+def _load_and_check_data(args):
+    """The config whose environment and data are usable, or None after printing why not."""
+    from .data import DataError
+
+    cfg = _load_or_report(args)
+    if cfg is None:
+        return None
+    try:
+        check_data(cfg)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return None
+    return cfg
+
+
 def cmd_check(args) -> int:
     if args.world_size:  # for the launch scripts (launch/common.sh): the number alone, from the config alone
         cfg = _load_or_report(args, environment=False)
@@ -76,7 +104,7 @@ def cmd_check(args) -> int:
             return 2
         print(RankPlan(tuple(cfg.client_sizes())).world_size)
         return 0
-    cfg = _load_or_report(args)
+    cfg = _load_and_check_data(args)
     if cfg is None:
         return 2
     plan = RankPlan(tuple(cfg.client_sizes()))
@@ -162,7 +190,8 @@ def cmd_run(args) -> int:
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     cfg, error = _before_start(args, rank)
-    # Every rank checked the config; agree on the outcome so that no rank waits on a failed one.
+    # Every rank checked the config and its data; agree on the outcome so that no rank waits on a
+    # failed one, and say each error once (every client rank reads the same files).
     errors = world.allgather(error)
     if any(errors):
         if rank == 0:
@@ -208,15 +237,26 @@ def cmd_run(args) -> int:
 
 
 def _before_start(args, rank: int):
-    """(config, None), or (None, the error) when this rank cannot start: the config, and what this
-    rank's role needs installed (the server's trackers; a client's transformers, nevergrad,
-    datasets: config.check_environment). Rank 0 is the server (topology.RankPlan)."""
+    """(config, None), or (None, the error) when this rank cannot start: the config; on a client
+    rank its data, read now for the trainer (data.preload_clients), and its client's responses
+    against train.max_seq_len; what this rank's role needs installed (the server's trackers; a
+    client's transformers, nevergrad, datasets: config.check_environment; last, as it imports
+    them). Rank 0 is the server (topology.RankPlan)."""
+    from .data import DataError, check_responses_fit, get_tokenizer, preload_clients
+
     try:
         cfg = _load(args)
+        if rank != 0:
+            clients = preload_clients(cfg.data, len(cfg.client_sizes()), cfg.seed)
+            client = RankPlan(tuple(cfg.client_sizes())).client_of(rank)
+            if client is not None:  # None: a world larger than the config, which train.run refuses
+                check_responses_fit(get_tokenizer(cfg.model.path), clients[client], cfg.train.max_seq_len)
         check_environment(cfg, args.config, roles=("server",) if rank == 0 else ("client",))
         return cfg, None
     except ConfigError as e:
         return None, f"config error: {e}"
+    except DataError as e:
+        return None, f"data error: {e}"
     except Exception as e:  # a bug: still answer the allgather, so that no rank waits on this one
         return None, f"[rank {rank}] error: {type(e).__name__}: {e}\n{traceback.format_exc()}"
 
@@ -246,7 +286,7 @@ def find_mpiexec(explicit: str | None = None) -> str:
 
 def cmd_launch(args) -> int:
     """All ranks of the config's topology on this machine, through the environment's mpiexec."""
-    cfg = _load_or_report(args)
+    cfg = _load_and_check_data(args)  # a config or data error: said once, before the ranks start
     if cfg is None:
         return 2
     n = cfg.world_size()

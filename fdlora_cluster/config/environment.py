@@ -46,7 +46,8 @@ def _fusion_optimizer(cfg) -> list[str]:
 
     if cfg.fusion.optimizer in ng.optimizers.registry:
         return []
-    return [f"fusion.optimizer = {cfg.fusion.optimizer!r} is not a nevergrad optimizer; e.g. NGOpt, Shiwa, CMA, OnePlusOne"]
+    return [f"fusion.optimizer = {cfg.fusion.optimizer!r} is not a nevergrad optimizer; "
+            "e.g. NGOpt, Shiwa, CMA, OnePlusOne"]
 
 
 def _datasets(cfg) -> list[str]:

@@ -21,7 +21,7 @@ from .errors import config_error, describe, require
 from .loading import apply_override, read_yaml
 from .sections import (CheckpointConfig, ClientOverride, DataConfig, DittoConfig, EvalConfig, FedDPAConfig,
                        FederationConfig, FusionConfig, GlobalConfig, LogConfig, LoraConfig, ModelConfig, OuterConfig,
-                       PersonalConfig, Section, TopologyConfig, TrainConfig, _section, resolve_outer)
+                       PersonalConfig, Section, TopologyConfig, TrainConfig, resolve_outer, section)
 
 
 class Config(Section):
@@ -32,9 +32,9 @@ class Config(Section):
     """Seeds the base init, adapters, data splits and every per-client, per-round stream."""
     output_dir: str = "runs/demo"
     """Run directory (config.yaml, metrics.jsonl, summary.json, adapters/, logs/)."""
-    model: ModelConfig = _section()
-    lora: LoraConfig = _section()
-    topology: TopologyConfig = _section()
+    model: ModelConfig = section()
+    lora: LoraConfig = section()
+    topology: TopologyConfig = section()
     deepspeed: Union[dict, str] = Field(default_factory=dict)
     """DeepSpeed config dict, or the path of a DeepSpeed JSON file, passed through. Batch sizes
     and the optimizer (and its lr) are filled in from `train` unless given here; what is given
@@ -42,23 +42,23 @@ class Config(Section):
     frozen by lr 0 in its parameter group, which a scheduler would overwrite."""
     client_overrides: dict[int, ClientOverride] = Field(default_factory=dict)
     """Per-client settings keyed by client id (0-based)."""
-    train: TrainConfig = _section()
-    outer: OuterConfig = _section()
-    global_: GlobalConfig = _section(alias="global")
-    personal: PersonalConfig = _section()
-    federation: FederationConfig = _section()
+    train: TrainConfig = section()
+    outer: OuterConfig = section()
+    global_: GlobalConfig = section(alias="global")
+    personal: PersonalConfig = section()
+    federation: FederationConfig = section()
     """What the server accepts: checks on every update (docs/RELIABILITY.md)."""
-    fusion: FusionConfig = _section()
+    fusion: FusionConfig = section()
     fedprox_mu: float = Field(0.01, ge=0)
     """Proximal weight mu for `fedprox`."""
-    feddpa: FedDPAConfig = _section()
+    feddpa: FedDPAConfig = section()
     """Settings of strategy `feddpa`."""
-    ditto: DittoConfig = _section()
+    ditto: DittoConfig = section()
     """Settings of strategy `ditto`."""
-    data: DataConfig = _section()
-    eval: EvalConfig = _section()
-    log: LogConfig = _section()
-    checkpoint: CheckpointConfig = _section()
+    data: DataConfig = section()
+    eval: EvalConfig = section()
+    log: LogConfig = section()
+    checkpoint: CheckpointConfig = section()
 
     @field_validator("strategy")
     @classmethod

@@ -25,7 +25,7 @@ def _why(text: str) -> dict:
     return {"why": text}
 
 
-def _section(**kw):
+def section(**kw):
     """A section left out is validated as an empty one (`model:` and `topology:` then say what they need)."""
     return Field(default_factory=dict, validate_default=True, **kw)
 
@@ -98,9 +98,9 @@ class AdapterConfig(Section):
 
 
 class LoraConfig(Section):
-    personal: AdapterConfig = _section()
+    personal: AdapterConfig = section()
     """The client's own adapter; it never leaves the client."""
-    global_: AdapterConfig = _section(alias="global")
+    global_: AdapterConfig = section(alias="global")
     """The adapter synchronised through the server (YAML key `global`)."""
 
 
