@@ -83,40 +83,46 @@ def check_data(cfg) -> list:
 
 
 def _load_and_check_data(args):
-    """The config whose environment and data are usable, or None after printing why not."""
+    """(config, its clients' data) when the config, its environment and the data are usable, else
+    (None, None) after printing why not."""
     from .data import DataError
 
     cfg = _load_or_report(args)
     if cfg is None:
-        return None
+        return None, None
     try:
-        check_data(cfg)
+        return cfg, check_data(cfg)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
-        return None
-    return cfg
+        return None, None
 
 
 def cmd_check(args) -> int:
+    from .data import describe_clients
+
     if args.world_size:  # for the launch scripts (launch/common.sh): the number alone, from the config alone
         cfg = _load_or_report(args, environment=False)
         if cfg is None:
             return 2
         print(RankPlan(tuple(cfg.client_sizes())).world_size)
         return 0
-    cfg = _load_and_check_data(args)
+    cfg, clients = _load_and_check_data(args)
     if cfg is None:
         return 2
     plan = RankPlan(tuple(cfg.client_sizes()))
     print(f"config {args.config}: OK")
     print(f"strategy {cfg.strategy}, {cfg.train.rounds} rounds, seed {cfg.seed}, output {cfg.output_dir}")
     print(plan.describe())
-    print(f"{'client':<8}{'ranks':<12}{'leader':<8}{'ZeRO':<6}{'micro':<7}{'K':<4}{'lr':<8}")
+    if any(d.name is not None for d in clients):
+        print(f"data: client names -> indices: {describe_clients(clients)}")
+    print(f"{'client':<8}{'ranks':<12}{'leader':<8}{'ZeRO':<6}{'micro':<7}{'K':<4}{'lr':<8}"
+          f"rows (train/few-shot/test)")
     for c in range(plan.num_clients):
         ds = deepspeed_dict(cfg, c)
         r = plan.client_ranks(c)
         print(f"{c:<8}{f'{r[0]}-{r[-1]}':<12}{r[0]:<8}{ds['zero_optimization'].get('stage', 0):<6}"
-              f"{ds['train_micro_batch_size_per_gpu']:<7}{cfg.inner_steps(c):<4}{ds['optimizer']['params']['lr']:<8g}")
+              f"{ds['train_micro_batch_size_per_gpu']:<7}{cfg.inner_steps(c):<4}{ds['optimizer']['params']['lr']:<8g}"
+              f"{len(clients[c].train)}/{len(clients[c].fewshot)}/{len(clients[c].test)}")
     print(f"launch with: mpiexec -n {plan.world_size} fdlora-cluster run {args.config}")
     return 0
 
@@ -286,7 +292,7 @@ def find_mpiexec(explicit: str | None = None) -> str:
 
 def cmd_launch(args) -> int:
     """All ranks of the config's topology on this machine, through the environment's mpiexec."""
-    cfg = _load_and_check_data(args)  # a config or data error: said once, before the ranks start
+    cfg, _ = _load_and_check_data(args)  # a config or data error: said once, before the ranks start
     if cfg is None:
         return 2
     n = cfg.world_size()

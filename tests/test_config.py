@@ -297,6 +297,19 @@ def test_check_world_size_prints_the_number_alone(capsys):
     assert out == "" and err.startswith("config error:") and "topology.clients" in err, (out, err)
 
 
+def test_check_reads_every_clients_data_as_the_ranks_will(tmp_path, capsys):
+    """`check` reads the data (data.load_clients) and checks the responses against max_seq_len, so
+    a data error is found before any rank starts; it prints each client's rows."""
+    from fdlora_cluster.cli import main
+
+    assert main(["check", str(CONFIGS / "demo.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "rows (train/few-shot/test)" in out and out.count("74/16/60") == 2, out
+    assert main(["check", str(CONFIGS / "demo.yaml"), "--set", "train.max_seq_len=6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("data error: client 0: a ") and "does not fit train.max_seq_len = 6" in err, err
+
+
 @pytest.mark.parametrize("strategy, want", [
     ("fdlora", ("nesterov", 0.7, 0.9)), ("diloco", ("nesterov", 0.7, 0.9)),
     ("fedavg", ("sgd", 1.0, 0.9)), ("fedprox", ("sgd", 1.0, 0.9)),
