@@ -225,7 +225,7 @@ def test_loading_a_config_imports_no_heavy_package():
     code = ("import sys, fdlora_cluster.config as c; c.load_config(sys.argv[1]); "
             "print(sorted(m for m in ('transformers', 'peft', 'nevergrad', 'deepspeed', 'tensorboardX', 'wandb', "
             "'mlflow', 'datasets', 'mpi4py') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, str(CONFIGS / "fdlora.yaml")], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, str(CONFIGS / "demo.yaml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
 
