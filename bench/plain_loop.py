@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from peft import get_peft_model
 
     from fdlora_cluster.config import load_config
-    from fdlora_cluster.deepspeed_config import deepspeed_dict
+    from fdlora_cluster.config import deepspeed_dict
     from fdlora_cluster.data import collate, get_tokenizer, load_clients
     from fdlora_cluster.model import build_base, lora_config
     from fdlora_cluster.rendezvous import skip_deepspeed_shm_op

@@ -20,8 +20,7 @@ import time
 import traceback
 import warnings
 
-from .config import ConfigError, load_config
-from .deepspeed_config import deepspeed_dict
+from .config import ConfigError, check_environment, deepspeed_dict, load_config
 from .topology import RankPlan, TopologyError
 
 
@@ -57,32 +56,73 @@ def _load(args):
     return load_config(args.config, overrides)
 
 
-def _load_or_report(args):
-    """The config, or None after printing why it cannot be used (single-process commands)."""
+def _load_or_report(args, environment: bool = True):
+    """The config, or None after printing why it cannot be used (single-process commands). With
+    `environment`, also what this Python lacks for it (config.check_environment)."""
     try:
-        return _load(args)
+        cfg = _load(args)
+        if environment:
+            check_environment(cfg, args.config)
+        return cfg
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return None
 
 
-def cmd_check(args) -> int:
+def check_data(cfg) -> list:
+    """Every client's rows, read and split as the ranks will read them (data.load_clients), and
+    every response checked against train.max_seq_len: in this one process, before any rank starts,
+    so that a bad line is said once, in seconds, and not by every rank of a started job."""
+    from .data import check_responses_fit, get_tokenizer, load_clients
+
+    clients = load_clients(cfg.data, len(cfg.client_sizes()), cfg.seed, announce=False)
+    tok = get_tokenizer(cfg.model.path)
+    for data in clients:
+        check_responses_fit(tok, data, cfg.train.max_seq_len)
+    return clients
+
+
+def _load_and_check_data(args):
+    """(config, its clients' data) when the config, its environment and the data are usable, else
+    (None, None) after printing why not."""
+    from .data import DataError
+
     cfg = _load_or_report(args)
+    if cfg is None:
+        return None, None
+    try:
+        return cfg, check_data(cfg)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return None, None
+
+
+def cmd_check(args) -> int:
+    from .data import describe_clients
+
+    if args.world_size:  # for the launch scripts (launch/common.sh): the number alone, from the config alone
+        cfg = _load_or_report(args, environment=False)
+        if cfg is None:
+            return 2
+        print(RankPlan(tuple(cfg.client_sizes())).world_size)
+        return 0
+    cfg, clients = _load_and_check_data(args)
     if cfg is None:
         return 2
     plan = RankPlan(tuple(cfg.client_sizes()))
-    if args.world_size:  # for the launch scripts (launch/common.sh): the number alone
-        print(plan.world_size)
-        return 0
     print(f"config {args.config}: OK")
     print(f"strategy {cfg.strategy}, {cfg.train.rounds} rounds, seed {cfg.seed}, output {cfg.output_dir}")
     print(plan.describe())
-    print(f"{'client':<8}{'ranks':<12}{'leader':<8}{'ZeRO':<6}{'micro':<7}{'K':<4}{'lr':<8}")
+    if any(d.name is not None for d in clients):
+        print(f"data: client names -> indices: {describe_clients(clients)}")
+    print(f"{'client':<8}{'ranks':<12}{'leader':<8}{'ZeRO':<6}{'micro':<7}{'K':<4}{'lr':<8}"
+          f"rows (train/few-shot/test)")
     for c in range(plan.num_clients):
         ds = deepspeed_dict(cfg, c)
         r = plan.client_ranks(c)
         print(f"{c:<8}{f'{r[0]}-{r[-1]}':<12}{r[0]:<8}{ds['zero_optimization'].get('stage', 0):<6}"
-              f"{ds['train_micro_batch_size_per_gpu']:<7}{cfg.inner_steps(c):<4}{ds['optimizer']['params']['lr']:<8g}")
+              f"{ds['train_micro_batch_size_per_gpu']:<7}{cfg.inner_steps(c):<4}{ds['optimizer']['params']['lr']:<8g}"
+              f"{len(clients[c].train)}/{len(clients[c].fewshot)}/{len(clients[c].test)}")
     print(f"launch with: mpiexec -n {plan.world_size} fdlora-cluster run {args.config}")
     return 0
 
@@ -155,16 +195,14 @@ def cmd_run(args) -> int:
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
-    try:
-        cfg, error = _load(args), None
-    except ConfigError as e:
-        cfg, error = None, str(e)
-    # Every rank loaded the config; agree on the outcome so that no rank waits on a failed one.
+    cfg, error = _before_start(args, rank)
+    # Every rank checked the config and its data; agree on the outcome so that no rank waits on a
+    # failed one, and say each error once (every client rank reads the same files).
     errors = world.allgather(error)
     if any(errors):
         if rank == 0:
             for e in dict.fromkeys(x for x in errors if x):
-                print(f"config error: {e}", file=sys.stderr)
+                print(e, file=sys.stderr)
         return 2
     from .log import capture_output, console_err
 
@@ -204,6 +242,31 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _before_start(args, rank: int):
+    """(config, None), or (None, the error) when this rank cannot start: the config; on a client
+    rank its data, read now for the trainer (data.preload_clients), and its client's responses
+    against train.max_seq_len; what this rank's role needs installed (the server's trackers; a
+    client's transformers, nevergrad, datasets: config.check_environment; last, as it imports
+    them). Rank 0 is the server (topology.RankPlan)."""
+    from .data import DataError, check_responses_fit, get_tokenizer, preload_clients
+
+    try:
+        cfg = _load(args)
+        if rank != 0:
+            clients = preload_clients(cfg.data, len(cfg.client_sizes()), cfg.seed)
+            client = RankPlan(tuple(cfg.client_sizes())).client_of(rank)
+            if client is not None:  # None: a world larger than the config, which train.run refuses
+                check_responses_fit(get_tokenizer(cfg.model.path), clients[client], cfg.train.max_seq_len)
+        check_environment(cfg, args.config, roles=("server",) if rank == 0 else ("client",))
+        return cfg, None
+    except ConfigError as e:
+        return None, f"config error: {e}"
+    except DataError as e:
+        return None, f"data error: {e}"
+    except Exception as e:  # a bug: still answer the allgather, so that no rank waits on this one
+        return None, f"[rank {rank}] error: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+
+
 def _user_errors() -> tuple[type, ...]:
     from .data import DataError
     from .rendezvous import RendezvousError
@@ -229,7 +292,7 @@ def find_mpiexec(explicit: str | None = None) -> str:
 
 def cmd_launch(args) -> int:
     """All ranks of the config's topology on this machine, through the environment's mpiexec."""
-    cfg = _load_or_report(args)
+    cfg, _ = _load_and_check_data(args)  # a config or data error: said once, before the ranks start
     if cfg is None:
         return 2
     n = cfg.world_size()

@@ -20,13 +20,12 @@ import torch
 
 from . import evaluation
 from .config import Config
-from .deepspeed_config import deepspeed_dict
+from .config import deepspeed_dict
 from .data import ClientData, Example, encode_example, pad_batch
 from .log import FILE_ONLY, get_logger
 from .model import adapter_params, read_adapter, set_active, write_adapter
-from .state import GLOBAL, PERSONAL
 from .rendezvous import join_client_world
-from .state import Layout
+from .state import GLOBAL, PERSONAL, Layout
 from .zero_phases import PhaseSwitch
 
 def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:

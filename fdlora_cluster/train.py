@@ -190,7 +190,7 @@ def build_client(cfg, topo, strategy, transport, run_dir, inner_steps: int):
     from .engine import ClientEngine
 
     tok = get_tokenizer(cfg.model.path)
-    data = load_clients(cfg.data, topo.plan.num_clients, cfg.seed)[topo.client_id]
+    data = load_clients(cfg.data, topo.plan.num_clients, cfg.seed, announce=topo.client_id == 0)[topo.client_id]
     check_responses_fit(tok, data, cfg.train.max_seq_len)
     base = build_base(cfg.model, cfg.seed, vocab_size=tok.vocab_size, dtype=cfg.base_dtype(topo.client_id))
     adapters = {PERSONAL: cfg.lora.personal, GLOBAL: cfg.lora.global_}

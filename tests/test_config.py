@@ -5,8 +5,7 @@ import json
 import pytest
 import yaml
 
-from fdlora_cluster.config import ConfigError, config_from_dict, load_config
-from fdlora_cluster.deepspeed_config import deepspeed_dict
+from fdlora_cluster.config import ConfigError, check_environment, config_from_dict, deepspeed_dict, load_config
 from fdlora_cluster.topology import RankPlan, TopologyError
 
 from conftest import CONFIGS, write_config
@@ -198,13 +197,41 @@ def test_adapter_copies_need_equal_layouts():
 
 
 def test_fusion_optimizer_must_exist_in_nevergrad():
+    cfg = load_config(CONFIGS / "fdlora.yaml", ["fusion.optimizer=NoSuchOpt"])  # loading imports no nevergrad
     with pytest.raises(ConfigError, match=r"fusion.optimizer = 'NoSuchOpt' is not a nevergrad optimizer"):
-        load_config(CONFIGS / "fdlora.yaml", ["fusion.optimizer=NoSuchOpt"])
+        check_environment(cfg)
+
+
+def test_model_type_must_be_one_transformers_knows():
+    cfg = load_config(CONFIGS / "demo.yaml", ["model.config.model_type=lama"])  # loading imports no transformers
+    with pytest.raises(ConfigError, match=r"model.config.model_type = 'lama' is not a causal LM type"):
+        check_environment(cfg)
+    check_environment(cfg, roles=("server",))  # the server builds no model
+
+
+def test_environment_errors_are_said_together_worded_as_loading():
+    cfg = load_config(CONFIGS / "fdlora.yaml", ["fusion.optimizer=NoSuchOpt", "model.config.model_type=lama"])
+    with pytest.raises(ConfigError) as e:
+        check_environment(cfg, "x.yaml")
+    assert str(e.value).startswith("x.yaml: 2 errors:\n  - model.config.model_type = 'lama'"), str(e.value)
+
+
+def test_loading_a_config_imports_no_heavy_package():
+    """Loading is for every rank and `report`: the server must not import transformers at start
+    (check_environment holds what needs them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fdlora_cluster.config as c; c.load_config(sys.argv[1]); "
+            "print(sorted(m for m in ('transformers', 'peft', 'nevergrad', 'deepspeed', 'tensorboardX', 'wandb', "
+            "'mlflow', 'datasets', 'mpi4py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(CONFIGS / "demo.yaml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.parametrize("override, message", [
     ("seed=-1", r"seed = -1 must be >= 0"),
-    ("model.config.model_type=lama", r"model.config.model_type = 'lama' is not a causal LM type"),
     ("lora.global.alpha=0", r"lora.global.alpha = 0.0 must be > 0"),
     ("outer.lr=-1", r"outer.lr = -1.0 must be > 0"),
     ("outer.momentum=5", r"outer.momentum = 5.0 must be in \[0, 1\)"),
@@ -268,6 +295,19 @@ def test_check_world_size_prints_the_number_alone(capsys):
     assert main(["check", demo, "--set", "topology.clients=[2,0]", "--world-size"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("config error:") and "topology.clients" in err, (out, err)
+
+
+def test_check_reads_every_clients_data_as_the_ranks_will(tmp_path, capsys):
+    """`check` reads the data (data.load_clients) and checks the responses against max_seq_len, so
+    a data error is found before any rank starts; it prints each client's rows."""
+    from fdlora_cluster.cli import main
+
+    assert main(["check", str(CONFIGS / "demo.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "rows (train/few-shot/test)" in out and out.count("74/16/60") == 2, out
+    assert main(["check", str(CONFIGS / "demo.yaml"), "--set", "train.max_seq_len=6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("data error: client 0: a ") and "does not fit train.max_seq_len = 6" in err, err
 
 
 @pytest.mark.parametrize("strategy, want", [

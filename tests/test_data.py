@@ -189,3 +189,16 @@ def test_a_response_too_long_for_max_seq_len_fails_before_training():
     with pytest.raises(DataError, match=r"client 1: a test response of 25 tokens .* train.max_seq_len = 8"):
         check_responses_fit(tok, data, max_len=8)
     check_responses_fit(tok, data, max_len=32)  # fits: no error
+
+
+def test_preloaded_clients_are_handed_to_the_next_identical_load_once():
+    """`run` reads the data on each client rank before the job starts (cli._before_start); the
+    trainer's load_clients then takes those rows, and a later load reads the data again."""
+    from fdlora_cluster.data import load_clients, preload_clients
+
+    d = DataConfig(source="generator", rows_per_client=30, fewshot_rows=2)
+    first = preload_clients(d, 2, 0)
+    assert load_clients(d, 3, 0) is not first  # other arguments: read, and the preloaded rows stay
+    assert load_clients(d, 2, 0) is first
+    again = load_clients(d, 2, 0)
+    assert again is not first and [c.train for c in again] == [c.train for c in first]

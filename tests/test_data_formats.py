@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from fdlora_cluster.config import ConfigError, DataConfig, config_from_dict
+from fdlora_cluster.config import ConfigError, DataConfig, check_environment, config_from_dict
 from fdlora_cluster.data import (IGNORE_INDEX, ByteTokenizer, ClientData, DataError, Example, HFTokenizer,
                                  check_responses_fit, describe_clients, encode_example, load_clients, read_jsonl)
 from fdlora_cluster.data.formats import ALPACA, ALPACA_INPUT
@@ -302,7 +302,7 @@ def test_without_the_datasets_library_the_error_says_how_to_install_it(tmp_path,
     raw["data"] = {"source": "hf", "files": [path]}
     raw["topology"] = {"clients": [1]}
     with pytest.raises(ConfigError, match=r"data\.source = 'hf' reads datasets with the `datasets` library, which is not installed"):
-        config_from_dict(raw)
+        check_environment(config_from_dict(raw))
 
 
 def test_the_config_takes_hf_files_and_save_to_disk_directories(datasets_dir, tmp_path):

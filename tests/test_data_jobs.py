@@ -4,8 +4,11 @@ with `data.source: hf` by every client rank at once (mpiexec + gloo, like tests/
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
-from conftest import TINY, assert_ok, read_summary, run_job, write_config
+from conftest import ROOT, TINY, assert_ok, job_env, read_summary, run_job, run_ranks, write_config
 
 
 def test_a_job_on_named_chat_and_instruction_files_read_through_datasets(tmp_path):
@@ -26,10 +29,35 @@ def test_a_job_on_named_chat_and_instruction_files_read_through_datasets(tmp_pat
     proc, run_dir = run_job(cfg)
     assert_ok(proc)
     out = proc.stdout + proc.stderr
-    assert "data: client names -> indices: client 0 = 'acme', client 1 = 'beta'" in out, out[-3000:]
+    # every client rank reads every client's rows; one (client 0's leader) says the names
+    assert out.count("data: client names -> indices: client 0 = 'acme', client 1 = 'beta'") == 1, out[-3000:]
     assert "chat rows rendered with the plain fallback template" in out, out[-3000:]
     clients = {c["client"]: c["metrics"] for c in read_summary(run_dir)["clients"]}
     for adapter, m in clients[0].items():
         assert m["loss"] > 0 and "accuracy" not in m, (adapter, m)  # chat rows: loss only
     for adapter, m in clients[1].items():
         assert m["loss"] > 0 and 0.0 <= m["accuracy"] <= 1.0, (adapter, m)
+
+
+def test_a_bad_data_line_is_said_once_before_any_rank_trains(tmp_path):
+    """Every client rank reads every client's rows, so a bad line used to be printed by each of
+    them, after the whole job had started. `check` and `launch` read the data before any rank
+    starts; `run` reads it on the client ranks before the trainer, and rank 0 says it once."""
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps({"prompt": f"disk {i}?", "response": " bad" if i % 3 == 0 else " ok"}) for i in range(40)]
+    lines[6] = '{"prompt": "x", "response": '
+    path.write_text("\n".join(lines) + "\n")
+    cfg = write_config(tmp_path, **{**TINY, "data.source": "jsonl", "data.files": [str(path)], "data.fewshot_rows": 4})
+    says = f"data error: {path}:7: not valid JSON"
+    for command in ("check", "launch"):  # one process; no rank starts
+        proc = subprocess.run([sys.executable, "-m", "fdlora_cluster.cli", command, str(cfg)], capture_output=True,
+                              text=True, env=job_env(), cwd=ROOT, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and out.count(says) == 1, (command, out[-3000:])
+        assert "mpiexec" not in out, out[-3000:]
+    t0 = time.monotonic()
+    proc = run_ranks(5, ["run", str(cfg)], timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and out.count(says) == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert time.monotonic() - t0 < 60  # before DeepSpeed and the model: it used to take 36-44 s to say it

@@ -65,6 +65,16 @@ def test_config_error_in_run_exits_2_with_the_key(tmp_path):
     assert (proc.stdout + proc.stderr).count("unknown key 'train.bogus'") == 1  # printed once, not per rank
 
 
+def test_what_the_client_ranks_lack_is_said_once_before_they_start(tmp_path):
+    """config.check_environment runs on each rank for its role: the clients' part (nevergrad's
+    registry here) on the client ranks, the errors gathered and said once by rank 0."""
+    cfg = write_config(tmp_path, **TINY, **{"strategy": "fdlora", "fusion.optimizer": "NoSuchOpt"})
+    proc = run_ranks(3, ["run", str(cfg)], timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and out.count("fusion.optimizer = 'NoSuchOpt' is not a nevergrad optimizer") == 1, out
+    assert "Traceback" not in out, out
+
+
 def fresh_adapters(cfg):
     from fdlora_cluster.data import get_tokenizer
 
@@ -174,10 +184,13 @@ def test_a_failing_rank_ends_the_job_promptly_with_its_cause(tmp_path):
 
 def test_bad_data_ends_the_job_with_the_message_and_no_traceback(tmp_path):
     """A response longer than train.max_seq_len is found on every client rank at start, before
-    DeepSpeed; the job ends non-zero with the DataError's message (a user error, so no traceback)."""
+    DeepSpeed; the job ends non-zero with the DataError's message (a user error, so no traceback),
+    said once per client (rank 0 prints what the ranks found), not by each of its ranks."""
     cfg = write_config(tmp_path, **TINY, **{"train.max_seq_len": 6})
     proc = run_ranks(5, ["run", str(cfg)], timeout=120)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "error: DataError: client" in out and "does not fit train.max_seq_len = 6" in out, out
+    for c in (0, 1):
+        assert out.count(f"data error: client {c}: a ") == 1, out
+    assert out.count("does not fit train.max_seq_len = 6") == 2, out
     assert "Traceback" not in out, out

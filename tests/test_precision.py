@@ -27,7 +27,7 @@ def test_deepspeed_section_decides_the_base_dtype():
 
 
 def test_model_dtype_switches_on_deepspeed_section():
-    from fdlora_cluster.deepspeed_config import deepspeed_dict
+    from fdlora_cluster.config import deepspeed_dict
 
     cfg = cfg_with(dtype="bfloat16")
     assert deepspeed_dict(cfg, 0)["bf16"] == {"enabled": True} and cfg.base_dtype(0) == "bfloat16"

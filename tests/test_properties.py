@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from fdlora_cluster.config import (Config, ConfigError, DataConfig, apply_override, config_from_dict, load_config,
-                                   read_yaml)
+from fdlora_cluster.config import (Config, ConfigError, DataConfig, apply_override, check_environment, config_from_dict,
+                                   load_config, read_yaml)
 from fdlora_cluster.data import ByteTokenizer, DataError, check_responses_fit, collate, load_clients, read_jsonl
 
 from conftest import CONFIGS
@@ -130,7 +130,11 @@ def load_or_config_error(workdir: Path, raw, overrides=()):
         err = e
     else:
         assert isinstance(cfg, Config)
-        err = None
+        try:  # what `check` says next: the checks that need installed packages
+            check_environment(cfg, str(path))
+            err = None
+        except ConfigError as e:
+            err = e
     assert snapshot(workdir) == before  # the cwd: the demo's relative output_dir would appear here
     return err
 
@@ -321,7 +325,7 @@ def test_found_config_values_are_config_errors(demo, workdir, path, value, match
     set_path(raw, path, value)
     (workdir / "c.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=match):
-        load_config(workdir / "c.yaml")
+        check_environment(load_config(workdir / "c.yaml"))
 
 
 @pytest.mark.parametrize("text, match", [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fdlora_cluster.config import ConfigError, load_config
+from fdlora_cluster.config import ConfigError, check_environment, load_config
 
 from conftest import CONFIGS, TINY, assert_ok, read_metrics, read_summary, run_job, write_config
 
@@ -77,14 +77,14 @@ def test_a_tracker_asked_for_but_not_installed_is_a_config_error(key, package):
         pytest.skip(f"{package} is installed here")
     with pytest.raises(ConfigError, match=rf"log.{key} = true needs the `{package}` package, which is not "
                                           rf"installed: pip install {package}"):
-        load_config(CONFIGS / "demo.yaml", [f"log.{key}=true"])
+        check_environment(load_config(CONFIGS / "demo.yaml", [f"log.{key}=true"]))
 
 
 def test_tensorboard_without_tensorboardx_is_a_config_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboardX" else real(name, *a))
     with pytest.raises(ConfigError, match=r"log.tensorboard = true needs the `tensorboardX` package"):
-        load_config(CONFIGS / "demo.yaml", ["log.tensorboard=true"])
+        check_environment(load_config(CONFIGS / "demo.yaml", ["log.tensorboard=true"]))
 
 
 @pytest.mark.parametrize("override, says", [

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from ..log import get_logger
+from ..log import FILE_ONLY, get_logger
 from .chat import has_chat_template
 from .errors import DataError
 from .examples import IGNORE_INDEX, ClientData, Example, collate, encode_example, pad_batch, segments
@@ -132,19 +132,39 @@ def describe_clients(clients: list[ClientData]) -> str:
                      for c in clients)
 
 
-def load_clients(cfg, num_clients: int, seed: int) -> list[ClientData]:
-    """Every client's train / few-shot / test rows (deterministic in seed). `cfg` is a DataConfig.
-    When the data names its clients, the mapping of names to indices is logged."""
+def read_clients(cfg, num_clients: int, seed: int) -> list[ClientData]:
+    """Every client's train / few-shot / test rows (deterministic in seed). `cfg` is a DataConfig."""
     rows, where, names = load_rows(cfg, num_clients, seed)
     every = candidate_responses(rows)
-    clients = [split_client(c, r, cfg, seed, where[c], every, names[c]) for c, r in enumerate(rows)]
-    if any(n is not None for n in names):
-        get_logger().info(f"data: client names -> indices: {describe_clients(clients)}")
+    return [split_client(c, r, cfg, seed, where[c], every, names[c]) for c, r in enumerate(rows)]
+
+
+_preloaded: dict = {}  # preload_clients' result, until load_clients takes it
+
+
+def preload_clients(cfg, num_clients: int, seed: int) -> list[ClientData]:
+    """Read now what the next `load_clients(cfg, num_clients, seed)` returns. `fdlora-cluster run`
+    reads the data on every client rank before the job starts, so that a bad line stops every rank
+    at once and is said once (cli.cmd_run); the trainer then takes the rows from here, not the files."""
+    _preloaded.clear()
+    clients = _preloaded[(repr(cfg), num_clients, seed)] = read_clients(cfg, num_clients, seed)
+    return clients
+
+
+def load_clients(cfg, num_clients: int, seed: int, announce: bool = True) -> list[ClientData]:
+    """`read_clients`, or what `preload_clients` read for the same arguments. When the data names
+    its clients, the mapping of names to indices is logged: on the console with `announce`, else
+    in the rank's log file only (every client rank loads every client's rows: one says it)."""
+    clients = _preloaded.pop((repr(cfg), num_clients, seed), None) or read_clients(cfg, num_clients, seed)
+    if any(c.name is not None for c in clients):
+        get_logger().info(f"data: client names -> indices: {describe_clients(clients)}",
+                          extra=None if announce else FILE_ONLY)
     return clients
 
 
 __all__ = ["ByteTokenizer", "ClientData", "candidate_responses", "check_responses_fit", "DataError", "Example",
            "HFTokenizer", "IGNORE_INDEX", "LABELS", "PARTITIONS", "Row", "collate", "describe_clients",
            "encode_example", "field_clients", "file_client", "general_text", "generate_client_rows", "get_tokenizer",
-           "label_counts", "load_clients", "load_rows", "pad_batch", "parse_row", "partition_dirichlet", "partition_iid",
-           "partition_rows", "read_jsonl", "read_rows", "segments", "split_client", "write_jsonl"]
+           "label_counts", "load_clients", "load_rows", "pad_batch", "parse_row", "partition_dirichlet",
+           "partition_iid", "partition_rows", "preload_clients", "read_clients", "read_jsonl", "read_rows", "segments",
+           "split_client", "write_jsonl"]

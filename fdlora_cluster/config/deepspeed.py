@@ -1,15 +1,16 @@
 """The DeepSpeed config dict of one client, built from the run config: the one source the engine
-and `fdlora-cluster check` read, and that config.Config builds for every client on load."""
+and `fdlora-cluster check` read, and that Config builds for every client on load (root.py)."""
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, merge
+from .errors import ConfigError
+from .loading import merge
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .root import Config
 
 
 def deepspeed_dict(cfg: Config, client: int) -> dict:
