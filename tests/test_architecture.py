@@ -89,3 +89,15 @@ def test_the_server_side_never_imports_the_model_side():
     model_side = {"fdlora_cluster.engine", "fdlora_cluster.model", "fdlora_cluster.client", "fdlora_cluster.evaluation"}
     for module in ("fdlora_cluster.server", "fdlora_cluster.transport", "fdlora_cluster.strategies.methods"):
         assert not graph[module] & model_side, (module, graph[module] & model_side)
+
+
+def test_the_server_rank_imports_no_model_library():
+    """What the server rank imports to run its schedule (cli, train, server) pulls in neither
+    transformers, PEFT nor DeepSpeed: those load on client ranks only, when the model is built."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fdlora_cluster.cli, fdlora_cluster.train, fdlora_cluster.server; "
+            "print([m for m in ('transformers', 'peft', 'deepspeed', 'nevergrad') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PKG.parent)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
