@@ -11,6 +11,8 @@ from fdlora_cluster.model import GLOBAL, PERSONAL
 from conftest import TINY, assert_ok, read_metrics, read_summary, write_config
 from test_jobs import mpi_python
 
+pytestmark = pytest.mark.job
+
 SCALE = 8 / 4  # demo.yaml: lora alpha 8, r 4 for both adapters
 SMALL = {**TINY, "topology.clients": [1, 1], "train.rounds": 3}
 

@@ -16,6 +16,8 @@ from fdlora_cluster.strategies import Ditto, FedDPA, make_strategy
 from one_rank import OneRank
 from conftest import CONFIGS, write_config
 
+pytestmark = pytest.mark.unit
+
 
 # ---------------------------------------------------------------- FedDPA's instance-wise weight
 

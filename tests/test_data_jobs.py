@@ -3,9 +3,13 @@ with `data.source: hf` by every client rank at once (mpiexec + gloo, like tests/
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from conftest import TINY, assert_ok, read_summary, run_job, write_config
+
+pytestmark = pytest.mark.job
 
 
 def test_a_job_on_named_chat_and_instruction_files_read_through_datasets(tmp_path):

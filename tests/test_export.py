@@ -52,6 +52,7 @@ def forward(model, batch):
 
 # Both clients' fused adapters: with budget 3 the search scores only its anchors; in this run (seed 0), client 0's fused acting as
 # its personal adapter and client 1's as its global one, so exporting the wrong one fails either case.
+@pytest.mark.job
 @pytest.mark.parametrize("client,adapter", [(0, "personal"), (0, "global"), (0, "fused"), (1, "fused")])
 def test_peft_export_reproduces_the_run(run, tmp_path, client, adapter):
     from peft import AutoPeftModelForCausalLM, PeftModel
@@ -76,6 +77,7 @@ def test_peft_export_reproduces_the_run(run, tmp_path, client, adapter):
     assert lora["base_model_name_or_path"] == str(out / "base")
 
 
+@pytest.mark.job
 def test_merged_export_is_a_plain_checkpoint(run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +97,7 @@ def test_merged_export_is_a_plain_checkpoint(run, tmp_path):
     torch.testing.assert_close(forward(model, batch), dumped["logits"]["fused"], **TOL)
 
 
+@pytest.mark.job
 def test_a_model_path_base_is_referenced_not_copied(run, tmp_path):
     """A run on a local checkpoint (model.path): the same run with its base given as the checkpoint
     the demo export writes, the tokenizer then read from that checkpoint as the trainer would."""
@@ -123,6 +126,7 @@ def test_a_model_path_base_is_referenced_not_copied(run, tmp_path):
                                dumped["logits"]["fused"], **TOL)
 
 
+@pytest.mark.unit
 def test_byte_tokenizer_matches_the_trainers():
     from fdlora_cluster.data.tokenizer import ByteTokenizer
     from fdlora_cluster.export import byte_tokenizer_hf
@@ -145,6 +149,7 @@ def copy_run(run, tmp_path, edit=None):
     return dst
 
 
+@pytest.mark.job
 def test_export_errors_say_what_is_wrong(run, tmp_path, capsys):
     def fails(run_dir, *args, out=None):
         out = out or tmp_path / "never"

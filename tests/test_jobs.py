@@ -12,6 +12,8 @@ from fdlora_cluster.model import GLOBAL, PERSONAL, add_adapters, adapter_params,
 
 from conftest import ROOT, TINY, assert_ok, read_metrics, read_summary, run_job, run_ranks, write_config
 
+pytestmark = pytest.mark.job
+
 SCRIPTS = ROOT / "tests" / "mpi_scripts"
 
 

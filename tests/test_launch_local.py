@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from cluster import hosts
-from cluster.jobs import (DEMO, JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun,
+from conftest import (DEMO, JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun,
                           run_launcher, show)
 from fdlora_cluster.cli import select_mpi_library
 from fdlora_cluster.rendezvous import RendezvousError, rendezvous_address
@@ -25,6 +25,7 @@ from fdlora_cluster.topology import _launcher_hint
 # ---------------------------------------------------------------- pure checks (no processes)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("env, says", [
     ({"WORLD_SIZE": "5", "LOCAL_RANK": "0", "RANK": "0"}, "--force_multi"),
     ({"LOCAL_RANK": "0"}, "--launcher mpich"),
@@ -37,6 +38,7 @@ def test_launcher_hint_names_the_launcher_and_the_fix(env, says):
     assert says in _launcher_hint(env, mpi_library="MPICH Version: 5.0.2")
 
 
+@pytest.mark.unit
 def test_mpi_library_follows_the_launcher_unless_the_user_chose():
     """The mpi4py wheel would load the pip mpich wheel's libmpi under any launcher; `run` points it
     at the launcher's MPI, found by the variables that launcher sets, and only then."""
@@ -54,6 +56,7 @@ def test_mpi_library_follows_the_launcher_unless_the_user_chose():
             assert "Open MPI" in select_mpi_library(env) and env["MPI4PY_LIBMPI"].endswith("libmpi.so.40"), env
 
 
+@pytest.mark.unit
 def test_rendezvous_address_refuses_loopback_for_a_client_spanning_hosts(monkeypatch):
     monkeypatch.delenv("FDLORA_RENDEZVOUS_ADDR", raising=False)
     assert rendezvous_address(["h1", "h1"], None) == "127.0.0.1"
@@ -72,6 +75,7 @@ def _script(path: str, env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", path, *args], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
 
 
+@pytest.mark.launcher
 def test_scripts_print_the_command_they_run():
     env = job_env(DRY_RUN="1")
     p = _script("launch/mpirun.sh", {**env, "HOSTS": "node-a:3,node-b:2"}, *TINY_ARGS)
@@ -97,6 +101,7 @@ def test_scripts_print_the_command_they_run():
     assert "srun --nodes=1 --ntasks=7 --mpi=pmi2" in p.stdout, show(p)
 
 
+@pytest.mark.launcher
 @pytest.mark.parametrize("script", ["launch/mpirun.sh", "launch/deepspeed.sh", "launch/slurm/fdlora-srun.sh",
                                     "launch/slurm/fdlora.sbatch", "launch/slurm/fdlora-mpiexec.sbatch",
                                     "launch/slurm/fdlora-requeue.sbatch"])
@@ -109,6 +114,7 @@ def test_scripts_stop_at_a_config_error(script):
     assert "+ " not in p.stdout, show(p)
 
 
+@pytest.mark.launcher
 def test_requeue_script_resumes_in_one_run_directory():
     env = job_env(DRY_RUN="1", SLURM_JOB_ID="77")
     p = _script("launch/slurm/fdlora-requeue.sbatch", env)
@@ -134,6 +140,7 @@ def localhost_ssh():
         yield
 
 
+@pytest.mark.launcher
 def test_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tmp_path):
     """launch/deepspeed.sh = deepspeed --hostfile hostfiles/localhost-5 --launcher mpich --force_multi."""
     p = subprocess.run(["bash", "launch/deepspeed.sh", *TINY_ARGS], capture_output=True, text=True,
@@ -143,6 +150,7 @@ def test_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tmp_path):
     check_run(tmp_path / "run", [2, 2])
 
 
+@pytest.mark.launcher
 def test_deepspeed_spawning_without_mpi_is_stopped_with_the_fix(localhost_ssh, tmp_path):
     """On one host without --force_multi DeepSpeed ignores --launcher mpich and spawns the ranks
     itself (no MPI world): every rank must stop at start and say how to launch instead."""
@@ -161,6 +169,7 @@ def test_deepspeed_spawning_without_mpi_is_stopped_with_the_fix(localhost_ssh, t
 OPENMPI_SKIP = openmpi_missing()
 
 
+@pytest.mark.launcher
 @pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
 def test_openmpi_fdlora_launch_runs_the_demo(tmp_path):
     """`fdlora-cluster launch --mpiexec <Open MPI's mpirun>`: 5 ranks on a 2-core machine (launch
@@ -174,6 +183,7 @@ def test_openmpi_fdlora_launch_runs_the_demo(tmp_path):
     check_run(tmp_path / "run", [2, 2])
 
 
+@pytest.mark.launcher
 @pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
 def test_openmpi_mpirun_script_on_localhost_runs_the_demo(tmp_path):
     """MPI=openmpi launch/mpirun.sh on this host: `mpirun -np 5 --map-by slot --oversubscribe`,
@@ -185,6 +195,7 @@ def test_openmpi_mpirun_script_on_localhost_runs_the_demo(tmp_path):
     check_run(tmp_path / "run", [2, 2])
 
 
+@pytest.mark.launcher
 @pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
 def test_openmpi_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tmp_path):
     """DS_LAUNCHER=openmpi launch/deepspeed.sh = deepspeed --launcher openmpi --force_multi, whose

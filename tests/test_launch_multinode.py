@@ -16,8 +16,10 @@ import sys
 import pytest
 
 from cluster import hosts
-from cluster.jobs import JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun, run_launcher, show
+from conftest import JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun, run_launcher, show
 from conftest import write_config
+
+pytestmark = pytest.mark.launcher
 
 SKIP = hosts.missing_prerequisites("ip", "nsenter", "unshare", "/usr/sbin/sshd", "ssh", "slurmctld", "slurmd", "munged")
 A, B = hosts.HOSTS

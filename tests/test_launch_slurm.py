@@ -13,7 +13,9 @@ import sys
 import pytest
 
 from cluster import hosts
-from cluster.jobs import JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun
+from conftest import JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun
+
+pytestmark = pytest.mark.launcher
 
 SKIP = hosts.missing_prerequisites("slurmctld", "slurmd", "sbatch", "munged")
 

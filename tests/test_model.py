@@ -1,5 +1,6 @@
 """Dual adapters through PEFT: by name, the trainable set, scaled activation."""
 
+import pytest
 import torch
 
 from fdlora_cluster.config import load_config
@@ -7,6 +8,8 @@ from fdlora_cluster.data import get_tokenizer
 from fdlora_cluster.model import GLOBAL, PERSONAL, add_adapters, adapter_params, build_base, set_active
 
 from conftest import CONFIGS
+
+pytestmark = pytest.mark.unit
 
 
 def model_and_batch():

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import assert_ok, run_job, write_config
 
+pytestmark = pytest.mark.job
+
 SHORT = {"train.rounds": 2, "train.inner_steps": 2, "train.personal_steps": 3, "data.rows_per_client": 60}
 
 PINNED = {

@@ -15,6 +15,8 @@ from fdlora_cluster.data import load_clients
 from conftest import TINY, assert_ok, write_config
 from test_jobs import mpi_python
 
+pytestmark = pytest.mark.job
+
 # 1 server + two one-rank clients: leaders are ranks 1 and 2
 SMALL = {**TINY, "topology.clients": [1, 1], "fusion.budget": 3, "personal.sync_every": 1}
 

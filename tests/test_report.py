@@ -34,6 +34,7 @@ def fake_run(path, strategy, accs, fusion=None):
     return str(path)
 
 
+@pytest.mark.unit
 def test_report_of_several_runs_has_comparison_and_plots(tmp_path):
     a = fake_run(tmp_path / "fdlora", "fdlora", [0.9, 0.8], fusion=[(0.8, 0.4), (1.0, 0.2)])
     b = fake_run(tmp_path / "fedavg", "fedavg", [0.7, 0.6])
@@ -47,6 +48,7 @@ def test_report_of_several_runs_has_comparison_and_plots(tmp_path):
         assert f"]({png})" in text
 
 
+@pytest.mark.unit
 def test_report_errors_name_the_directory_and_file(tmp_path):
     with pytest.raises(ReportError, match=r"nothing: no summary\.json"):
         load_run(str(tmp_path / "nothing"))
@@ -67,6 +69,7 @@ def test_report_errors_name_the_directory_and_file(tmp_path):
         load_run(run)
 
 
+@pytest.mark.job
 def test_report_renders_from_a_finished_run(tmp_path):
     """One short real fdlora job (1 server + 2 clients x 2 ranks), then `fdlora-cluster report` on it."""
     from fdlora_cluster.config import load_config
@@ -86,6 +89,7 @@ def test_report_renders_from_a_finished_run(tmp_path):
     assert "comparison" not in comparison_table([load_run(str(run_dir))]).lower()
 
 
+@pytest.mark.unit
 def test_compare_seeds_table_gives_every_adapter_mean_and_spread(tmp_path):
     """bench/compare.py --seeds: the headline adapter (bold) and each other adapter a method
     evaluates, per client as mean +- sd over seeds, and the per-seed means over clients."""
@@ -104,6 +108,7 @@ def test_compare_seeds_table_gives_every_adapter_mean_and_spread(tmp_path):
     assert [r.split(" | ")[0] for r in rows[3:]] == ["| fdlora (personal)", "| fdlora (global)", "| **fedavg (global)**"]
 
 
+@pytest.mark.unit
 def test_compare_setting_goes_over_each_strategy_config(tmp_path):
     """bench/compare.py --setting configs/real-smollm2.yaml: the setting's own sections (the real
     model, 2 x 1 ranks, its train sizes) replace the demo's in every strategy's config, and each

@@ -40,6 +40,7 @@ def after_round(run_dir: Path, k: int) -> list[dict]:
             if r["round"] is None or r["round"] > k]
 
 
+@pytest.mark.job
 @pytest.mark.parametrize("strategy, stage", [("fdlora", 2), ("fdlora", 3), ("fedavg", 2), ("fedavg", 3),
                                              ("local", 2), ("local", 3)])
 def test_killed_and_resumed_ends_bit_identical(tmp_path, strategy, stage):
@@ -88,6 +89,7 @@ def finished_run(tmp_path_factory):
     return where, cfg
 
 
+@pytest.mark.job
 def test_auto_finds_the_newest_complete_checkpoint_and_skips_a_torn_one(finished_run):
     where, _ = finished_run
     run = where / "run"
@@ -104,6 +106,7 @@ def test_auto_finds_the_newest_complete_checkpoint_and_skips_a_torn_one(finished
         shutil.rmtree(torn)
 
 
+@pytest.mark.job
 def test_a_corrupt_file_is_refused_with_its_name(finished_run, tmp_path):
     where, cfg_path = finished_run
     copy = tmp_path / "round-00002"
@@ -117,6 +120,7 @@ def test_a_corrupt_file_is_refused_with_its_name(finished_run, tmp_path):
         validate(str(copy), load_config(cfg_path))
 
 
+@pytest.mark.job
 def test_another_topology_or_config_is_refused(finished_run):
     where, cfg_path = finished_run
     ckpt = str(where / "run" / "checkpoints" / "round-00002")
@@ -128,6 +132,7 @@ def test_another_topology_or_config_is_refused(finished_run):
     validate(ckpt, load_config(cfg_path, ["checkpoint.every=2", "output_dir=elsewhere"]))
 
 
+@pytest.mark.unit
 def test_resume_names_a_missing_directory(tmp_path):
     with pytest.raises(ResumeError, match="no such directory"):
         find_checkpoint(str(tmp_path / "nope"), str(tmp_path))

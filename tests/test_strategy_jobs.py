@@ -12,6 +12,8 @@ from fdlora_cluster.model import GLOBAL, PERSONAL
 from conftest import TINY, assert_ok, read_metrics, read_summary, run_job, write_config
 from test_jobs import load_saved, mpi_python
 
+pytestmark = pytest.mark.job
+
 # one rank per client keeps these smoke jobs cheap; the multi-rank paths are in test_jobs.py
 SMALL = {**TINY, "topology.clients": [1, 1], "train.personal_steps": 2, "fusion.budget": 4}
 

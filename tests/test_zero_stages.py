@@ -9,6 +9,8 @@ import pytest
 from conftest import TINY, assert_ok, read_metrics, write_config
 from test_jobs import load_saved, mpi_python
 
+pytestmark = pytest.mark.job
+
 PERSONAL_STEPS, K = 3, 2
 
 
