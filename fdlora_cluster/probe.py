@@ -28,7 +28,7 @@ import time
 import torch
 
 from .config import Config
-from .log import get_logger, setup_logging
+from .log import setup_logging
 from .rendezvous import join_client_world
 from .topology import build_topology
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -234,3 +235,60 @@ def openmpi_missing() -> str | None:
         return None
     return ("Open MPI is not installed (no ompi_info + mpirun on PATH): tests/cluster/install.sh installs "
             "Debian's openmpi-bin when run as root" + ("" if os.geteuid() == 0 else ", and this is not root"))
+
+
+# ---------------------------------------------------------------- finished runs shared by several tests
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """THE finished run of the suite, shared by the console, report, tracking, export and privacy
+    tests: the demo's topology (1 server + 2 clients x 2 ranks, ZeRO-2), fdlora with a Nesterov
+    outer step, TensorBoard on, the console as `fdlora-cluster run` prints it (torch's C++ INFO
+    logging asked for, so the test can see that it stays in the log files), tapped by
+    tests/mpi_scripts/inspect_run.py (payloads, logits, fusion rows, phases under `out`)."""
+    where = tmp_path_factory.mktemp("finished")
+    config = write_config(where, "demo.yaml", **{
+        **TINY, "strategy": "fdlora", "fusion.budget": 3, "data.fewshot_rows": 4, "log.tensorboard": True,
+        "outer.optimizer": "nesterov", "outer.lr": 0.7})
+    proc = tapped_run(config, 5, where / "inspect", env={"TORCH_CPP_LOG_LEVEL": "INFO"})
+    from fdlora_cluster.config import load_config
+
+    return SimpleNamespace(proc=proc, config=config, cfg=load_config(config), tmp=where, dir=where / "run",
+                           out=where / "inspect")
+
+
+# Each strategy's tapped run (strategy_run below): one-rank clients, 3 rounds; what a strategy's
+# schedule test needs on top (tests/README.md says which test reads which).
+STRATEGY_RUN = {**TINY, "topology.clients": [1, 1], "train.rounds": 3}
+STRATEGY_SETS = {
+    # personal <- global every round: the sync's copies are on the wire for the privacy test
+    "fdlora": {"personal.sync_every": 1}, "fedavg": {"personal.sync_every": 1},
+    "fedprox": {"personal.sync_every": 1}, "diloco": {"personal.sync_every": 1},
+    "feddpa": {"feddpa.local_weight": 0.3},
+    "ditto": {"ditto.lambda": 50.0, "personal.steps_per_round": 4},
+}
+STRATEGIES = ["fdlora", "fdlora_paper", "local", "fedavg", "fedprox", "diloco", "feddpa", "feddpa_f", "ditto"]
+
+
+@pytest.fixture(scope="session")
+def strategy_run(tmp_path_factory):
+    """`strategy_run(name, **sets)`: the tapped run of configs/<name>.yaml with STRATEGY_RUN,
+    STRATEGY_SETS[name] and `sets`, made once per session and shared by every test that asks
+    (strategy results, privacy, schedule, fusion rows, FedAvg's average)."""
+    from fdlora_cluster.config import load_config
+
+    runs = {}
+
+    def get(name: str, **sets):
+        key = (name, json.dumps(sets, sort_keys=True))
+        if key not in runs:
+            where = tmp_path_factory.mktemp(name)
+            config = write_config(where, f"{name}.yaml", **{**STRATEGY_RUN, **STRATEGY_SETS.get(name, {}), **sets})
+            proc = tapped_run(config, 3, where / "inspect", timeout=600)
+            runs[key] = SimpleNamespace(proc=proc, config=config, cfg=load_config(config), dir=where / "run",
+                                        out=where / "inspect")
+        assert_ok(runs[key].proc)
+        return runs[key]
+
+    return get

@@ -11,17 +11,15 @@ import pytest
 
 from fdlora_cluster import log as fdlog
 
-from conftest import TINY, assert_ok, run_ranks, write_config
+from conftest import TINY, assert_ok
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("console")
-    cfg = write_config(tmp, **TINY)
-    # torch's C++ logging at INFO: lines written by C code to fd 2 of every client rank, as other
-    # libraries' prints are; they must land in the rank's log file, not here
-    proc = run_ranks(5, ["run", str(cfg)], env={"TORCH_CPP_LOG_LEVEL": "INFO"})
-    return proc, tmp / "run"
+def job(finished_run):
+    """The suite's shared finished run (conftest.finished_run): `fdlora-cluster run` of the demo,
+    TINY, with torch's C++ logging at INFO: lines written by C code to fd 2 of every client rank, as
+    other libraries' prints are; they must land in the rank's log file, not here."""
+    return finished_run.proc, finished_run.dir
 
 
 @pytest.mark.job

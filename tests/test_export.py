@@ -3,8 +3,6 @@ PEFT / transformers, compared with the logits the trainer itself computed at the
 
 import json
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -12,31 +10,22 @@ import torch
 import yaml
 
 from fdlora_cluster.cli import main
-from fdlora_cluster.config import load_config
 
-from conftest import JOB_TIMEOUT, ROOT, assert_ok, job_env, mpiexec, write_config
+from conftest import ROOT, assert_ok
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """fdlora on 1 server + 2 one-rank clients, one round; inspect_run.py dumps each leader's logits
-    of a probe batch with every adapter active, from the trainer's own (DeepSpeed) model."""
-    tmp = tmp_path_factory.mktemp("export")
-    cfg_path = write_config(tmp, "demo.yaml", **{
-        "topology.clients": [1, 1], "train.rounds": 1, "train.inner_steps": 3, "train.personal_steps": 6,
-        "data.rows_per_client": 40, "fusion.budget": 3})
-    cmd = [mpiexec(), "-n", "3", sys.executable, str(ROOT / "tests" / "mpi_scripts" / "inspect_run.py"),
-           str(cfg_path), str(tmp / "inspect")]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=job_env(), cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"job timed out after {JOB_TIMEOUT}s: {' '.join(cmd)}")
-    assert_ok(proc)
-    logits = {c: torch.load(tmp / "inspect" / f"logits-rank-{c + 1}.pt") for c in (0, 1)}
+def run(finished_run):
+    """The suite's shared finished run (conftest.finished_run: fdlora, 1 server + 2 clients x 2
+    ranks); inspect_run.py dumped each leader's logits of a probe batch with every adapter active,
+    from the trainer's own (DeepSpeed) model."""
+    assert_ok(finished_run.proc)
+    leaders = {0: 1, 1: 3}
+    logits = {c: torch.load(finished_run.out / f"logits-rank-{r}.pt") for c, r in leaders.items()}
     assert all(logits[c]["client"] == c for c in (0, 1))
-    return SimpleNamespace(dir=tmp / "run", tmp=tmp, cfg=load_config(cfg_path), logits=logits)
+    return SimpleNamespace(dir=finished_run.dir, tmp=finished_run.tmp, cfg=finished_run.cfg, logits=logits)
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,6 @@
 """Real multi-process jobs (mpiexec + gloo, nothing mocked), each under a timeout."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,27 +8,15 @@ import torch
 from fdlora_cluster.config import load_config
 from fdlora_cluster.model import GLOBAL, PERSONAL, add_adapters, adapter_params, build_base
 
-from conftest import ROOT, TINY, assert_ok, read_metrics, read_summary, run_job, run_ranks, write_config
+from conftest import TINY, assert_ok, mpi_python, read_metrics, read_summary, run_job, run_ranks, write_config
 
 pytestmark = pytest.mark.job
-
-SCRIPTS = ROOT / "tests" / "mpi_scripts"
-
-
-def mpi_python(n, script, *args, timeout=120):
-    from conftest import job_env, mpiexec
-
-    cmd = [mpiexec(), "-n", str(n), sys.executable, str(SCRIPTS / script), *map(str, args)]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env(), cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"timed out: {cmd}")
 
 
 @pytest.mark.parametrize("sizes", [[2, 2], [1, 3]])
 def test_topology_split(tmp_path, sizes):
     n = 1 + sum(sizes)
-    assert_ok(mpi_python(n, "topology_probe.py", tmp_path, *sizes))
+    assert_ok(mpi_python(n, "topology_probe.py", tmp_path, *sizes, timeout=120))
     info = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(n)]
     assert info[0]["is_server"] and info[0]["client"] is None and "client_comm" not in info[0]
     start = 1
@@ -111,17 +97,12 @@ def test_rounds_keep_global_identical_on_all_ranks(tmp_path, stage):
     assert len(rounds_m) == rounds and all(m["server_bytes_sent"] > 0 and m["seconds"] > 0 for m in rounds_m)
 
 
-def test_personal_never_travels_and_saved_adapters_reload(tmp_path):
+def test_personal_never_travels_and_saved_adapters_reload(finished_run):
     """fdlora trains the personal adapter; no payload on the federation communicator may carry it,
-    and every saved adapter reloads with plain PEFT to the trainer's own logits."""
-    cfg_path = write_config(tmp_path, "demo.yaml", **TINY, strategy="fdlora",
-                            **{"fusion.budget": 3, "outer.optimizer": "nesterov",
-                               "outer.lr": 0.7})
-    out = tmp_path / "inspect"
-    proc = mpi_python(5, "inspect_run.py", cfg_path, out, timeout=300)
-    assert_ok(proc)
-    cfg = load_config(cfg_path)
-    run_dir = tmp_path / "run"
+    and every saved adapter reloads with plain PEFT to the trainer's own logits. The suite's shared
+    finished run (conftest.finished_run: 2 clients x 2 ranks, a Nesterov outer step)."""
+    assert_ok(finished_run.proc)
+    cfg, out, run_dir = finished_run.cfg, finished_run.out, finished_run.dir
     personal = {c: load_saved(run_dir / "adapters" / f"client-{c}" / "personal") for c in range(2)}
     start = fresh_adapters(cfg)[PERSONAL]
     kinds = set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -10,7 +11,7 @@ import yaml
 from fdlora_cluster.cli import main
 from fdlora_cluster.report import ReportError, comparison_table, load_run, write_report
 
-from conftest import ROOT, TINY, assert_ok, run_job, write_config
+from conftest import ROOT, assert_ok
 
 
 def fake_run(path, strategy, accs, fusion=None):
@@ -70,16 +71,12 @@ def test_report_errors_name_the_directory_and_file(tmp_path):
 
 
 @pytest.mark.job
-def test_report_renders_from_a_finished_run(tmp_path):
-    """One short real fdlora job (1 server + 2 clients x 2 ranks), then `fdlora-cluster report` on it."""
-    from fdlora_cluster.config import load_config
-    from fdlora_cluster.pretrain import ensure_pretrained
-
-    cfg_path = write_config(tmp_path, "fdlora.yaml", **TINY,
-                            **{"fusion.budget": 3, "data.fewshot_rows": 4})
-    ensure_pretrained(load_config(cfg_path), log=lambda m: None)  # what `launch` does first
-    proc, run_dir = run_job(cfg_path)
-    assert_ok(proc)
+def test_report_renders_from_a_finished_run(finished_run, tmp_path):
+    """The suite's shared finished fdlora job (1 server + 2 clients x 2 ranks; conftest.finished_run),
+    then `fdlora-cluster report` on a copy of it."""
+    assert_ok(finished_run.proc)
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.dir, run_dir)  # the report is written into the run directory
     assert main(["report", str(run_dir)]) == 0
     text = (run_dir / "report" / "REPORT.md").read_text()
     assert "| fdlora | 0 | fused |" in text and "| fdlora | 1 | personal |" in text

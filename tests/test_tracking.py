@@ -10,7 +10,7 @@ import pytest
 
 from fdlora_cluster.config import ConfigError, load_config
 
-from conftest import CONFIGS, TINY, assert_ok, read_metrics, read_summary, run_job, write_config
+from conftest import CONFIGS, TINY, assert_ok, read_metrics, read_summary
 
 
 def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
@@ -33,11 +33,12 @@ def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.mark.job
-def test_tensorboard_scalars_are_the_runs_metrics(tmp_path):
+def test_tensorboard_scalars_are_the_runs_metrics(finished_run):
+    """The suite's shared finished run (conftest.finished_run), which has log.tensorboard on."""
     rounds = TINY["train.rounds"]
-    cfg = write_config(tmp_path, **TINY, **{"log.tensorboard": True})
-    proc, run = run_job(cfg)
-    assert_ok(proc)
+    assert finished_run.cfg.log.tensorboard
+    assert_ok(finished_run.proc)
+    run = finished_run.dir
     got = read_scalars(run / "tensorboard")
     metrics, summary = read_metrics(run), read_summary(run)
     approx = lambda x: pytest.approx(x, rel=1e-6, abs=1e-9)  # float32 in the event file
