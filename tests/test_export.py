@@ -39,8 +39,8 @@ def forward(model, batch):
         return model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
-# Both clients' fused adapters: with budget 3 the search scores only its anchors; in this run (seed 0), client 0's fused acting as
-# its personal adapter and client 1's as its global one, so exporting the wrong one fails either case.
+# Both clients' fused adapters: with budget 3 the search scores only its anchors; in the shared run (seed 0), client 0's fused
+# acts as its global adapter and client 1's as its personal one, so exporting the wrong one fails either case.
 @pytest.mark.job
 @pytest.mark.parametrize("client,adapter", [(0, "personal"), (0, "global"), (0, "fused"), (1, "fused")])
 def test_peft_export_reproduces_the_run(run, tmp_path, client, adapter):

@@ -80,9 +80,13 @@ def test_scripts_print_the_command_they_run():
     env = job_env(DRY_RUN="1")
     p = _script("launch/mpirun.sh", {**env, "HOSTS": "node-a:3,node-b:2"}, *TINY_ARGS)
     assert p.returncode == 0, show(p)
-    assert "-n 5 -hosts node-a:3,node-b:2" in p.stdout and "run configs/demo.yaml --set train.rounds=1" in p.stdout
+    assert "-n 5 -hosts node-a:3,node-b:2" in p.stdout and "run configs/demo.yaml --set train.rounds=2" in p.stdout
     p = _script("launch/mpirun.sh", {**env, "MPI": "openmpi", "MPIEXEC": "mpirun", "HOSTS": "a:3,b:2"})
     assert "-np 5 --map-by slot --host a:3,b:2 -x PATH" in p.stdout, show(p)
+    # Open MPI's -x list is launch/common.sh's OPENMPI_FORWARD, the same for every script that uses it
+    forwarded = {"PYTHONPATH": "/x", "CUDA_VISIBLE_DEVICES": "0", "FDLORA_RENDEZVOUS_ADDR": "eth0"}
+    p = _script("launch/mpirun.sh", {**env, **forwarded, "MPI": "openmpi", "MPIEXEC": "mpirun", "HOSTS": "a:3,b:2"})
+    assert all(f"-x {v}" in p.stdout for v in forwarded), show(p)
     p = _script("launch/mpirun.sh", {**env, "MPI": "openmpi", "MPIEXEC": "mpirun", "NP": "5", "MPI4PY_MPIABI": "openmpi"})
     assert "-np 5 --map-by slot --oversubscribe -x PATH" in p.stdout and "-x MPI4PY_MPIABI" in p.stdout, show(p)
     p = _script("launch/deepspeed.sh", env)
@@ -91,6 +95,8 @@ def test_scripts_print_the_command_they_run():
         p = _script("launch/deepspeed.sh", {**env, "DS_LAUNCHER": "openmpi"})
         assert "--launcher openmpi --master_addr localhost --force_multi --launcher_args --mca btl_tcp_if_include lo -x PATH" \
             in p.stdout, show(p)
+        p = _script("launch/deepspeed.sh", {**env, **forwarded, "DS_LAUNCHER": "openmpi"})
+        assert all(f"-x {v}" in p.stdout for v in forwarded), show(p)
     p = _script("launch/deepspeed.sh", {**env, "HOSTFILE": "hostfiles/2nodes-8gpus"})
     assert p.returncode == 2 and "16 slots, but configs/demo.yaml needs world=5" in p.stderr, show(p)
     p = _script("launch/deepspeed.sh", {**env, "DS_LAUNCHER": "pdsh"})
@@ -156,7 +162,7 @@ def test_deepspeed_spawning_without_mpi_is_stopped_with_the_fix(localhost_ssh, t
     itself (no MPI world): every rank must stop at start and say how to launch instead."""
     fdlora = job_env()["FDLORA"]
     cmd = ["deepspeed", "--hostfile", "hostfiles/localhost-5", "--launcher", "mpich",
-           fdlora, "run", DEMO, "--output", str(tmp_path / "run"), *TINY_ARGS]
+           fdlora, "run", DEMO, "--probe", "--output", str(tmp_path / "run"), *TINY_ARGS]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=job_env(), cwd=ROOT)
     out = p.stdout + p.stderr
     assert p.returncode != 0, show(p)
@@ -171,16 +177,16 @@ OPENMPI_SKIP = openmpi_missing()
 
 @pytest.mark.launcher
 @pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
-def test_openmpi_fdlora_launch_runs_the_demo(tmp_path):
-    """`fdlora-cluster launch --mpiexec <Open MPI's mpirun>`: 5 ranks on a 2-core machine (launch
-    lets Open MPI oversubscribe, and allows root); each rank's mpi4py loads Open MPI, or every rank
-    would be a world of its own and the job would stop at start."""
+def test_openmpi_fdlora_launch_probes_the_demo(tmp_path):
+    """`fdlora-cluster launch --probe --mpiexec <Open MPI's mpirun>`: 5 ranks on a 2-core machine
+    (launch lets Open MPI oversubscribe, and allows root); each rank's mpi4py loads Open MPI, or
+    every rank would be a world of its own and the job would stop at start."""
     fdlora = job_env()["FDLORA"]
-    cmd = [fdlora, "launch", "--mpiexec", openmpi_mpirun(), DEMO, "--output", str(tmp_path / "run"), *TINY_ARGS]
+    cmd = [fdlora, "launch", "--probe", "--mpiexec", openmpi_mpirun(), DEMO, "--output", str(tmp_path / "run"), *TINY_ARGS]
     p = run_launcher(cmd, job_env())
     assert p.returncode == 0, show(p)
-    assert f"+ {openmpi_mpirun()} -n 5 " in p.stdout, show(p)
-    check_run(tmp_path / "run", [2, 2])
+    assert f"+ {openmpi_mpirun()} -n 5 " in p.stdout and " --probe" in p.stdout and "probe ok" in p.stdout + p.stderr, show(p)
+    check_run(tmp_path / "run", [2, 2], probe=True)
 
 
 @pytest.mark.launcher
@@ -197,11 +203,12 @@ def test_openmpi_mpirun_script_on_localhost_runs_the_demo(tmp_path):
 
 @pytest.mark.launcher
 @pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
-def test_openmpi_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tmp_path):
-    """DS_LAUNCHER=openmpi launch/deepspeed.sh = deepspeed --launcher openmpi --force_multi, whose
-    runner calls `mpirun -n 5 -hostfile ...`: Open MPI's, put first on PATH by the script."""
-    p = run_launcher(["bash", "launch/deepspeed.sh", *TINY_ARGS], job_env(OUTPUT=str(tmp_path / "run"), DS_LAUNCHER="openmpi"))
+def test_openmpi_deepspeed_launcher_on_localhost_probes_the_demo(localhost_ssh, tmp_path):
+    """DS_LAUNCHER=openmpi launch/deepspeed.sh --probe = deepspeed --launcher openmpi --force_multi,
+    whose runner calls `mpirun -n 5 -hostfile ...`: Open MPI's, put first on PATH by the script."""
+    p = run_launcher(["bash", "launch/deepspeed.sh", "--probe", *TINY_ARGS],
+                     job_env(OUTPUT=str(tmp_path / "run"), DS_LAUNCHER="openmpi"))
     assert p.returncode == 0, show(p)
     assert "mpirun -n 5 -hostfile hostfiles/localhost-5" in p.stdout + p.stderr, "DeepSpeed did not use its openmpi runner"
-    check_run(tmp_path / "run", [2, 2])
+    check_run(tmp_path / "run", [2, 2], probe=True)
 
