@@ -269,8 +269,8 @@ def test_generation_eval_in_a_job_matches_a_single_process(tmp_path, stage):
     and they are what one process computes from the saved adapters. 7 rows over 2 ranks in batches
     of 2: the ranks have uneven rows and batches, so the padding and the lockstep of ZeRO-3's
     collective forwards are exercised."""
-    cfg_path = write_config(tmp_path, "demo.yaml", **TINY, **{
-        "topology.clients": [2, 1], "deepspeed": {"zero_optimization": {"stage": stage}},
+    cfg_path = write_config(tmp_path, "demo.yaml", **{
+        **TINY, "topology.clients": [2, 1], "deepspeed": {"zero_optimization": {"stage": stage}},
         "fusion.budget": 4, "fusion.folds": 1, "train.eval_batch_size": 2,
         "eval.generate": True, "eval.max_new_tokens": 12, "eval.generate_rows": 7})
     cfg = load_config(cfg_path)
