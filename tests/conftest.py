@@ -292,3 +292,32 @@ def strategy_run(tmp_path_factory):
         return runs[key]
 
     return get
+
+
+# The checkpointed runs (whole_run below): 1 server + client 0 [1] + client 1 [2, 3], a one-rank and
+# a two-rank client, 3 rounds, a checkpoint after each (checkpoint.keep = 2 keeps rounds 2 and 3).
+CHECKPOINTED_ROUNDS = 3
+
+
+def checkpointed(strategy: str, stage: int) -> dict:
+    return {**TINY, "strategy": strategy, "train.rounds": CHECKPOINTED_ROUNDS, "topology.clients": [1, 2],
+            "checkpoint.every": 1, "deepspeed": {"zero_optimization": {"stage": stage}}}
+
+
+@pytest.fixture(scope="session")
+def whole_run(tmp_path_factory):
+    """`whole_run(strategy, stage)`: the uninterrupted checkpointed job, made once per session;
+    returns (run directory, config). The resume tests resume copies of it and read its
+    checkpoints; test_jobs.py's ZeRO-2 / ZeRO-3 rounds test reads the fedavg ones."""
+    runs = {}
+
+    def get(strategy: str, stage: int):
+        if (strategy, stage) not in runs:
+            where = tmp_path_factory.mktemp(f"whole-{strategy}-{stage}")
+            config = write_config(where, **checkpointed(strategy, stage))
+            runs[strategy, stage] = where, config, run_ranks(4, ["run", str(config)])
+        where, config, proc = runs[strategy, stage]
+        assert_ok(proc)
+        return where / "run", config
+
+    return get

@@ -8,7 +8,7 @@ import torch
 from fdlora_cluster.config import load_config
 from fdlora_cluster.model import GLOBAL, PERSONAL, add_adapters, adapter_params, build_base
 
-from conftest import TINY, assert_ok, mpi_python, read_metrics, read_summary, run_job, run_ranks, write_config
+from conftest import TINY, assert_ok, mpi_python, read_metrics, read_summary, run_ranks, write_config
 
 pytestmark = pytest.mark.job
 
@@ -67,17 +67,20 @@ def load_saved(path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_rounds_keep_global_identical_on_all_ranks(tmp_path, stage):
-    cfg_path = write_config(tmp_path, "fedavg.yaml", **TINY, deepspeed={"zero_optimization": {"stage": stage}})
-    proc, run_dir = run_job(cfg_path)
-    assert_ok(proc)
+def test_rounds_keep_global_identical_on_all_ranks(whole_run, stage):
+    """fedavg's checkpointed run (conftest.whole_run: a one-rank and a two-rank client, 3 rounds),
+    the one test_resume.py resumes."""
+    run_dir, cfg_path = whole_run("fedavg", stage)
     cfg = load_config(cfg_path)
+    sizes = cfg.client_sizes()
+    assert max(sizes) >= 2, sizes  # a client of several ranks, or "every rank equal" proves little
     received = [m for m in read_metrics(run_dir) if m["event"] == "global_received"]
     rounds = cfg.train.rounds
     assert sorted({m["round"] for m in received}) == list(range(1, rounds + 2))
     by_round = {}
     for m in received:
-        assert len(m["digests"]) == 2 and len(set(m["digests"])) == 1, m  # both ranks of the client equal
+        # every rank of the client holds the same global adapter
+        assert len(m["digests"]) == sizes[m["client"]] and len(set(m["digests"])) == 1, m
         by_round.setdefault(m["round"], set()).update(m["digests"])
     for t, d in by_round.items():
         assert len(d) == 1, f"round {t}: clients hold different global adapters {d}"

@@ -15,18 +15,11 @@ from fdlora_cluster import checkpoint
 from fdlora_cluster.checkpoint import ResumeError, find_checkpoint, validate
 from fdlora_cluster.config import load_config
 
-from conftest import TINY, assert_ok, read_metrics, run_ranks, write_config
+from conftest import CHECKPOINTED_ROUNDS as ROUNDS, assert_ok, checkpointed as settings, read_metrics, run_ranks, write_config
 from test_jobs import load_saved
 
-ROUNDS, KILLED_IN = 3, 3  # rank 2 (client 1's leader) SIGKILLs itself at the start of round 3
-CLIENTS = [1, 2]  # 1 server + client 0 [1] + client 1 [2, 3]: a one-rank and a two-rank client
+KILLED_IN = 3  # rank 2 (client 1's leader) SIGKILLs itself at the start of round 3
 TIMING = {"time", "seconds"}  # wall-clock fields: the only ones allowed to differ
-
-
-def settings(strategy: str, stage: int) -> dict:
-    return {**TINY, "strategy": strategy, "train.rounds": ROUNDS, "topology.clients": CLIENTS, "train.inner_steps": 2,
-            "train.personal_steps": 2, "fusion.budget": 4, "checkpoint.every": 1,
-            "deepspeed": {"zero_optimization": {"stage": stage}}}
 
 
 def adapters(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -39,24 +32,6 @@ def after_round(run_dir: Path, k: int) -> list[dict]:
     without the wall-clock fields."""
     return [{f: v for f, v in r.items() if f not in TIMING} for r in read_metrics(run_dir)
             if r["round"] is None or r["round"] > k]
-
-
-@pytest.fixture(scope="module")
-def whole_run(tmp_path_factory):
-    """`whole_run(strategy, stage)`: the uninterrupted job, made once per module: ROUNDS rounds with
-    a checkpoint after each (checkpoint.keep = 2: rounds 2 and 3 are kept)."""
-    runs = {}
-
-    def get(strategy: str, stage: int):
-        if (strategy, stage) not in runs:
-            where = tmp_path_factory.mktemp(f"whole-{strategy}-{stage}")
-            cfg = write_config(where, **settings(strategy, stage))
-            runs[strategy, stage] = where, cfg, run_ranks(4, ["run", str(cfg)])
-        where, cfg, proc = runs[strategy, stage]
-        assert_ok(proc)
-        return where / "run", cfg
-
-    return get
 
 
 def assert_same_end(whole: Path, run: Path) -> None:
