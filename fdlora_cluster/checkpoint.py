@@ -47,6 +47,7 @@ def config_hash(cfg) -> str:
     d = cfg.to_dict()
     for k in ("output_dir", "checkpoint"):
         d.pop(k, None)
+    d["log"].pop("digests", None)  # what is logged, not computed (and added after checkpoints existed)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -3,6 +3,7 @@ pretrain (the tiny demo base), report (a run's Markdown report and plots).
 
     fdlora-cluster launch configs/demo.yaml --output runs/demo
     mpiexec -n 5 fdlora-cluster run configs/demo.yaml --set train.rounds=5
+    mpiexec -n 5 fdlora-cluster run configs/demo.yaml --probe   # the launch only, no model (probe.py)
     fdlora-cluster check configs/fdlora.yaml
     fdlora-cluster pretrain configs/demo.yaml
     fdlora-cluster report runs/demo
@@ -36,6 +37,12 @@ def _add_resume_arg(p: argparse.ArgumentParser) -> None:
                    help="continue from a checkpoint: `auto` = the newest complete one in the run directory "
                         "(none yet: start from the beginning), RUN_DIR = its newest one, or one "
                         "RUN_DIR/checkpoints/round-<k> directory (docs/RELIABILITY.md)")
+
+
+def _add_probe_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", action="store_true",
+                   help="check the launch, build no model: topology, client worlds, one federation round "
+                        "trip of a small tensor, digests on every rank (fdlora_cluster/probe.py)")
 
 
 def _resume_run_dir(resume: str | None) -> str | None:
@@ -217,9 +224,14 @@ def cmd_run(args) -> int:
         # bars, warnings; from the import of train on) goes to this rank's log file; the console
         # gets our own lines and every error (log.py says which lines go where).
         capture_output(os.path.join(cfg.output_dir, "logs", f"rank-{rank}.log"))
-        from . import train
+        if getattr(args, "probe", False):
+            from . import probe
 
-        train.run(cfg, resume=args.resume)
+            probe.run(cfg)
+        else:
+            from . import train
+
+            train.run(cfg, resume=args.resume)
     except TopologyError as e:
         # Raised before any communication, the same on every rank (the world does not fit the
         # config, or no MPI world at all): say it once, without a traceback, and exit like a config error.
@@ -257,6 +269,10 @@ def _before_start(args, rank: int):
             client = RankPlan(tuple(cfg.client_sizes())).client_of(rank)
             if client is not None:  # None: a world larger than the config, which train.run refuses
                 check_responses_fit(get_tokenizer(cfg.model.path), clients[client], cfg.train.max_seq_len)
+            base = cfg.model.pretrained
+            if base and not os.path.isfile(os.path.join(base, "model.safetensors")):
+                raise ConfigError(f"model.pretrained = {base}: no model.safetensors there; run "
+                                  "`fdlora-cluster pretrain CONFIG` first (`fdlora-cluster launch` does)")
         check_environment(cfg, args.config, roles=("server",) if rank == 0 else ("client",))
         return cfg, None
     except ConfigError as e:
@@ -309,12 +325,15 @@ def cmd_launch(args) -> int:
     env.setdefault("FDLORA_CONSOLE_TTY", "1" if sys.stdout.isatty() else "0")
     from .pretrain import ensure_pretrained
 
-    ensure_pretrained(cfg)  # in this one process, with every core, before the ranks start
+    if not args.probe:  # a probe builds no model
+        ensure_pretrained(cfg)  # in this one process, with every core, before the ranks start
     cmd = [find_mpiexec(args.mpiexec), "-n", str(n), sys.executable, "-m", "fdlora_cluster.cli", "run", args.config]
     if args.output:
         cmd += ["--output", args.output]
     if args.resume:
         cmd += ["--resume", args.resume]
+    if args.probe:
+        cmd += ["--probe"]
     for o in args.overrides:
         cmd += ["--set", o]
     print("+ " + " ".join(cmd), flush=True)
@@ -379,15 +398,18 @@ def main(argv=None) -> int:
     # The local rank comes from the topology (topology.place_gpus), never from this flag.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     _add_resume_arg(p)
+    _add_probe_arg(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("launch", help="start every rank on this machine with mpiexec")
     _add_config_args(p)
     _add_resume_arg(p)
+    _add_probe_arg(p)
     p.add_argument("--mpiexec", help="mpiexec to use (default: the one next to python, then PATH)")
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("check", help="validate the config and print the topology; no training")
     _add_config_args(p)
     _add_resume_arg(p)  # accepted, so that a launch script can pass `run`'s arguments on to check
+    _add_probe_arg(p)  # the same
     p.add_argument("--world-size", action="store_true",
                    help="print only the number of ranks the job needs, 1 + sum(topology.clients)")
     p.set_defaults(func=cmd_check)

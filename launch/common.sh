@@ -16,17 +16,24 @@
 #   find_mpiexec          sets MPIEXEC unless it is set: MPI=openmpi: Open MPI's mpirun; otherwise
 #                         the mpiexec next to fdlora-cluster's Python (the pip mpich wheel in the
 #                         virtualenv), else mpiexec or mpirun on PATH
+#   mpi_kind              sets MPI (mpich | openmpi) unless it is set, from `$MPIEXEC --version`
+#   openmpi_forward       sets OPENMPI_X to Open MPI's `-x VAR` flags for every variable of
+#                         OPENMPI_FORWARD that is set: the one list of what remote ranks get
+#   slurm_prelude         what every .sbatch does first: CONFIG and OUTPUT defaults, VENV activated,
+#                         FDLORA, OMP_NUM_THREADS from --cpus-per-task, Open MPI allowed as root
 #   remove_stale_mpich_shm
 #                         removes this user's MPICH shared-memory segments on this node that no
 #                         live process has mapped (what a killed job leaves in /dev/shm)
 #
 # Who uses what:
-#   launch/mpirun.sh                    fdlora_bin, find_mpiexec (+ openmpi_bin), world_size
-#   launch/deepspeed.sh                 fdlora_bin, world_size, openmpi_bin
+#   launch/mpirun.sh                    fdlora_bin, find_mpiexec (+ openmpi_bin), mpi_kind, world_size,
+#                                       openmpi_forward
+#   launch/deepspeed.sh                 fdlora_bin, world_size, openmpi_bin, openmpi_forward
 #   launch/slurm/fdlora-srun.sh         fdlora_bin, world_size
-#   launch/slurm/fdlora.sbatch          fdlora_bin, world_size, require_ntasks
-#   launch/slurm/fdlora-requeue.sbatch  fdlora_bin, world_size, require_ntasks, remove_stale_mpich_shm
-#   launch/slurm/fdlora-mpiexec.sbatch  fdlora_bin, find_mpiexec, world_size, require_ntasks
+#   launch/slurm/fdlora.sbatch          slurm_prelude, world_size, require_ntasks
+#   launch/slurm/fdlora-requeue.sbatch  slurm_prelude, world_size, require_ntasks, remove_stale_mpich_shm
+#   launch/slurm/fdlora-mpiexec.sbatch  slurm_prelude, find_mpiexec, mpi_kind, world_size, require_ntasks,
+#                                       openmpi_forward
 #
 # How they find it: the .sh scripts beside themselves, `source "$(dirname "${BASH_SOURCE[0]}")/common.sh"`
 # (../common.sh from launch/slurm/). sbatch runs a COPY of the batch script from Slurm's spool
@@ -85,6 +92,35 @@ find_mpiexec() {
         MPIEXEC=$( { [[ -x "$py_bin/mpiexec" ]] && echo "$py_bin/mpiexec"; } || command -v mpiexec || command -v mpirun || true)
     fi
     [[ -n "$MPIEXEC" ]] || { echo "no mpiexec found: pip install mpich, or load your cluster's MPI module (module load ...)" >&2; exit 2; }
+}
+
+mpi_kind() {
+    if [[ -z "${MPI:-}" ]]; then
+        if "$MPIEXEC" --version 2>&1 | grep -qiE "open ?mpi|openrte"; then MPI=openmpi; else MPI=mpich; fi
+    fi
+}
+
+# Open MPI's remote ranks get only the variables named by -x (MPICH's Hydra and srun pass the whole
+# environment): these, when set, for every script that starts ranks with Open MPI's mpirun.
+OPENMPI_FORWARD=(PATH LD_LIBRARY_PATH PYTHONPATH OMP_NUM_THREADS DS_ACCELERATOR FDLORA_RENDEZVOUS_ADDR
+                 GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME CUDA_VISIBLE_DEVICES MPI4PY_MPIABI MPI4PY_LIBMPI)
+
+openmpi_forward() {
+    local v
+    OPENMPI_X=()
+    for v in "${OPENMPI_FORWARD[@]}"; do
+        if [[ -n "${!v:-}" ]]; then OPENMPI_X+=(-x "$v"); fi
+    done
+}
+
+slurm_prelude() {
+    CONFIG=${CONFIG:-configs/demo.yaml}
+    OUTPUT=${OUTPUT:-runs/${SLURM_JOB_NAME:-fdlora}-${SLURM_JOB_ID:-local}}
+    if [[ -n "${VENV:-}" ]]; then source "$VENV/bin/activate"; fi
+    fdlora_bin
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    # Open MPI refuses to start as root without these (harmless for MPICH and srun)
+    export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
 }
 
 remove_stale_mpich_shm() {

@@ -29,13 +29,13 @@
 #   TCP_IF       the network for MPI's TCP traffic: interface(s) or a subnet, e.g. ib0 or
 #                10.0.0.0/16 (default: lo for a one-host hostfile, else eth0, DeepSpeed's default)
 #   MPI_ARGS     more mpirun flags. Remote ranks get only the variables named by -x (and DeepSpeed's
-#                own list); the script adds -x for PATH, LD_LIBRARY_PATH, OMP_NUM_THREADS,
-#                DS_ACCELERATOR, FDLORA_RENDEZVOUS_ADDR, GLOO/NCCL_SOCKET_IFNAME, MPI4PY_* when set.
+#                own list); the script adds -x for each variable of OPENMPI_FORWARD in common.sh
+#                that is set (PATH, LD_LIBRARY_PATH, PYTHONPATH, CUDA_VISIBLE_DEVICES, ...).
 #   FDLORA       the entry point (default: fdlora-cluster on PATH, as an absolute path)
 #   DRY_RUN      1 = print the command only
 # Arguments: passed on to `fdlora-cluster run` (e.g. --set train.rounds=5).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fdlora_bin, world_size, openmpi_bin
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fdlora_bin, world_size, openmpi_bin, openmpi_forward
 
 CONFIG=${CONFIG:-configs/demo.yaml}
 OUTPUT=${OUTPUT:-}
@@ -75,10 +75,8 @@ if [[ "$DS_LAUNCHER" == openmpi ]]; then
     export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
     TCP_IF=${TCP_IF:-$( (( nhosts == 1 )) && echo lo || echo eth0)}
     mpi_args="--mca btl_tcp_if_include $TCP_IF"
-    for v in PATH LD_LIBRARY_PATH OMP_NUM_THREADS DS_ACCELERATOR FDLORA_RENDEZVOUS_ADDR GLOO_SOCKET_IFNAME \
-             NCCL_SOCKET_IFNAME MPI4PY_MPIABI MPI4PY_LIBMPI; do
-        [[ -n "${!v:-}" ]] && mpi_args+=" -x $v"
-    done
+    openmpi_forward
+    mpi_args+=" ${OPENMPI_X[*]}"
     cmd+=(--launcher_args "$mpi_args${MPI_ARGS:+ $MPI_ARGS}")
 fi
 # The user script is the console script itself (a Python file): DeepSpeed's MPI runners run

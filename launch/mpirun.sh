@@ -30,13 +30,13 @@
 #             (Hydra passes the whole environment to every rank; -genv K V sets one more)
 #   Open MPI: mpirun -np NP --map-by slot --host node-a:3,node-b:2 -x PATH -x LD_LIBRARY_PATH
 #             -x OMP_NUM_THREADS ... fdlora-cluster run CONFIG
-#             (remote ranks get only the variables named by -x; as root mpirun also needs
+#             (remote ranks get only the variables named by -x: OPENMPI_FORWARD in common.sh; as root mpirun also needs
 #             OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; without HOSTS it may
 #             start more ranks than cores: --oversubscribe, as MPICH does)
 # Each rank's mpi4py loads the library of the MPI that started it (fdlora-cluster run reads the
 # launcher's variables; MPI4PY_LIBMPI / MPI4PY_MPIABI, forwarded when set, override it).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fdlora_bin, find_mpiexec, world_size
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # fdlora_bin, find_mpiexec, mpi_kind, world_size, openmpi_forward
 
 CONFIG=${CONFIG:-configs/demo.yaml}
 OUTPUT=${OUTPUT:-}
@@ -45,9 +45,7 @@ MPI_ARGS=${MPI_ARGS:-}
 DRY_RUN=${DRY_RUN:-0}
 fdlora_bin
 find_mpiexec
-if [[ -z "${MPI:-}" ]]; then
-    if "$MPIEXEC" --version 2>&1 | grep -qiE "open ?mpi|openrte"; then MPI=openmpi; else MPI=mpich; fi
-fi
+mpi_kind
 NP=${NP:-$(world_size "$CONFIG" "$@")}
 [[ -n "$OUTPUT" ]] && set -- --output "$OUTPUT" "$@"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -61,10 +59,8 @@ case "$MPI" in
         export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
         cmd=("$MPIEXEC" -np "$NP" --map-by slot)
         if [[ -n "$HOSTS" ]]; then cmd+=(--host "$HOSTS"); else cmd+=(--oversubscribe); fi
-        for v in PATH LD_LIBRARY_PATH PYTHONPATH OMP_NUM_THREADS DS_ACCELERATOR FDLORA_RENDEZVOUS_ADDR \
-                 GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME CUDA_VISIBLE_DEVICES MPI4PY_MPIABI MPI4PY_LIBMPI; do
-            [[ -n "${!v:-}" ]] && cmd+=(-x "$v")
-        done
+        openmpi_forward  # -x for each variable of common.sh's OPENMPI_FORWARD that is set
+        cmd+=("${OPENMPI_X[@]}")
         ;;
     *) echo "MPI=$MPI: expected mpich or openmpi" >&2; exit 2 ;;
 esac

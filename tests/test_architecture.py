@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 PKG = Path(__file__).resolve().parents[1] / "fdlora_cluster"
 
 

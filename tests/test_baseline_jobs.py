@@ -1,5 +1,8 @@
 """FedDPA (-T, -F) and Ditto in real short jobs (mpiexec + gloo): what each trains, when, with
-which adapters in the forward, and what moves (tests/mpi_scripts/probe_personal.py records it)."""
+which adapters in the forward, and what moves (tests/mpi_scripts/inspect_run.py records it).
+The jobs are each strategy's one tapped run (conftest.strategy_run: 3 rounds, one-rank clients;
+FedDPA-T with local_weight 0.3, Ditto with lambda 50 and 4 personal steps a round), shared with
+the strategy's result and privacy tests; Ditto's lambda 0 run is this file's own."""
 
 import json
 
@@ -8,18 +11,17 @@ import torch
 
 from fdlora_cluster.state import GLOBAL, PERSONAL
 
-from conftest import TINY, assert_ok, read_metrics, read_summary, write_config
-from test_jobs import mpi_python
+from conftest import STRATEGY_RUN, read_metrics, read_summary
+
+pytestmark = pytest.mark.job
+
 
 SCALE = 8 / 4  # demo.yaml: lora alpha 8, r 4 for both adapters
-SMALL = {**TINY, "topology.clients": [1, 1], "train.rounds": 3}
 
 
-def probe(tmp_path, config: str, **sets):
-    cfg_path = write_config(tmp_path, config, **{**SMALL, **sets})
-    out = tmp_path / "probe"
-    assert_ok(mpi_python(3, "probe_personal.py", cfg_path, out, timeout=600))
-    run_dir = tmp_path / "run"
+def probe(strategy_run, name: str, **sets):
+    run = strategy_run(name, **sets)
+    out, run_dir = run.out, run.dir
     phases = {c: json.loads((out / f"phases-rank-{r}.json").read_text())["phases"] for c, r in ((0, 1), (1, 2))}
     received = {(m["client"], m["round"]): m["digests"][0] for m in read_metrics(run_dir) if m["event"] == "global_received"}
     return phases, received, run_dir, out
@@ -39,8 +41,8 @@ def check_local_with_global_active(p, local_weight):
     assert p["before"][GLOBAL] == p["after"][GLOBAL] and p["before"][PERSONAL] != p["after"][PERSONAL]
 
 
-def test_feddpa_T_trains_local_each_round_with_the_received_global_active(tmp_path):
-    phases, received, run_dir, _ = probe(tmp_path, "feddpa.yaml", **{"feddpa.local_weight": 0.3})
+def test_feddpa_T_trains_local_each_round_with_the_received_global_active(strategy_run):
+    phases, received, run_dir, _ = probe(strategy_run, "feddpa")  # feddpa.local_weight 0.3 (STRATEGY_SETS)
     for c, ps in phases.items():
         # round 1: the global adapter only; rounds 2 and 3: local (with global active) first, then global
         assert [(p["round"], p["adapter"]) for p in ps] == [
@@ -63,9 +65,9 @@ def test_feddpa_T_trains_local_each_round_with_the_received_global_active(tmp_pa
     assert {m["client"] for m in weights} == {0, 1} and all("global_weight" in m for m in weights)
 
 
-def test_feddpa_F_trains_local_once_after_the_rounds_with_the_final_global_active(tmp_path):
-    phases, received, run_dir, _ = probe(tmp_path, "feddpa_f.yaml")
-    K = SMALL["train.inner_steps"]
+def test_feddpa_F_trains_local_once_after_the_rounds_with_the_final_global_active(strategy_run):
+    phases, received, run_dir, _ = probe(strategy_run, "feddpa_f")
+    K = STRATEGY_RUN["train.inner_steps"]
     for c, ps in phases.items():
         assert [(p["round"], p["adapter"]) for p in ps] == [(1, GLOBAL), (2, GLOBAL), (3, GLOBAL), (4, PERSONAL)]
         for p in ps[:-1]:
@@ -77,18 +79,14 @@ def test_feddpa_F_trains_local_once_after_the_rounds_with_the_final_global_activ
     assert all(set(c["metrics"]) == {PERSONAL, GLOBAL, "fused"} for c in read_summary(run_dir)["clients"])
 
 
-def ditto(tmp_path, lam):
-    tmp_path.mkdir()
-    return probe(tmp_path, "ditto.yaml", **{"ditto.lambda": lam, "personal.steps_per_round": 4, "train.rounds": 2})
-
-
-def test_ditto_pulls_the_personal_adapter_to_the_global_one(tmp_path):
-    far, _, _, far_out = ditto(tmp_path / "lam0", 0.0)
-    near, received, run_dir, near_out = ditto(tmp_path / "lam50", 50.0)
+def test_ditto_pulls_the_personal_adapter_to_the_global_one(strategy_run):
+    far, _, _, far_out = probe(strategy_run, "ditto", **{"ditto.lambda": 0.0})
+    near, received, run_dir, near_out = probe(strategy_run, "ditto")  # lambda 50 (STRATEGY_SETS)
+    rounds = STRATEGY_RUN["train.rounds"]
     for c in (0, 1):
         ps = near[c]
         # each round: the global adapter (FedAvg), then the personal one, alone in the forward
-        assert [(p["round"], p["adapter"]) for p in ps] == [(1, GLOBAL), (1, PERSONAL), (2, GLOBAL), (2, PERSONAL)]
+        assert [(p["round"], p["adapter"]) for p in ps] == [(t, a) for t in range(1, rounds + 1) for a in (GLOBAL, PERSONAL)]
         for p in ps:
             if p["adapter"] == GLOBAL:
                 check_global_phase(p)
@@ -98,7 +96,7 @@ def test_ditto_pulls_the_personal_adapter_to_the_global_one(tmp_path):
         # v starts as the first global adapter received
         assert ps[1]["before"][PERSONAL] == received[(c, 1)] and ps[1]["anchor_distance_before"] == 0.0
         # lambda pulls v to the round's global adapter: with lambda 0 it drifts off freely
-        for r in (1, 3):
+        for r in range(1, 2 * rounds, 2):  # each round's personal phase
             assert near[c][r]["anchor_distance_after"] < 0.5 * far[c][r]["anchor_distance_after"], (c, r)
     # the global adapter trains as in FedAvg: lambda does not touch it
     for r in (1, 2):

@@ -11,10 +11,11 @@ from fdlora_cluster.config import ConfigError, load_config
 from fdlora_cluster.engine import proximal_term
 from fdlora_cluster.evaluation import instance_global_weights, reference_sample
 from fdlora_cluster.state import GLOBAL, PERSONAL
-from fdlora_cluster.strategies import Ditto, FedDPA, make_strategy
 
 from one_rank import OneRank
 from conftest import CONFIGS, write_config
+
+pytestmark = pytest.mark.unit
 
 
 # ---------------------------------------------------------------- FedDPA's instance-wise weight

@@ -20,6 +20,7 @@ def change(seed=0):
     return {"a": torch.randn(4, 300, generator=g) * 1e-3, "b": torch.randn(7, generator=g), "z": torch.zeros(3, 5)}
 
 
+@pytest.mark.unit
 def test_bf16_is_a_cast_and_halves_the_bytes():
     c = Codec("bf16")
     x = change()
@@ -32,6 +33,7 @@ def test_bf16_is_a_cast_and_halves_the_bytes():
     assert torch.equal(packed.pack(wire).view(torch.bfloat16)[:4], x["a"].reshape(-1)[:4].to(torch.bfloat16))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("block", [0, 64, 256])
 def test_int8_error_is_at_most_half_a_step_per_block(block):
     c = Codec("int8", block)
@@ -57,6 +59,7 @@ def test_int8_error_is_at_most_half_a_step_per_block(block):
     assert bytes_ == expected
 
 
+@pytest.mark.unit
 def test_error_feedback_carries_what_rounding_lost_to_the_next_send():
     """Sending changes d_1..d_T with error feedback: the decoded sum plus the last residual is the
     true sum (up to float32 addition), while without feedback the rounding error piles up."""
@@ -80,6 +83,7 @@ def test_error_feedback_carries_what_rounding_lost_to_the_next_send():
     assert fb_err < plain_err
 
 
+@pytest.mark.unit
 def test_bad_modes_and_blocks_are_refused():
     with pytest.raises(ValueError, match="compression 'fp8'"):
         Codec("fp8")
@@ -87,6 +91,7 @@ def test_bad_modes_and_blocks_are_refused():
         Codec("int8", -1)
 
 
+@pytest.mark.job
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
 def test_compressed_job_counts_true_bytes_and_every_rank_holds_the_same_global(tmp_path, mode):
     rounds = 3
@@ -119,6 +124,7 @@ def test_compressed_job_counts_true_bytes_and_every_rank_holds_the_same_global(t
     assert by_round[1] != by_round[rounds + 1]
 
 
+@pytest.mark.unit
 def test_compress_config_errors(tmp_path):
     from fdlora_cluster.config import ConfigError, load_config
 

@@ -10,6 +10,8 @@ from fdlora_cluster.topology import RankPlan, TopologyError
 
 from conftest import CONFIGS, write_config
 
+pytestmark = pytest.mark.unit
+
 
 def demo_raw():
     from fdlora_cluster.config import read_yaml

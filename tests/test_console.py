@@ -11,19 +11,18 @@ import pytest
 
 from fdlora_cluster import log as fdlog
 
-from conftest import TINY, assert_ok, run_ranks, write_config
+from conftest import TINY, assert_ok
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("console")
-    cfg = write_config(tmp, **TINY)
-    # torch's C++ logging at INFO: lines written by C code to fd 2 of every client rank, as other
-    # libraries' prints are; they must land in the rank's log file, not here
-    proc = run_ranks(5, ["run", str(cfg)], env={"TORCH_CPP_LOG_LEVEL": "INFO"})
-    return proc, tmp / "run"
+def job(finished_run):
+    """The suite's shared finished run (conftest.finished_run): `fdlora-cluster run` of the demo,
+    TINY, with torch's C++ logging at INFO: lines written by C code to fd 2 of every client rank, as
+    other libraries' prints are; they must land in the rank's log file, not here."""
+    return finished_run.proc, finished_run.dir
 
 
+@pytest.mark.job
 def test_the_console_has_one_line_per_round_and_phase(job):
     proc, run = job
     assert_ok(proc)
@@ -40,6 +39,7 @@ def test_the_console_has_one_line_per_round_and_phase(job):
     assert "results per client" in proc.stdout
 
 
+@pytest.mark.job
 def test_each_round_line_has_the_clients_mean_training_loss(job):
     """Every update carries its leader's mean loss over the round's steps: the server records them
     (metrics.jsonl, in the order of `clients`) and prints their mean in the round's line."""
@@ -57,6 +57,7 @@ def test_each_round_line_has_the_clients_mean_training_loss(job):
         assert f"client loss {mean:.4f};" in line, line
 
 
+@pytest.mark.job
 def test_steps_and_library_output_are_in_the_log_files_only(job):
     proc, run = job
     out = proc.stdout + proc.stderr
@@ -72,10 +73,12 @@ def test_steps_and_library_output_are_in_the_log_files_only(job):
         assert re.search(r"^\[I\d{4} .*\[c10d\]", text, re.M), rank
 
 
+@pytest.mark.unit
 def test_the_progress_rule():
     assert fdlog.use_bar("bar") and not fdlog.use_bar("lines")
 
 
+@pytest.mark.unit
 def test_auto_progress_follows_the_launchers_terminal(monkeypatch):
     monkeypatch.setenv("FDLORA_CONSOLE_TTY", "1")
     assert fdlog.use_bar("auto")
@@ -86,6 +89,7 @@ def test_auto_progress_follows_the_launchers_terminal(monkeypatch):
     assert not fdlog.use_bar("auto")
 
 
+@pytest.mark.unit
 def test_the_bar_carries_the_rounds_and_lines_print_above_it(tmp_path, monkeypatch):
     screen = io.StringIO()
     monkeypatch.setitem(fdlog._console, "out", screen)

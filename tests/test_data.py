@@ -12,6 +12,8 @@ from fdlora_cluster.config import DataConfig
 from fdlora_cluster.data import (IGNORE_INDEX, ByteTokenizer, ClientData, DataError, Example, check_responses_fit,
                                  collate, encode_example, load_clients, partition_dirichlet, partition_iid, read_jsonl)
 
+pytestmark = pytest.mark.unit
+
 
 def write(path, lines):
     path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")

@@ -19,6 +19,8 @@ from fdlora_cluster.data.hf import read_dataset
 
 from test_data import rows, write
 
+pytestmark = pytest.mark.unit
+
 
 def cfg(files, **kw):
     kw.setdefault("source", "jsonl")

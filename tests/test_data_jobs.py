@@ -3,12 +3,16 @@ with `data.source: hf` by every client rank at once (mpiexec + gloo, like tests/
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
 import time
 
 from conftest import ROOT, TINY, assert_ok, job_env, read_summary, run_job, run_ranks, write_config
+
+pytestmark = pytest.mark.job
 
 
 def test_a_job_on_named_chat_and_instruction_files_read_through_datasets(tmp_path):

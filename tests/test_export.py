@@ -3,8 +3,6 @@ PEFT / transformers, compared with the logits the trainer itself computed at the
 
 import json
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -12,31 +10,22 @@ import torch
 import yaml
 
 from fdlora_cluster.cli import main
-from fdlora_cluster.config import load_config
 
-from conftest import JOB_TIMEOUT, ROOT, assert_ok, job_env, mpiexec, write_config
+from conftest import ROOT, assert_ok
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """fdlora on 1 server + 2 one-rank clients, one round; inspect_run.py dumps each leader's logits
-    of a probe batch with every adapter active, from the trainer's own (DeepSpeed) model."""
-    tmp = tmp_path_factory.mktemp("export")
-    cfg_path = write_config(tmp, "demo.yaml", **{
-        "topology.clients": [1, 1], "train.rounds": 1, "train.inner_steps": 3, "train.personal_steps": 6,
-        "data.rows_per_client": 40, "fusion.budget": 3})
-    cmd = [mpiexec(), "-n", "3", sys.executable, str(ROOT / "tests" / "mpi_scripts" / "inspect_run.py"),
-           str(cfg_path), str(tmp / "inspect")]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=job_env(), cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"job timed out after {JOB_TIMEOUT}s: {' '.join(cmd)}")
-    assert_ok(proc)
-    logits = {c: torch.load(tmp / "inspect" / f"logits-rank-{c + 1}.pt") for c in (0, 1)}
+def run(finished_run):
+    """The suite's shared finished run (conftest.finished_run: fdlora, 1 server + 2 clients x 2
+    ranks); inspect_run.py dumped each leader's logits of a probe batch with every adapter active,
+    from the trainer's own (DeepSpeed) model."""
+    assert_ok(finished_run.proc)
+    leaders = {0: 1, 1: 3}
+    logits = {c: torch.load(finished_run.out / f"logits-rank-{r}.pt") for c, r in leaders.items()}
     assert all(logits[c]["client"] == c for c in (0, 1))
-    return SimpleNamespace(dir=tmp / "run", tmp=tmp, cfg=load_config(cfg_path), logits=logits)
+    return SimpleNamespace(dir=finished_run.dir, tmp=finished_run.tmp, cfg=finished_run.cfg, logits=logits)
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +39,9 @@ def forward(model, batch):
         return model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
-# Both clients' fused adapters: with budget 3 the search scores only its anchors; in this run (seed 0), client 0's fused acting as
-# its personal adapter and client 1's as its global one, so exporting the wrong one fails either case.
+# Both clients' fused adapters: with budget 3 the search scores only its anchors; in the shared run (seed 0), client 0's fused
+# acts as its global adapter and client 1's as its personal one, so exporting the wrong one fails either case.
+@pytest.mark.job
 @pytest.mark.parametrize("client,adapter", [(0, "personal"), (0, "global"), (0, "fused"), (1, "fused")])
 def test_peft_export_reproduces_the_run(run, tmp_path, client, adapter):
     from peft import AutoPeftModelForCausalLM, PeftModel
@@ -76,6 +66,7 @@ def test_peft_export_reproduces_the_run(run, tmp_path, client, adapter):
     assert lora["base_model_name_or_path"] == str(out / "base")
 
 
+@pytest.mark.job
 def test_merged_export_is_a_plain_checkpoint(run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +86,7 @@ def test_merged_export_is_a_plain_checkpoint(run, tmp_path):
     torch.testing.assert_close(forward(model, batch), dumped["logits"]["fused"], **TOL)
 
 
+@pytest.mark.job
 def test_a_model_path_base_is_referenced_not_copied(run, tmp_path):
     """A run on a local checkpoint (model.path): the same run with its base given as the checkpoint
     the demo export writes, the tokenizer then read from that checkpoint as the trainer would."""
@@ -123,6 +115,7 @@ def test_a_model_path_base_is_referenced_not_copied(run, tmp_path):
                                dumped["logits"]["fused"], **TOL)
 
 
+@pytest.mark.unit
 def test_byte_tokenizer_matches_the_trainers():
     from fdlora_cluster.data.tokenizer import ByteTokenizer
     from fdlora_cluster.export import byte_tokenizer_hf
@@ -145,6 +138,7 @@ def copy_run(run, tmp_path, edit=None):
     return dst
 
 
+@pytest.mark.job
 def test_export_errors_say_what_is_wrong(run, tmp_path, capsys):
     def fails(run_dir, *args, out=None):
         out = out or tmp_path / "never"

@@ -31,6 +31,7 @@ def seconds_after_fault(out: str, ended: float) -> float:
     return ended - float(m.group(1))
 
 
+@pytest.mark.job
 @pytest.mark.parametrize("fault, who, says", [
     ("raise@rank=3,round=2", "leader raises: the server waits on it", "[rank 3] error: RuntimeError: injected fault on rank 3"),
     ("raise@rank=0,round=2", "server raises: the leaders wait on it", "[rank 0] error: RuntimeError: injected fault on rank 0"),
@@ -44,6 +45,7 @@ def test_a_failure_ends_the_job_within_60s_with_its_cause(tmp_path, fault, who, 
     assert seconds_after_fault(out, ended) < 60, who
 
 
+@pytest.mark.job
 def test_a_non_finite_update_is_dropped_for_its_round_and_the_job_finishes(tmp_path):
     proc, _, out = fault_job(tmp_path, "nan_update@client=1,round=2")
     assert_ok(proc)
@@ -53,6 +55,7 @@ def test_a_non_finite_update_is_dropped_for_its_round_and_the_job_finishes(tmp_p
     assert "update of client 1 rejected" in out
 
 
+@pytest.mark.job
 def test_too_few_usable_updates_fail_the_round_with_the_reason(tmp_path):
     proc, _, out = fault_job(tmp_path, "nan_samples@client=1,round=1", **{"federation.min_clients": 2})
     assert proc.returncode != 0
@@ -60,6 +63,7 @@ def test_too_few_usable_updates_fail_the_round_with_the_reason(tmp_path):
     assert "Traceback" not in out  # a FederationError is said plainly
 
 
+@pytest.mark.unit
 def test_rejection_names_each_reason():
     ref = {"a": torch.zeros(2, 3), "b": torch.zeros(3)}
     ok = ClientUpdate(4, 1, 10.0, {"a": torch.ones(2, 3), "b": torch.ones(3)})
@@ -74,6 +78,7 @@ def test_rejection_names_each_reason():
     assert rejection(ok, 4, ref, 3.5) is None
 
 
+@pytest.mark.unit
 def test_layouts_that_differ_are_named():
     a = Layout.of({"x": torch.zeros(2, 3), "y": torch.zeros(4)})
     assert a.describe_difference(Layout.of({"x": torch.zeros(2, 3), "y": torch.zeros(4)})) is None
@@ -83,6 +88,7 @@ def test_layouts_that_differ_are_named():
         a.unpack(torch.zeros(5, dtype=torch.uint8))
 
 
+@pytest.mark.job
 def test_a_slow_client_misses_a_round_and_the_run_finishes(tmp_path):
     """Client 1's leader sends its round-2 update 12 s late; with round_timeout_s = 6 the server
     aggregates round 2 without it, recognises the late update in round 3 and drops it, and client 1
@@ -103,6 +109,7 @@ def test_a_slow_client_misses_a_round_and_the_run_finishes(tmp_path):
     assert "late update of client 1 (round 2) dropped" in out
 
 
+@pytest.mark.job
 def test_a_leftover_deepspeed_build_lock_does_not_hold_the_job(tmp_path):
     """DeepSpeed's CPU backend would JIT-load its shared-memory op at init, taking torch's build
     lock; a rank killed holding it left the file, and every later job waited on it for ever (CI

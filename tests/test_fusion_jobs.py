@@ -8,6 +8,8 @@ from fdlora_cluster.config import load_config
 
 from conftest import TINY, assert_ok, read_metrics, read_summary, run_job, write_config
 
+pytestmark = pytest.mark.job
+
 
 def fewshot_loss_of_saved(cfg, client: int, path) -> float:
     """Mean token loss of the saved PEFT adapter on the client's search rows, with plain PEFT."""

@@ -8,6 +8,8 @@ import torch
 from fdlora_cluster.fusion import (ANCHORS, Objective, RowScores, delta_weight, fuse, per_module, search_weights,
                                    weight_groups)
 
+pytestmark = pytest.mark.unit
+
 MODULES = [f"base_model.model.model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
 
 

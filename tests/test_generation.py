@@ -24,6 +24,7 @@ from conftest import (CONFIGS, JOB_TIMEOUT, ROOT, TINY, assert_ok, job_env, mpie
 # --------------------------------------------------------------------------- metrics
 
 
+@pytest.mark.unit
 def test_exact_match_normalises_whitespace_only():
     assert normalize("  the  cat\n sat\t") == "the cat sat"
     assert exact_match(" abnormal\n", "abnormal") == 1.0
@@ -33,6 +34,7 @@ def test_exact_match_normalises_whitespace_only():
     assert exact_match("", "   ") == 1.0
 
 
+@pytest.mark.unit
 def test_lcs_by_hand():
     assert lcs_length("a b a b".split(), "b a b a".split()) == 3
     assert lcs_length("a b c".split(), "x y".split()) == 0
@@ -40,6 +42,7 @@ def test_lcs_by_hand():
     assert lcs_length("a b c d e".split(), "a c e".split()) == 3
 
 
+@pytest.mark.unit
 def test_rouge_l_by_hand():
     # LCS "the cat on the mat" = 5 of 6 tokens each way: P = R = F = 5/6
     assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
@@ -62,6 +65,7 @@ def one_rank():
     return OneRank(seed=3, scale=0.05, overrides=["eval.generate=true", "eval.max_new_tokens=12"])
 
 
+@pytest.mark.unit
 def test_prompt_is_what_training_puts_before_the_response():
     """A prompt/response row: its prompt; a chat row: every turn before the last assistant turn's
     content (earlier answers with their eos, the last header included); cut from the left."""
@@ -90,6 +94,7 @@ def argmax_loop(model, prompt: list[int], max_new: int, eos: int) -> list[int]:
     return out
 
 
+@pytest.mark.unit
 def test_batched_cached_decoding_equals_a_plain_argmax_loop(one_rank):
     from fdlora_cluster.model import set_active
 
@@ -108,6 +113,7 @@ def test_batched_cached_decoding_equals_a_plain_argmax_loop(one_rank):
     assert greedy_decode(cached_forward(e.model, e.model), prompts, 12, e.tok.eos_id, e.tok.pad_id) != got
 
 
+@pytest.mark.unit
 def test_padding_and_positions_matter_on_absolute_positions():
     """On Llama (RoPE) a shift of every position changes nothing, so the test above cannot see the
     position ids; GPT-2's learned absolute positions can. A random tiny GPT-2 (init wide enough that
@@ -129,6 +135,7 @@ def test_padding_and_positions_matter_on_absolute_positions():
     assert greedy_decode(lambda i, m, p, c: forward(i, torch.ones_like(m), p, c), prompts, 10, 257, 256) != want
 
 
+@pytest.mark.unit
 def test_decoding_stops_at_eos_and_every_rank_steps_while_any_has_work():
     """A fake model that says eos after k tokens: rows stop there; `keep_going` sees every step."""
     eos = 9
@@ -149,6 +156,7 @@ def test_decoding_stops_at_eos_and_every_rank_steps_while_any_has_work():
     assert out == [[], [1], [1, 1]]
 
 
+@pytest.mark.unit
 def test_engine_evaluate_reports_generation_as_a_hand_loop_scores_it(one_rank):
     from fdlora_cluster.model import set_active
 
@@ -163,6 +171,7 @@ def test_engine_evaluate_reports_generation_as_a_hand_loop_scores_it(one_rank):
     assert out["generated_rows"] == 5 and "loss" in out and "perplexity" in out
 
 
+@pytest.mark.unit
 def test_generate_rows_and_metrics_limit_what_is_decoded_and_reported():
     e = OneRank(seed=3, scale=0.05, overrides=["eval.generate=true", "eval.max_new_tokens=4", "eval.generate_rows=3", 'eval.metrics=["rouge_l"]'])
     out = e.evaluate(e.data.test[:5], PERSONAL)
@@ -170,6 +179,7 @@ def test_generate_rows_and_metrics_limit_what_is_decoded_and_reported():
     assert "rouge_l" in out and "exact_match" not in out
 
 
+@pytest.mark.unit
 def test_generation_off_by_default(one_rank):
     e = OneRank(seed=3, scale=0.05)
     assert e.cfg.eval.generate is False
@@ -177,6 +187,7 @@ def test_generation_off_by_default(one_rank):
     assert "exact_match" not in out and "rouge_l" not in out
 
 
+@pytest.mark.unit
 def test_feddpa_row_weights_hold_through_every_decoding_step(one_rank):
     """Instance-weighted generation of a batch equals each row decoded alone with its weights as
     per-call scales (which ClientEngine.evaluate applies the same way for every row)."""
@@ -204,6 +215,7 @@ def demo_raw(**eval_keys):
     return raw
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("keys, message", [
     ({"max_new_tokens": -1}, r"eval\.max_new_tokens = -1 must be >= 1"),
     ({"max_new_tokens": 0}, r"eval\.max_new_tokens = 0 must be >= 1"),
@@ -249,6 +261,7 @@ def mpi_script(n: int, script: str, *args) -> subprocess.CompletedProcess:
         pytest.fail(f"job timed out after {JOB_TIMEOUT}s: {' '.join(cmd)}\n{(e.stdout or b'')[-3000:]!r}")
 
 
+@pytest.mark.job
 @pytest.mark.parametrize("stage", [2, 3])
 def test_generation_eval_in_a_job_matches_a_single_process(tmp_path, stage):
     """fdlora, one client of 2 ranks plus one of 1: every evaluated adapter (personal, global, fused)
@@ -256,8 +269,8 @@ def test_generation_eval_in_a_job_matches_a_single_process(tmp_path, stage):
     and they are what one process computes from the saved adapters. 7 rows over 2 ranks in batches
     of 2: the ranks have uneven rows and batches, so the padding and the lockstep of ZeRO-3's
     collective forwards are exercised."""
-    cfg_path = write_config(tmp_path, "demo.yaml", **TINY, **{
-        "topology.clients": [2, 1], "deepspeed": {"zero_optimization": {"stage": stage}},
+    cfg_path = write_config(tmp_path, "demo.yaml", **{
+        **TINY, "topology.clients": [2, 1], "deepspeed": {"zero_optimization": {"stage": stage}},
         "fusion.budget": 4, "fusion.folds": 1, "train.eval_batch_size": 2,
         "eval.generate": True, "eval.max_new_tokens": 12, "eval.generate_rows": 7})
     cfg = load_config(cfg_path)
@@ -283,6 +296,7 @@ def test_generation_eval_in_a_job_matches_a_single_process(tmp_path, stage):
 # --------------------------------------------------------------------------- the tables
 
 
+@pytest.mark.unit
 def test_tables_show_generation_columns_only_when_a_run_has_them(tmp_path):
     from fdlora_cluster.report import write_report
     from fdlora_cluster.train import results_table
@@ -311,6 +325,7 @@ def test_tables_show_generation_columns_only_when_a_run_has_them(tmp_path):
     assert "exact_match" not in results_table(json.loads(open(f"{plain}/summary.json").read()))
 
 
+@pytest.mark.job
 def test_generation_eval_in_a_feddpa_job_with_instance_weights(tmp_path):
     """FedDPA's instance-weighted pair (reported as `fused`) goes through the same generation code:
     a real job on ZeRO-2 (FedDPA's tested stage), a 2-rank client, every evaluated adapter scored."""

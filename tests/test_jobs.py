@@ -1,8 +1,6 @@
 """Real multi-process jobs (mpiexec + gloo, nothing mocked), each under a timeout."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,25 +9,15 @@ from fdlora_cluster.config import load_config
 from fdlora_cluster.model import add_adapters, adapter_params, build_base
 from fdlora_cluster.state import GLOBAL, PERSONAL
 
-from conftest import ROOT, TINY, assert_ok, read_metrics, read_summary, run_job, run_ranks, write_config
+from conftest import TINY, assert_ok, mpi_python, read_metrics, read_summary, run_ranks, write_config
 
-SCRIPTS = ROOT / "tests" / "mpi_scripts"
-
-
-def mpi_python(n, script, *args, timeout=120):
-    from conftest import job_env, mpiexec
-
-    cmd = [mpiexec(), "-n", str(n), sys.executable, str(SCRIPTS / script), *map(str, args)]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env(), cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"timed out: {cmd}")
+pytestmark = pytest.mark.job
 
 
 @pytest.mark.parametrize("sizes", [[2, 2], [1, 3]])
 def test_topology_split(tmp_path, sizes):
     n = 1 + sum(sizes)
-    assert_ok(mpi_python(n, "topology_probe.py", tmp_path, *sizes))
+    assert_ok(mpi_python(n, "topology_probe.py", tmp_path, *sizes, timeout=120))
     info = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(n)]
     assert info[0]["is_server"] and info[0]["client"] is None and "client_comm" not in info[0]
     start = 1
@@ -90,17 +78,20 @@ def load_saved(path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_rounds_keep_global_identical_on_all_ranks(tmp_path, stage):
-    cfg_path = write_config(tmp_path, "fedavg.yaml", **TINY, deepspeed={"zero_optimization": {"stage": stage}})
-    proc, run_dir = run_job(cfg_path)
-    assert_ok(proc)
+def test_rounds_keep_global_identical_on_all_ranks(whole_run, stage):
+    """fedavg's checkpointed run (conftest.whole_run: a one-rank and a two-rank client, 3 rounds),
+    the one test_resume.py resumes."""
+    run_dir, cfg_path = whole_run("fedavg", stage)
     cfg = load_config(cfg_path)
+    sizes = cfg.client_sizes()
+    assert max(sizes) >= 2, sizes  # a client of several ranks, or "every rank equal" proves little
     received = [m for m in read_metrics(run_dir) if m["event"] == "global_received"]
     rounds = cfg.train.rounds
     assert sorted({m["round"] for m in received}) == list(range(1, rounds + 2))
     by_round = {}
     for m in received:
-        assert len(m["digests"]) == 2 and len(set(m["digests"])) == 1, m  # both ranks of the client equal
+        # every rank of the client holds the same global adapter
+        assert len(m["digests"]) == sizes[m["client"]] and len(set(m["digests"])) == 1, m
         by_round.setdefault(m["round"], set()).update(m["digests"])
     for t, d in by_round.items():
         assert len(d) == 1, f"round {t}: clients hold different global adapters {d}"
@@ -120,17 +111,12 @@ def test_rounds_keep_global_identical_on_all_ranks(tmp_path, stage):
     assert len(rounds_m) == rounds and all(m["server_bytes_sent"] > 0 and m["seconds"] > 0 for m in rounds_m)
 
 
-def test_personal_never_travels_and_saved_adapters_reload(tmp_path):
+def test_personal_never_travels_and_saved_adapters_reload(finished_run):
     """fdlora trains the personal adapter; no payload on the federation communicator may carry it,
-    and every saved adapter reloads with plain PEFT to the trainer's own logits."""
-    cfg_path = write_config(tmp_path, "demo.yaml", **TINY, strategy="fdlora",
-                            **{"fusion.budget": 3, "outer.optimizer": "nesterov",
-                               "outer.lr": 0.7})
-    out = tmp_path / "inspect"
-    proc = mpi_python(5, "inspect_run.py", cfg_path, out, timeout=300)
-    assert_ok(proc)
-    cfg = load_config(cfg_path)
-    run_dir = tmp_path / "run"
+    and every saved adapter reloads with plain PEFT to the trainer's own logits. The suite's shared
+    finished run (conftest.finished_run: 2 clients x 2 ranks, a Nesterov outer step)."""
+    assert_ok(finished_run.proc)
+    cfg, out, run_dir = finished_run.cfg, finished_run.out, finished_run.dir
     personal = {c: load_saved(run_dir / "adapters" / f"client-{c}" / "personal") for c in range(2)}
     start = fresh_adapters(cfg)[PERSONAL]
     kinds = set()
@@ -168,9 +154,10 @@ def test_personal_never_travels_and_saved_adapters_reload(tmp_path):
                                        msg=f"client {c} {name}: reloaded adapter gives other logits")
 
 
-def test_a_failing_rank_ends_the_job_promptly_with_its_cause(tmp_path):
-    """Clients fail at start (a missing pretrained base) while the server waits on them: the job
-    must end non-zero with the cause on the console, not hang."""
+def test_a_missing_pretrained_base_is_said_once_before_the_job_starts(tmp_path):
+    """Every client rank finds the missing pretrained base before the trainer starts (cli's checks
+    before start; the server would otherwise wait on them): the job ends with exit status 2 and the
+    cause said once. A rank failing later is test_failures.py's."""
     import time
 
     cfg = write_config(tmp_path, **TINY, **{"model.pretrained": str(tmp_path / "no-such-base")})
@@ -178,7 +165,9 @@ def test_a_failing_rank_ends_the_job_promptly_with_its_cause(tmp_path):
     proc = run_ranks(5, ["run", str(cfg)], timeout=120)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "no model.safetensors there; run `fdlora-cluster pretrain CONFIG` first" in out
+    # found before the trainer starts, by every client rank, and said once
+    assert out.count("no model.safetensors there; run `fdlora-cluster pretrain CONFIG` first") == 1, out
+    assert proc.returncode == 2 and "Traceback" not in out, out
     assert time.monotonic() - t0 < 90
 
 

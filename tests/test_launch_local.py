@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from cluster import hosts
-from cluster.jobs import (DEMO, JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun,
+from conftest import (DEMO, JOB_TIMEOUT, ROOT, TINY_ARGS, check_run, job_env, openmpi_missing, openmpi_mpirun,
                           run_launcher, show)
 from fdlora_cluster.cli import select_mpi_library
 from fdlora_cluster.rendezvous import RendezvousError, rendezvous_address
@@ -25,6 +25,7 @@ from fdlora_cluster.topology import _launcher_hint
 # ---------------------------------------------------------------- pure checks (no processes)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("env, says", [
     ({"WORLD_SIZE": "5", "LOCAL_RANK": "0", "RANK": "0"}, "--force_multi"),
     ({"LOCAL_RANK": "0"}, "--launcher mpich"),
@@ -37,6 +38,7 @@ def test_launcher_hint_names_the_launcher_and_the_fix(env, says):
     assert says in _launcher_hint(env, mpi_library="MPICH Version: 5.0.2")
 
 
+@pytest.mark.unit
 def test_mpi_library_follows_the_launcher_unless_the_user_chose():
     """The mpi4py wheel would load the pip mpich wheel's libmpi under any launcher; `run` points it
     at the launcher's MPI, found by the variables that launcher sets, and only then."""
@@ -54,6 +56,7 @@ def test_mpi_library_follows_the_launcher_unless_the_user_chose():
             assert "Open MPI" in select_mpi_library(env) and env["MPI4PY_LIBMPI"].endswith("libmpi.so.40"), env
 
 
+@pytest.mark.unit
 def test_rendezvous_address_refuses_loopback_for_a_client_spanning_hosts(monkeypatch):
     monkeypatch.delenv("FDLORA_RENDEZVOUS_ADDR", raising=False)
     assert rendezvous_address(["h1", "h1"], None) == "127.0.0.1"
@@ -72,13 +75,18 @@ def _script(path: str, env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", path, *args], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
 
 
+@pytest.mark.launcher
 def test_scripts_print_the_command_they_run():
     env = job_env(DRY_RUN="1")
     p = _script("launch/mpirun.sh", {**env, "HOSTS": "node-a:3,node-b:2"}, *TINY_ARGS)
     assert p.returncode == 0, show(p)
-    assert "-n 5 -hosts node-a:3,node-b:2" in p.stdout and "run configs/demo.yaml --set train.rounds=1" in p.stdout
+    assert "-n 5 -hosts node-a:3,node-b:2" in p.stdout and "run configs/demo.yaml --set train.rounds=2" in p.stdout
     p = _script("launch/mpirun.sh", {**env, "MPI": "openmpi", "MPIEXEC": "mpirun", "HOSTS": "a:3,b:2"})
     assert "-np 5 --map-by slot --host a:3,b:2 -x PATH" in p.stdout, show(p)
+    # Open MPI's -x list is launch/common.sh's OPENMPI_FORWARD, the same for every script that uses it
+    forwarded = {"PYTHONPATH": "/x", "CUDA_VISIBLE_DEVICES": "0", "FDLORA_RENDEZVOUS_ADDR": "eth0"}
+    p = _script("launch/mpirun.sh", {**env, **forwarded, "MPI": "openmpi", "MPIEXEC": "mpirun", "HOSTS": "a:3,b:2"})
+    assert all(f"-x {v}" in p.stdout for v in forwarded), show(p)
     p = _script("launch/mpirun.sh", {**env, "MPI": "openmpi", "MPIEXEC": "mpirun", "NP": "5", "MPI4PY_MPIABI": "openmpi"})
     assert "-np 5 --map-by slot --oversubscribe -x PATH" in p.stdout and "-x MPI4PY_MPIABI" in p.stdout, show(p)
     p = _script("launch/deepspeed.sh", env)
@@ -87,6 +95,8 @@ def test_scripts_print_the_command_they_run():
         p = _script("launch/deepspeed.sh", {**env, "DS_LAUNCHER": "openmpi"})
         assert "--launcher openmpi --master_addr localhost --force_multi --launcher_args --mca btl_tcp_if_include lo -x PATH" \
             in p.stdout, show(p)
+        p = _script("launch/deepspeed.sh", {**env, **forwarded, "DS_LAUNCHER": "openmpi"})
+        assert all(f"-x {v}" in p.stdout for v in forwarded), show(p)
     p = _script("launch/deepspeed.sh", {**env, "HOSTFILE": "hostfiles/2nodes-8gpus"})
     assert p.returncode == 2 and "16 slots, but configs/demo.yaml needs world=5" in p.stderr, show(p)
     p = _script("launch/deepspeed.sh", {**env, "DS_LAUNCHER": "pdsh"})
@@ -97,6 +107,7 @@ def test_scripts_print_the_command_they_run():
     assert "srun --nodes=1 --ntasks=7 --mpi=pmi2" in p.stdout, show(p)
 
 
+@pytest.mark.launcher
 @pytest.mark.parametrize("script", ["launch/mpirun.sh", "launch/deepspeed.sh", "launch/slurm/fdlora-srun.sh",
                                     "launch/slurm/fdlora.sbatch", "launch/slurm/fdlora-mpiexec.sbatch",
                                     "launch/slurm/fdlora-requeue.sbatch"])
@@ -109,6 +120,7 @@ def test_scripts_stop_at_a_config_error(script):
     assert "+ " not in p.stdout, show(p)
 
 
+@pytest.mark.launcher
 def test_requeue_script_resumes_in_one_run_directory():
     env = job_env(DRY_RUN="1", SLURM_JOB_ID="77")
     p = _script("launch/slurm/fdlora-requeue.sbatch", env)
@@ -134,6 +146,7 @@ def localhost_ssh():
         yield
 
 
+@pytest.mark.launcher
 def test_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tmp_path):
     """launch/deepspeed.sh = deepspeed --hostfile hostfiles/localhost-5 --launcher mpich --force_multi."""
     p = subprocess.run(["bash", "launch/deepspeed.sh", *TINY_ARGS], capture_output=True, text=True,
@@ -143,12 +156,13 @@ def test_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tmp_path):
     check_run(tmp_path / "run", [2, 2])
 
 
+@pytest.mark.launcher
 def test_deepspeed_spawning_without_mpi_is_stopped_with_the_fix(localhost_ssh, tmp_path):
     """On one host without --force_multi DeepSpeed ignores --launcher mpich and spawns the ranks
     itself (no MPI world): every rank must stop at start and say how to launch instead."""
     fdlora = job_env()["FDLORA"]
     cmd = ["deepspeed", "--hostfile", "hostfiles/localhost-5", "--launcher", "mpich",
-           fdlora, "run", DEMO, "--output", str(tmp_path / "run"), *TINY_ARGS]
+           fdlora, "run", DEMO, "--probe", "--output", str(tmp_path / "run"), *TINY_ARGS]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=job_env(), cwd=ROOT)
     out = p.stdout + p.stderr
     assert p.returncode != 0, show(p)
@@ -161,19 +175,21 @@ def test_deepspeed_spawning_without_mpi_is_stopped_with_the_fix(localhost_ssh, t
 OPENMPI_SKIP = openmpi_missing()
 
 
+@pytest.mark.launcher
 @pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
-def test_openmpi_fdlora_launch_runs_the_demo(tmp_path):
-    """`fdlora-cluster launch --mpiexec <Open MPI's mpirun>`: 5 ranks on a 2-core machine (launch
-    lets Open MPI oversubscribe, and allows root); each rank's mpi4py loads Open MPI, or every rank
-    would be a world of its own and the job would stop at start."""
+def test_openmpi_fdlora_launch_probes_the_demo(tmp_path):
+    """`fdlora-cluster launch --probe --mpiexec <Open MPI's mpirun>`: 5 ranks on a 2-core machine
+    (launch lets Open MPI oversubscribe, and allows root); each rank's mpi4py loads Open MPI, or
+    every rank would be a world of its own and the job would stop at start."""
     fdlora = job_env()["FDLORA"]
-    cmd = [fdlora, "launch", "--mpiexec", openmpi_mpirun(), DEMO, "--output", str(tmp_path / "run"), *TINY_ARGS]
+    cmd = [fdlora, "launch", "--probe", "--mpiexec", openmpi_mpirun(), DEMO, "--output", str(tmp_path / "run"), *TINY_ARGS]
     p = run_launcher(cmd, job_env())
     assert p.returncode == 0, show(p)
-    assert f"+ {openmpi_mpirun()} -n 5 " in p.stdout, show(p)
-    check_run(tmp_path / "run", [2, 2])
+    assert f"+ {openmpi_mpirun()} -n 5 " in p.stdout and " --probe" in p.stdout and "probe ok" in p.stdout + p.stderr, show(p)
+    check_run(tmp_path / "run", [2, 2], probe=True)
 
 
+@pytest.mark.launcher
 @pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
 def test_openmpi_mpirun_script_on_localhost_runs_the_demo(tmp_path):
     """MPI=openmpi launch/mpirun.sh on this host: `mpirun -np 5 --map-by slot --oversubscribe`,
@@ -185,12 +201,14 @@ def test_openmpi_mpirun_script_on_localhost_runs_the_demo(tmp_path):
     check_run(tmp_path / "run", [2, 2])
 
 
+@pytest.mark.launcher
 @pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
-def test_openmpi_deepspeed_launcher_on_localhost_runs_the_demo(localhost_ssh, tmp_path):
-    """DS_LAUNCHER=openmpi launch/deepspeed.sh = deepspeed --launcher openmpi --force_multi, whose
-    runner calls `mpirun -n 5 -hostfile ...`: Open MPI's, put first on PATH by the script."""
-    p = run_launcher(["bash", "launch/deepspeed.sh", *TINY_ARGS], job_env(OUTPUT=str(tmp_path / "run"), DS_LAUNCHER="openmpi"))
+def test_openmpi_deepspeed_launcher_on_localhost_probes_the_demo(localhost_ssh, tmp_path):
+    """DS_LAUNCHER=openmpi launch/deepspeed.sh --probe = deepspeed --launcher openmpi --force_multi,
+    whose runner calls `mpirun -n 5 -hostfile ...`: Open MPI's, put first on PATH by the script."""
+    p = run_launcher(["bash", "launch/deepspeed.sh", "--probe", *TINY_ARGS],
+                     job_env(OUTPUT=str(tmp_path / "run"), DS_LAUNCHER="openmpi"))
     assert p.returncode == 0, show(p)
     assert "mpirun -n 5 -hostfile hostfiles/localhost-5" in p.stdout + p.stderr, "DeepSpeed did not use its openmpi runner"
-    check_run(tmp_path / "run", [2, 2])
+    check_run(tmp_path / "run", [2, 2], probe=True)
 

@@ -1,5 +1,6 @@
 """Dual adapters through PEFT: by name, the trainable set, scaled activation."""
 
+import pytest
 import torch
 
 from fdlora_cluster.config import load_config
@@ -8,6 +9,8 @@ from fdlora_cluster.model import add_adapters, adapter_params, build_base, set_a
 from fdlora_cluster.state import GLOBAL, PERSONAL
 
 from conftest import CONFIGS
+
+pytestmark = pytest.mark.unit
 
 
 def model_and_batch():

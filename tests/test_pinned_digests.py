@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_ok, run_job, write_config
+from conftest import CONFIGS, assert_ok, run_job, write_config
 
 SHORT = {"train.rounds": 2, "train.inner_steps": 2, "train.personal_steps": 3, "data.rows_per_client": 60}
 
@@ -42,9 +42,29 @@ def run_digests(run_dir) -> dict:
             for p in sorted(adapters.rglob("adapter_model.safetensors"))}
 
 
+@pytest.mark.job
 @pytest.mark.parametrize("strategy", ["fdlora", "fedavg", "local"])
 def test_shipped_strategies_give_the_pinned_adapters(tmp_path, strategy):
     cfg = write_config(tmp_path, f"{strategy}.yaml" if strategy != "fdlora" else "demo.yaml", **SHORT)
     proc, run_dir = run_job(cfg)
     assert_ok(proc)
     assert run_digests(run_dir) == PINNED[strategy]
+
+
+# The checkpoint config hash of every shipped config (checkpoint.config_hash), taken on 88410de: a
+# resumed run must find these, so a change to the config's shape must leave them as they are.
+PINNED_HASHES = {
+    "demo.yaml": "fc17b6d3a183c82c", "diloco.yaml": "3b1923acf408c87e", "ditto.yaml": "52ba8ef5f147b7cd",
+    "fdlora.yaml": "fc17b6d3a183c82c", "fdlora_paper.yaml": "5ab72f94f9311e1c", "fedavg.yaml": "ace85c9b9a2976d2",
+    "feddpa.yaml": "3829c386cf4f0026", "feddpa_f.yaml": "b1a2d00b12b86dc9", "fedprox.yaml": "a7f5251f81f028dc",
+    "local.yaml": "f3436d516e822521",
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(PINNED_HASHES))
+def test_old_checkpoints_still_match_the_shipped_configs(name):
+    from fdlora_cluster.checkpoint import config_hash
+    from fdlora_cluster.config import load_config
+
+    assert config_hash(load_config(CONFIGS / name)) == PINNED_HASHES[name]

@@ -8,6 +8,8 @@ import pytest
 
 from fdlora_cluster.topology import RankPlan, TopologyError, host_local_indices, place_gpus
 
+pytestmark = pytest.mark.unit
+
 
 def gpus(n):
     return [str(i) for i in range(n)]

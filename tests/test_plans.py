@@ -10,6 +10,8 @@ from fdlora_cluster.strategies import (STRATEGIES, Copy, Evaluate, Fuse, JoinFed
 
 from conftest import write_config
 
+pytestmark = pytest.mark.unit
+
 K = 7
 
 

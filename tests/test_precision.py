@@ -19,6 +19,7 @@ def cfg_with(ds: dict | None = None, dtype: str | None = None):
     return config_from_dict(raw)
 
 
+@pytest.mark.unit
 def test_deepspeed_section_decides_the_base_dtype():
     assert cfg_with().base_dtype(0) == "float32"
     assert cfg_with({"bf16": {"enabled": True}}).base_dtype(1) == "bfloat16"
@@ -26,6 +27,7 @@ def test_deepspeed_section_decides_the_base_dtype():
     assert cfg_with({"bfloat16": {"enabled": True}}).base_dtype(0) == "bfloat16"  # DeepSpeed's alias
 
 
+@pytest.mark.unit
 def test_model_dtype_switches_on_deepspeed_section():
     from fdlora_cluster.config import deepspeed_dict
 
@@ -33,6 +35,7 @@ def test_model_dtype_switches_on_deepspeed_section():
     assert deepspeed_dict(cfg, 0)["bf16"] == {"enabled": True} and cfg.base_dtype(0) == "bfloat16"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ds, dtype, says", [
     ({"bf16": {"enabled": True}}, "float32", r"bf16.enabled is true but model.dtype = float32"),
     ({"fp16": {"enabled": True}}, "bfloat16", r"model.dtype = bfloat16 but DeepSpeed's fp16 section is enabled"),
@@ -45,6 +48,7 @@ def test_precision_disagreements_are_refused(ds, dtype, says):
         cfg_with(ds, dtype)
 
 
+@pytest.mark.job
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_job_on_cpu_keeps_adapters_fp32(tmp_path, stage):
     """DeepSpeed bf16 on CPU (gloo), ZeRO-2 and 3: the base runs in bf16; the adapters that travel,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from fdlora_cluster.config import load_config
@@ -9,6 +11,8 @@ from fdlora_cluster.model import build_base
 from fdlora_cluster.pretrain import ensure_pretrained, is_cached, pretrain, recipe_hash
 
 from conftest import CONFIGS
+
+pytestmark = pytest.mark.unit
 
 
 def test_pretrain_caches_and_build_base_loads_it(tmp_path):

@@ -2,21 +2,19 @@
 records every message sent on the federation communicator (Transport.record, the bytes on the
 wire included); no message carries the personal adapter's start or any value its training gave
 it, at any round, nor any data row (a value the personal adapter copied from the global one,
-Ditto's start or FDLoRA's sync every H rounds, came from the server and is not checked). `local` holds a transport too, and it sends nothing."""
+Ditto's start or FDLoRA's sync every H rounds, came from the server and is not checked). `local` holds a transport too, and it sends nothing.
+Every strategy's tapped run is shared with its result and schedule tests (conftest.strategy_run)."""
 
 import json
 
 import pytest
 import torch
 
-from fdlora_cluster.config import load_config
 from fdlora_cluster.data import load_clients
 
-from conftest import TINY, assert_ok, write_config
-from test_jobs import mpi_python
+from conftest import STRATEGIES
 
-# 1 server + two one-rank clients: leaders are ranks 1 and 2
-SMALL = {**TINY, "topology.clients": [1, 1], "fusion.budget": 3, "personal.sync_every": 1}
+pytestmark = pytest.mark.job
 
 
 def tensors_bytes(values: list[dict]) -> list[bytes]:
@@ -30,21 +28,12 @@ def tensors_bytes(values: list[dict]) -> list[bytes]:
     return list(seen)
 
 
-@pytest.mark.parametrize("config, sets", [
-    ("fdlora.yaml", {}),
-    ("fdlora.yaml", {"global.init": "personal_mean"}),
-    ("fedavg.yaml", {}),
-    ("fedprox.yaml", {}),
-    ("diloco.yaml", {}),
-    ("feddpa.yaml", {}),
-    ("ditto.yaml", {}),
-    ("local.yaml", {}),
-])
-def test_no_message_carries_a_personal_adapter_or_a_data_row(tmp_path, config, sets):
-    cfg_path = write_config(tmp_path, config, **SMALL, **sets)
-    out = tmp_path / "inspect"
-    assert_ok(mpi_python(3, "inspect_run.py", cfg_path, out, timeout=400))
-    cfg = load_config(cfg_path)
+# Every strategy's one tapped run (conftest.strategy_run: 1 server + two one-rank clients, leaders
+# ranks 1 and 2); fdlora_paper is the `global.init: personal_mean` case.
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_no_message_carries_a_personal_adapter_or_a_data_row(strategy_run, name):
+    run = strategy_run(name)
+    cfg, out = run.cfg, run.out
     messages = [m for r in range(3) for m in torch.load(out / f"payloads-rank-{r}.pt")]
     federated = cfg.strategy != "local"
 
@@ -71,7 +60,7 @@ def test_no_message_carries_a_personal_adapter_or_a_data_row(tmp_path, config, s
     for kind, dest, state, _, wire in messages:
         assert not any(t in wire for t in texts if len(t) >= 12), f"a {kind} message carries a data row"
 
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((run.dir / "summary.json").read_text())
     if federated:
         assert {m[0] for m in messages} >= {"layout", "global", "final", "update", "bye"}
     else:

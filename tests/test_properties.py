@@ -25,7 +25,7 @@ from fdlora_cluster.data import ByteTokenizer, DataError, check_responses_fit, c
 
 from conftest import CONFIGS
 
-pytestmark = pytest.mark.timeout(120)  # a hang fails the test
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]  # timeout: a hang fails the test
 
 
 def props(n: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -10,7 +11,7 @@ import yaml
 from fdlora_cluster.cli import main
 from fdlora_cluster.report import ReportError, comparison_table, load_run, write_report
 
-from conftest import ROOT, TINY, assert_ok, run_job, write_config
+from conftest import ROOT, assert_ok
 
 
 def fake_run(path, strategy, accs, fusion=None):
@@ -34,6 +35,7 @@ def fake_run(path, strategy, accs, fusion=None):
     return str(path)
 
 
+@pytest.mark.unit
 def test_report_of_several_runs_has_comparison_and_plots(tmp_path):
     a = fake_run(tmp_path / "fdlora", "fdlora", [0.9, 0.8], fusion=[(0.8, 0.4), (1.0, 0.2)])
     b = fake_run(tmp_path / "fedavg", "fedavg", [0.7, 0.6])
@@ -47,6 +49,7 @@ def test_report_of_several_runs_has_comparison_and_plots(tmp_path):
         assert f"]({png})" in text
 
 
+@pytest.mark.unit
 def test_report_errors_name_the_directory_and_file(tmp_path):
     with pytest.raises(ReportError, match=r"nothing: no summary\.json"):
         load_run(str(tmp_path / "nothing"))
@@ -67,16 +70,13 @@ def test_report_errors_name_the_directory_and_file(tmp_path):
         load_run(run)
 
 
-def test_report_renders_from_a_finished_run(tmp_path):
-    """One short real fdlora job (1 server + 2 clients x 2 ranks), then `fdlora-cluster report` on it."""
-    from fdlora_cluster.config import load_config
-    from fdlora_cluster.pretrain import ensure_pretrained
-
-    cfg_path = write_config(tmp_path, "fdlora.yaml", **TINY,
-                            **{"fusion.budget": 3, "data.fewshot_rows": 4})
-    ensure_pretrained(load_config(cfg_path), log=lambda m: None)  # what `launch` does first
-    proc, run_dir = run_job(cfg_path)
-    assert_ok(proc)
+@pytest.mark.job
+def test_report_renders_from_a_finished_run(finished_run, tmp_path):
+    """The suite's shared finished fdlora job (1 server + 2 clients x 2 ranks; conftest.finished_run),
+    then `fdlora-cluster report` on a copy of it."""
+    assert_ok(finished_run.proc)
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.dir, run_dir)  # the report is written into the run directory
     assert main(["report", str(run_dir)]) == 0
     text = (run_dir / "report" / "REPORT.md").read_text()
     assert "| fdlora | 0 | fused |" in text and "| fdlora | 1 | personal |" in text
@@ -86,6 +86,7 @@ def test_report_renders_from_a_finished_run(tmp_path):
     assert "comparison" not in comparison_table([load_run(str(run_dir))]).lower()
 
 
+@pytest.mark.unit
 def test_compare_seeds_table_gives_every_adapter_mean_and_spread(tmp_path):
     """bench/compare.py --seeds: the headline adapter (bold) and each other adapter a method
     evaluates, per client as mean +- sd over seeds, and the per-seed means over clients."""
@@ -104,6 +105,7 @@ def test_compare_seeds_table_gives_every_adapter_mean_and_spread(tmp_path):
     assert [r.split(" | ")[0] for r in rows[3:]] == ["| fdlora (personal)", "| fdlora (global)", "| **fedavg (global)**"]
 
 
+@pytest.mark.unit
 def test_compare_setting_goes_over_each_strategy_config(tmp_path):
     """bench/compare.py --setting configs/real-smollm2.yaml: the setting's own sections (the real
     model, 2 x 1 ranks, its train sizes) replace the demo's in every strategy's config, and each

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from fdlora_cluster.data import general_text, generate_client_rows
 from fdlora_cluster.data import scenario as S
+
+pytestmark = pytest.mark.unit
 
 
 def event(ex):

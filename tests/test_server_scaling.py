@@ -16,6 +16,8 @@ from fdlora_cluster.transport import ClientUpdate, Counters
 
 from conftest import CONFIGS
 
+pytestmark = pytest.mark.unit
+
 
 def states(n, seed=0):
     g = torch.Generator().manual_seed(seed)

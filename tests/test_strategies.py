@@ -11,6 +11,8 @@ from fdlora_cluster.strategies import (STRATEGIES, OuterOptimizer, UpdateError, 
 
 from conftest import CONFIGS
 
+pytestmark = pytest.mark.unit
+
 
 def states(n, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -1,5 +1,8 @@
 """Every strategy runs a short real job; FedAvg's server reproduces a numpy average of the sent
-updates; fusion stays off the test split (and, by default, off the training rows)."""
+updates; fusion stays off the test split (and, by default, off the training rows).
+
+Each strategy's job is its one tapped run (conftest.strategy_run), which test_privacy.py and
+test_baseline_jobs.py read too."""
 
 import json
 
@@ -9,18 +12,15 @@ import torch
 
 from fdlora_cluster.state import GLOBAL, PERSONAL
 
-from conftest import TINY, assert_ok, read_metrics, read_summary, run_job, write_config
-from test_jobs import load_saved, mpi_python
+from conftest import STRATEGIES, read_metrics, read_summary
+from test_jobs import load_saved
 
-# one rank per client keeps these smoke jobs cheap; the multi-rank paths are in test_jobs.py
-SMALL = {**TINY, "topology.clients": [1, 1], "train.personal_steps": 2, "fusion.budget": 4}
+pytestmark = pytest.mark.job
 
 
-@pytest.mark.parametrize("name", ["fdlora", "fdlora_paper", "local", "fedavg", "fedprox", "diloco", "feddpa", "feddpa_f",
-                                  "ditto"])
-def test_strategy_runs(tmp_path, name):
-    proc, run_dir = run_job(write_config(tmp_path, f"{name}.yaml", **SMALL))
-    assert_ok(proc)
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_runs(strategy_run, name):
+    run_dir = strategy_run(name).dir
     summary = read_summary(run_dir)
     metrics = read_metrics(run_dir)
     expected = {"fdlora": {PERSONAL, GLOBAL, "fused"}, "fdlora_paper": {PERSONAL, GLOBAL, "fused"},
@@ -38,6 +38,12 @@ def test_strategy_runs(tmp_path, name):
     else:
         assert summary["bytes_per_round"] > 0 and all(c["bytes_per_round"] > 0 for c in summary["clients"])
         assert (run_dir / "adapters" / GLOBAL / "adapter_model.safetensors").exists()
+    # log.digests: every rank's digest of the global adapter, every round / the final one / never
+    rounds, mode = strategy_run(name).cfg.train.rounds, strategy_run(name).cfg.log.digests
+    received = [m for m in metrics if m["event"] == "global_received"]
+    assert len(received) == (0 if name == "local" else 2 * (rounds + 1))
+    digested = sorted({m["round"] for m in received if "digests" in m})
+    assert digested == {"every": list(range(1, rounds + 2)), "final": [rounds + 1], "off": []}[mode if received else "off"]
     if name.startswith("fdlora"):
         steps = [m for m in metrics if m["event"] == "fusion_step"]
         # per client: the 3 anchors, then budget - 3 = 1 candidate in the search and in each of the 4 folds' searches
@@ -52,31 +58,31 @@ def test_strategy_runs(tmp_path, name):
         assert all(-0.5 <= c["instance_global_weight"]["mean"] <= 0.5 for c in summary["clients"])
 
 
-def test_fedavg_server_is_the_weighted_average_of_sent_updates(tmp_path):
-    cfg_path = write_config(tmp_path, "fedavg.yaml", **TINY)
-    out = tmp_path / "inspect"
-    assert_ok(mpi_python(5, "inspect_run.py", cfg_path, out, timeout=300))
+def test_fedavg_server_is_the_weighted_average_of_sent_updates(strategy_run):
+    run = strategy_run("fedavg")
+    rounds = run.cfg.train.rounds
     updates = {}
-    for leader in (1, 3):
-        sent = [(s, n) for kind, dest, s, n, _ in torch.load(out / f"payloads-rank-{leader}.pt") if kind == "update"]
-        assert len(sent) == 2  # one per round
+    for leader in (1, 2):
+        sent = [(s, n) for kind, dest, s, n, _ in torch.load(run.out / f"payloads-rank-{leader}.pt") if kind == "update"]
+        assert len(sent) == rounds  # one per round
         updates[leader] = sent[-1]
-    final = load_saved(tmp_path / "run" / "adapters" / GLOBAL)
-    counts = np.array([updates[r][1] for r in (1, 3)])
+    final = load_saved(run.dir / "adapters" / GLOBAL)
+    counts = np.array([updates[r][1] for r in (1, 2)])
     assert (counts > 0).all(), counts
     w = counts / counts.sum()
     for k, v in final.items():
-        ref = sum(wi * updates[r][0][k].numpy().astype(np.float64) for wi, r in zip(w, (1, 3)))
+        ref = sum(wi * updates[r][0][k].numpy().astype(np.float64) for wi, r in zip(w, (1, 2)))
         np.testing.assert_allclose(v.numpy(), ref, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("rows", ["heldout", "train"])
-def test_fusion_reads_only_its_rows(tmp_path, rows):
-    cfg_path = write_config(tmp_path, "fdlora.yaml", **SMALL, **{"fusion.rows": rows})
-    out = tmp_path / "inspect"
-    assert_ok(mpi_python(3, "inspect_run.py", cfg_path, out, timeout=300))
+# fdlora.yaml searches the held-out few-shot rows (fusion.rows: heldout), fdlora_paper.yaml the
+# training rows (rows: train)
+@pytest.mark.parametrize("name, rows", [("fdlora", "heldout"), ("fdlora_paper", "train")])
+def test_fusion_reads_only_its_rows(strategy_run, name, rows):
+    run = strategy_run(name)
+    assert run.cfg.fusion.rows == rows
     for r in (1, 2):
-        audit = json.loads((out / f"fusion-rows-rank-{r}.json").read_text())
+        audit = json.loads((run.out / f"fusion-rows-rank-{r}.json").read_text())
         # the three anchors, then budget - 3 = 1 more candidate in the search and in each of the
         # 4 folds' searches (fewer when one re-asks a point already scored)
         assert 3 <= audit["search_calls"] <= 3 + (1 + 4) * 1

@@ -4,6 +4,8 @@ import pytest
 
 from fdlora_cluster.topology import RankPlan, TopologyError
 
+pytestmark = pytest.mark.unit
+
 
 def test_even_plan():
     p = RankPlan((2, 2))

@@ -10,7 +10,7 @@ import pytest
 
 from fdlora_cluster.config import ConfigError, check_environment, load_config
 
-from conftest import CONFIGS, TINY, assert_ok, read_metrics, read_summary, run_job, write_config
+from conftest import CONFIGS, TINY, assert_ok, read_metrics, read_summary
 
 
 def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
@@ -32,11 +32,13 @@ def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def test_tensorboard_scalars_are_the_runs_metrics(tmp_path):
+@pytest.mark.job
+def test_tensorboard_scalars_are_the_runs_metrics(finished_run):
+    """The suite's shared finished run (conftest.finished_run), which has log.tensorboard on."""
     rounds = TINY["train.rounds"]
-    cfg = write_config(tmp_path, **TINY, **{"log.tensorboard": True})
-    proc, run = run_job(cfg)
-    assert_ok(proc)
+    assert finished_run.cfg.log.tensorboard
+    assert_ok(finished_run.proc)
+    run = finished_run.dir
     got = read_scalars(run / "tensorboard")
     metrics, summary = read_metrics(run), read_summary(run)
     approx = lambda x: pytest.approx(x, rel=1e-6, abs=1e-9)  # float32 in the event file
@@ -66,11 +68,13 @@ def test_tensorboard_scalars_are_the_runs_metrics(tmp_path):
         assert s["bytes_total"] > 0 and got[f"client{c}/bytes_total"] == {rounds: approx(s["bytes_total"])}
 
 
+@pytest.mark.unit
 def test_trackers_are_off_by_default():
     cfg = load_config(CONFIGS / "demo.yaml")
     assert not (cfg.log.tensorboard or cfg.log.wandb or cfg.log.mlflow)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key, package", [("wandb", "wandb"), ("mlflow", "mlflow")])
 def test_a_tracker_asked_for_but_not_installed_is_a_config_error(key, package):
     if importlib.util.find_spec(package) is not None:
@@ -80,6 +84,7 @@ def test_a_tracker_asked_for_but_not_installed_is_a_config_error(key, package):
         check_environment(load_config(CONFIGS / "demo.yaml", [f"log.{key}=true"]))
 
 
+@pytest.mark.unit
 def test_tensorboard_without_tensorboardx_is_a_config_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboardX" else real(name, *a))
@@ -87,6 +92,7 @@ def test_tensorboard_without_tensorboardx_is_a_config_error(monkeypatch):
         check_environment(load_config(CONFIGS / "demo.yaml", ["log.tensorboard=true"]))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("override, says", [
     ("log.progress=fancy", r"log.progress = 'fancy' is not valid; expected one of 'auto', 'bar', 'lines'"),
     ("log.tensorboard=3", r"log.tensorboard"),

@@ -6,6 +6,8 @@ import torch
 from fdlora_cluster.fusion import delta_weight, fuse
 from fdlora_cluster.state import Layout
 
+pytestmark = pytest.mark.unit
+
 
 def test_layout_packs_into_one_buffer_and_back():
     state = {"x.lora_A.weight": torch.randn(3, 5), "x.lora_B.weight": torch.randn(5, 3).to(torch.bfloat16),

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from conftest import TINY, assert_ok, read_metrics, write_config
-from test_jobs import load_saved, mpi_python
+from conftest import TINY, assert_ok, mpi_python, read_metrics, write_config
+from test_jobs import load_saved
+
+pytestmark = pytest.mark.job
 
 PERSONAL_STEPS, K = 3, 2
 

@@ -416,6 +416,11 @@ class LogConfig(Section):
     """Also log them to MLflow (needs mlflow; MLFLOW_TRACKING_URI says where, e.g. sqlite:///mlflow.db)."""
     project: str = "fdlora-cluster"
     """The W&B project and the MLflow experiment; the run is named after the run directory."""
+    digests: Literal["every", "final", "off"] = "final"
+    """Each rank's digest of the global adapter it received, gathered at its leader into
+    metrics.jsonl (`global_received`): every round, the final adapter only, or never. A digest
+    costs each rank a read of the adapter (a ZeRO-3 gather); the tests use `every` to prove that
+    every rank of every client holds the same weights after each round."""
 
     @field_validator("project")
     @classmethod
