@@ -71,7 +71,7 @@ def adapter_dir(run_dir: str, cfg, client: int, adapter: str) -> str:
 
     # Every strategy saves a personal adapter, but fedavg, fedprox and diloco never train it (it is
     # its seeded start, a zero delta): only the adapters the strategy evaluates are worth serving.
-    evaluated = make_strategy(cfg).evaluated
+    evaluated = make_strategy(cfg).evaluated()
     usable = [a for a in ADAPTER_CHOICES if a in evaluated and saved(a)]
     if adapter not in usable:
         why = "never trained by" if saved(adapter) else "not saved by"

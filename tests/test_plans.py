@@ -109,3 +109,13 @@ def test_every_federated_plan_sends_exactly_once_after_training_the_global(tmp_p
                 continue
             trains = [i for i, step in enumerate(plan) if isinstance(step, Train) and step.adapter == GLOBAL]
             assert len(sends) == 1 and trains == [sends[0] - 1], (name, plan)
+
+
+def test_the_evaluated_adapters_are_those_of_the_last_plan(tmp_path):
+    """What export serves: the adapters a strategy evaluates (fedavg's personal adapter is its
+    untrained start, so it is not one of them)."""
+    assert strategy("fdlora", tmp_path).evaluated() == {PERSONAL, GLOBAL, FUSED}
+    assert strategy("fedavg", tmp_path).evaluated() == {GLOBAL}
+    assert strategy("local", tmp_path).evaluated() == {PERSONAL}
+    assert strategy("feddpa", tmp_path).evaluated() == {PERSONAL, GLOBAL}  # the instance-weighted pair is not saved
+

@@ -40,6 +40,11 @@ class Strategy:
     def after_rounds(self, inner_steps: int) -> list[Step]:
         return [Evaluate((GLOBAL,))]
 
+    def evaluated(self) -> set[str]:
+        """The adapters the plan after the rounds evaluates (the ones export will serve)."""
+        return {a for step in self.after_rounds(self.cfg.train.inner_steps) if isinstance(step, Evaluate)
+                for a in step.adapters}
+
     # ---------------------------------------------------------------- parts the plans share
 
     def personal_stage(self) -> list[Step]:
