@@ -101,6 +101,7 @@ class Client:
         if self.is_leader:
             self.transport.send_layout(self.layout)
             self.transport.total = Counters(**self._resumed_counters)
+            self.transport.load_codec_state(self._resumed_codec)
 
     def join(self) -> None:
         """Tell the server the global adapter's layout (every leader: the server checks they agree),
@@ -161,9 +162,10 @@ class Client:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def checkpoint(self, ckpt, k: int, counters: dict | None) -> None:
+    def checkpoint(self, ckpt, k: int, counters: dict | None, codec: dict | None) -> None:
         """This client's part of the checkpoint at the end of round k (collective over the world).
-        `counters`: the leader's byte counters at the end of round k (before the next global)."""
+        `counters`, `codec`: the leader's byte counters and compression state at the end of round k
+        (before the next global arrived)."""
         personal, glob = self.engine.read(PERSONAL), self.engine.read(GLOBAL)  # collective under ZeRO-3
         rel = f"client-{self.id}"
         ds_dir = os.path.join(ckpt.partial(k), rel, "deepspeed")
@@ -174,7 +176,7 @@ class Client:
         if self.is_leader:
             files[f"{rel}/leader.pt"] = {
                 "round": k, "personal": personal, "global": glob, "first": self.first, "records": self.run.records,
-                "bytes": counters}
+                "bytes": counters, "codec": codec}
             extra = ckpt.digest_tree(ds_dir, ckpt.partial(k))
         ckpt.write(k, files, extra)
         if self.is_leader:
@@ -195,6 +197,7 @@ class Client:
         if self.is_leader:
             self.run.restore(leader["records"])
             self._resumed_counters = leader["bytes"]
+            self._resumed_codec = leader.get("codec")  # absent in checkpoints made before it was kept
             self.log.info(f"client {self.id}: resumed from {ckpt.resumed} (end of round {leader['round']})")
         set_rng_state(mine["rng"])
         self.first = leader["first"]

@@ -128,16 +128,22 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
         return {"bytes_total": transport.total.snapshot()}
     server = Server(cfg, topo, strategy, transport, run_dir)
 
-    def checkpoint(k: int, counters: dict) -> None:
+    def before_send() -> dict:
+        """The server at the end of a round, before the next global adapter goes out (a resumed
+        job sends it again): the global adapter as the outer step made it (with compression the
+        leaders get a decoded one), the outer state, the byte counters, the compression state."""
+        return {**server.state(), "bytes": transport.total.snapshot(), "codec": transport.codec_state()}
+
+    def checkpoint(k: int, state: dict) -> None:
         """After the global adapter of round k + 1 went out: the clients write theirs when they
-        receive it, which is when they have finished round k (a late client too). `counters`:
-        the bytes counted before that global adapter was sent (a resumed job sends it again)."""
+        receive it, which is when they have finished round k (a late client too)."""
         if ckpt.due(k):
-            save(k, **server.state(), bytes=counters)
+            save(k, **state)
 
     if resumed:
         server.resume(resumed)
         transport.total = Counters(**resumed["bytes"])
+        transport.load_codec_state(resumed.get("codec"))  # absent in checkpoints made before it was kept
     else:
         server.init_global()
     progress = RoundProgress(cfg.train.rounds, first_round - 1, cfg.log.progress)
@@ -145,9 +151,9 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
         for t in range(first_round, cfg.train.rounds + 1):
             maybe_fail(topo.rank, t)
             try:
-                counters = transport.total.snapshot()
+                state = before_send()
                 server.send_round(t)
-                checkpoint(t - 1, counters)
+                checkpoint(t - 1, state)
                 rec = server.finish_round(t)
             except Exception as e:
                 server.abort(f"{type(e).__name__}: {e}")
@@ -163,9 +169,9 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
                 f"global moved {rec['global_change']:.3g}")
     finally:
         progress.close()
-    counters = transport.total.snapshot()
+    state = before_send()
     server.send_final()
-    checkpoint(cfg.train.rounds, counters)
+    checkpoint(cfg.train.rounds, state)
     server.collect_byes()
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), server.global_state,
                  lora_config(cfg.lora.global_), cfg.model.path)
@@ -227,14 +233,15 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
     rounds, t = RoundsSummary(), ckpt.resumed_round
     while True:
         if strategy.federated:
-            counters = transport.total.snapshot() if transport is not None else None
+            # the leader's transport at the end of the round: what its checkpoint keeps
+            counters, codec = (transport.total.snapshot(), transport.codec_state()) if transport else (None, None)
             message = client.receive_global()
             if ckpt.due(message.round - 1):
-                client.checkpoint(ckpt, message.round - 1, counters)
+                client.checkpoint(ckpt, message.round - 1, counters, codec)
             t = client.apply_global(message)  # None: the final global adapter arrived
         else:
             if ckpt.due(t):
-                client.checkpoint(ckpt, t, None)
+                client.checkpoint(ckpt, t, None, None)
             t = t + 1 if t < cfg.train.rounds else None
         if t is None:
             break

@@ -171,6 +171,21 @@ class Transport:
         when a global adapter came; an update's is the server's own reference plus the change)."""
         return add(self.reference, self.codec.decode(self.wire_layout.unpack(body), self.reference))
 
+    def codec_state(self) -> dict | None:
+        """What compression carries from round to round at this end (a checkpoint's part): the
+        reference adapter and the error-feedback residual. Both are replaced, never changed in
+        place, so the dicts returned stay as they are when the transport goes on."""
+        if self.codec is None:
+            return None
+        return {"reference": self.reference, "residual": self.residual}
+
+    def load_codec_state(self, state: dict | None) -> None:
+        """A resumed end goes on with the checkpoint's reference and residual, so that what it
+        sends next is encoded as it would have been without the stop. None (no compression, or a
+        checkpoint from before compression state was kept): the first global travels whole."""
+        if self.codec is not None and state is not None:
+            self.reference, self.residual = state["reference"], state["residual"]
+
     def new_round(self) -> None:
         self.round = Counters()
 

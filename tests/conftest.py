@@ -302,9 +302,10 @@ def strategy_run(tmp_path_factory):
 CHECKPOINTED_ROUNDS = 3
 
 
-def checkpointed(strategy: str, stage: int) -> dict:
+def checkpointed(strategy: str, stage: int, compress: str = "none") -> dict:
     return {**TINY, "strategy": strategy, "train.rounds": CHECKPOINTED_ROUNDS, "topology.clients": [1, 2],
-            "checkpoint.every": 1, "deepspeed": {"zero_optimization": {"stage": stage}}}
+            "checkpoint.every": 1, "deepspeed": {"zero_optimization": {"stage": stage}},
+            "federation.compress": compress}
 
 
 @pytest.fixture(scope="session")
@@ -314,12 +315,13 @@ def whole_run(tmp_path_factory):
     checkpoints; test_jobs.py's ZeRO-2 / ZeRO-3 rounds test reads the fedavg ones."""
     runs = {}
 
-    def get(strategy: str, stage: int):
-        if (strategy, stage) not in runs:
-            where = tmp_path_factory.mktemp(f"whole-{strategy}-{stage}")
-            config = write_config(where, **checkpointed(strategy, stage))
-            runs[strategy, stage] = where, config, run_ranks(4, ["run", str(config)])
-        where, config, proc = runs[strategy, stage]
+    def get(strategy: str, stage: int, compress: str = "none"):
+        key = strategy, stage, compress
+        if key not in runs:
+            where = tmp_path_factory.mktemp(f"whole-{strategy}-{stage}-{compress}")
+            config = write_config(where, **checkpointed(strategy, stage, compress))
+            runs[key] = where, config, run_ranks(4, ["run", str(config)])
+        where, config, proc = runs[key]
         assert_ok(proc)
         return where / "run", config
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fdlora_cluster.state import digest
 from fdlora_cluster.compress import Codec
@@ -106,9 +107,13 @@ def test_compressed_job_counts_true_bytes_and_every_rank_holds_the_same_global(t
         by_round.setdefault(m["round"], set()).update(m["digests"])
     assert sorted(by_round) == list(range(1, rounds + 2))
     assert all(len(d) == 1 for d in by_round.values()), by_round  # every client the same
-    # the server holds what the leaders decoded: its checkpoint after the last round
+    # the server holds what the leaders decoded: the global adapter it saves at the end
+    saved = load_file(str(run_dir / "adapters" / "global" / "adapter_model.safetensors"))
+    assert {digest(saved)} == by_round[rounds + 1]
+    # its checkpoint after the last round keeps the compression state before the final global went
+    # out (a resumed job sends it again): the reference is round `rounds`' global as decoded
     server = torch.load(run_dir / "checkpoints" / f"round-{rounds:05d}" / "server.pt", weights_only=False)
-    assert {digest(server["global"])} == by_round[rounds + 1]
+    assert {digest(server["codec"]["reference"])} == by_round[rounds]
     # true bytes on the wire: round 1's global travels whole, everything after as encoded changes
     full = Layout.of(server["global"])
     wire = Layout(Codec(mode, 256).wire_entries(full.entries))

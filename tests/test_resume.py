@@ -88,12 +88,15 @@ def copy_up_to(run: Path, k: int, dst: Path) -> Path:
 
 
 @pytest.mark.job
-@pytest.mark.parametrize("strategy, stage", [("fdlora", 2), ("fedavg", 2), ("fedavg", 3), ("local", 2), ("local", 3)])
-def test_resumed_from_a_copy_of_round_k_ends_bit_identical(whole_run, tmp_path, strategy, stage):
+@pytest.mark.parametrize("strategy, stage, compress", [("fdlora", 2, "none"), ("fedavg", 2, "none"), ("fedavg", 3, "none"),
+                                                       ("local", 2, "none"), ("local", 3, "none"), ("fdlora", 2, "int8")])
+def test_resumed_from_a_copy_of_round_k_ends_bit_identical(whole_run, tmp_path, strategy, stage, compress):
     """Resume (`--resume <the copy's round-k checkpoint>`) a copy of the uninterrupted run cut back
     to its round-k checkpoint: the job ends bit-identical to the run it was copied from (the
-    SIGKILL itself is test_killed_and_resumed_ends_bit_identical's, for KILLED)."""
-    whole, cfg = whole_run(strategy, stage)
+    SIGKILL itself is test_killed_and_resumed_ends_bit_identical's, for KILLED). With int8
+    compression too: both ends' references and error-feedback residuals are in the checkpoint, so
+    the resent global and the next updates are encoded as without the stop."""
+    whole, cfg = whole_run(strategy, stage, compress)
     done = checkpoint.complete_checkpoints(str(whole))
     assert [k for k, _ in done] == [ROUNDS - 1, ROUNDS]  # checkpoint.keep = 2
     k = KILLED_IN - 1
