@@ -1,5 +1,5 @@
-"""The package's shape, read from its source: imports flow one way (no cycle, lazy imports
-included) and the ground floor stays on the ground (docs/ARCHITECTURE.md)."""
+"""The package's shape, read from its source: imports flow one way (no cycle, lazy and
+TYPE_CHECKING imports included) and the ground floor stays on the ground (docs/ARCHITECTURE.md)."""
 
 import ast
 from pathlib import Path
@@ -23,13 +23,7 @@ def imports() -> dict[str, set[str]]:
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         found = set()
-        tree = ast.parse(path.read_text())
-        typing_only = {id(n) for block in ast.walk(tree)
-                       if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
-                       for stmt in block.body for n in ast.walk(stmt)}  # annotations only, never run
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")

@@ -4,18 +4,15 @@ and `fdlora-cluster check` read, and that Config builds for every client on load
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .loading import merge
 
-if TYPE_CHECKING:
-    from .root import Config
 
-
-def deepspeed_dict(cfg: Config, client: int) -> dict:
-    """The DeepSpeed config for one client: file or dict, then the client's override, then the
-    batch sizes and optimizer from `train` where the user did not set them."""
+def deepspeed_dict(cfg, client: int) -> dict:
+    """The DeepSpeed config for one client (`cfg`: the run's root.Config, which calls this while it
+    validates, so this module does not import it): file or dict, then the client's override, then
+    the batch sizes and optimizer from `train` where the user did not set them."""
     base = cfg.deepspeed
     if isinstance(base, str):
         with open(base, encoding="utf-8") as f:
