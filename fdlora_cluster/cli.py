@@ -261,6 +261,7 @@ def _before_start(args, rank: int):
     client's transformers, nevergrad, datasets: config.check_environment; last, as it imports
     them). Rank 0 is the server (topology.RankPlan)."""
     from .data import DataError, check_responses_fit, get_tokenizer, preload_clients
+    from .model import missing_pretrained
 
     try:
         cfg = _load(args)
@@ -269,10 +270,9 @@ def _before_start(args, rank: int):
             client = RankPlan(tuple(cfg.client_sizes())).client_of(rank)
             if client is not None:  # None: a world larger than the config, which train.run refuses
                 check_responses_fit(get_tokenizer(cfg.model.path), clients[client], cfg.train.max_seq_len)
-            base = cfg.model.pretrained
-            if base and not os.path.isfile(os.path.join(base, "model.safetensors")):
-                raise ConfigError(f"model.pretrained = {base}: no model.safetensors there; run "
-                                  "`fdlora-cluster pretrain CONFIG` first (`fdlora-cluster launch` does)")
+            missing = missing_pretrained(cfg.model)
+            if missing:
+                raise ConfigError(f"{missing} (`fdlora-cluster launch` does)")
         check_environment(cfg, args.config, roles=("server",) if rank == 0 else ("client",))
         return cfg, None
     except ConfigError as e:

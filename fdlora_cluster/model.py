@@ -20,6 +20,14 @@ from .state import ADAPTERS, check_same_layout
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def missing_pretrained(model_cfg) -> str | None:
+    """Why `model.pretrained` cannot be loaded (no weights there yet), or None when it can or is unset.
+    Client ranks ask before the job starts (cli), and build_base again when it loads them."""
+    if model_cfg.pretrained and not os.path.isfile(os.path.join(model_cfg.pretrained, "model.safetensors")):
+        return f"model.pretrained = {model_cfg.pretrained}: no model.safetensors there; run `fdlora-cluster pretrain CONFIG` first"
+    return None
+
+
 def build_base(model_cfg, seed: int, vocab_size: int | None = None, dtype: str | None = None):
     """A causal LM: a local checkpoint (`path`) or built from a transformers config (`config`), in
     `dtype` (default model.dtype, else float32; the trainer passes Config.base_dtype)."""
@@ -38,14 +46,12 @@ def build_base(model_cfg, seed: int, vocab_size: int | None = None, dtype: str |
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
         if model_cfg.pretrained:
-            weights = os.path.join(model_cfg.pretrained, "model.safetensors")
-            if not os.path.isfile(weights):
-                raise FileNotFoundError(
-                    f"model.pretrained = {model_cfg.pretrained}: no model.safetensors there; "
-                    "run `fdlora-cluster pretrain CONFIG` first")
+            missing = missing_pretrained(model_cfg)
+            if missing:
+                raise FileNotFoundError(missing)
             from safetensors.torch import load_file
 
-            model.load_state_dict(load_file(weights))
+            model.load_state_dict(load_file(os.path.join(model_cfg.pretrained, "model.safetensors")))
         model = model.to(dtype)
     model.config.use_cache = False
     for p in model.parameters():

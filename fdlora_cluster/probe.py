@@ -20,7 +20,6 @@ worlds (as the trainer does), so it takes seconds where a job takes a minute. `-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -30,6 +29,7 @@ import torch
 from .config import Config
 from .log import setup_logging
 from .rendezvous import join_client_world
+from .state import digest
 from .topology import build_topology
 
 PROBE_NUMEL = 64  # the tensor that makes the round trip: 256 bytes of float32
@@ -46,8 +46,8 @@ def probe_tensor(seed: int) -> torch.Tensor:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes: equal digests mean bit-identical values."""
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    """The probe tensor's digest, as the trainer digests an adapter (state.digest)."""
+    return digest({"probe": t.detach().cpu()})
 
 
 def run(cfg: Config) -> dict | None:
