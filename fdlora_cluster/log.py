@@ -166,7 +166,7 @@ def text_table(head, rows) -> str:
 
 
 def human_bytes(n: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as the byte tables in docs/BENCHMARKS.md)."""
+    """999 -> '999 B', 1234567 -> '1.23MB' (tqdm's decimal units above 1000 bytes)."""
     from tqdm import tqdm
 
     return tqdm.format_sizeof(n, "B", 1000) if n >= 1000 else f"{n:.0f} B"
