@@ -26,7 +26,10 @@ setup(
         # log.tensorboard: TensorBoard event files without TensorFlow or tensorboard (numpy + protobuf);
         # W&B (log.wandb) and MLflow (log.mlflow) are installed by those who use them.
         "track": ["tensorboardX>=2.6"],
-        "test": ["pytest>=7", "pytest-timeout", "mpich", "hypothesis>=6", "datasets>=2.14", "tensorboardX>=2.6"],
+        # privacy: (client-level DP on the global adapter): Google's accountant; pure Python + scipy.
+        "dp": ["dp-accounting>=0.4"],
+        "test": ["pytest>=7", "pytest-timeout", "mpich", "hypothesis>=6", "datasets>=2.14", "tensorboardX>=2.6",
+                 "dp-accounting>=0.4"],
     },
     entry_points={"console_scripts": ["fdlora-cluster=fdlora_cluster.cli:main"]},
 )

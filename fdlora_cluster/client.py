@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .checkpoint import rng_state, set_rng_state
+from .dp import clip
 from .engine import ClientEngine
 from .faults import fault
 from .fusion import fuse, modules_of, per_module, search_weights, weight_groups
@@ -46,6 +47,7 @@ class Client:
         self.first = True  # no round has run yet in this job (Ditto's start); kept in checkpoints
         self.results: dict = {}  # adapter -> test metrics, set by `evaluate`
         self.instance_weights: dict | None = None  # FedDPA's dynamic per-row global weights (stats)
+        self.round_global: dict | None = None  # privacy: the global adapter received this round (leader)
 
     def record(self, event: str, round: int | None, **fields) -> None:
         if self.is_leader:
@@ -133,6 +135,8 @@ class Client:
         round, final, skipped = message.round, message.final, message.skipped
         state = self.engine.broadcast_from_leader(message.state, self.layout)
         self.engine.write(GLOBAL, state)
+        if self.cfg.privacy is not None and self.is_leader:  # what send_update clips the change against
+            self.round_global = {k: v.detach().clone() for k, v in message.state.items()}
         # Proof of synchrony (log.digests): every rank's digest of what it now holds, at the leader.
         proof = {}
         if self.cfg.log.digests == "every" or (final and self.cfg.log.digests == "final"):
@@ -149,6 +153,10 @@ class Client:
         the leader's mean training loss of the round (`loss`, None when no step was taken)."""
         state = self.engine.read(GLOBAL)
         if self.is_leader:
+            if self.cfg.privacy is not None:  # client-level DP: the change leaves clipped (fdlora_cluster/dp.py)
+                C = self.cfg.privacy.clip_norm
+                state, norm = clip(state, self.round_global, C)
+                self.record("update_clip", round, norm=norm, clip_norm=C, clipped=norm > C)
             update = ClientUpdate(round, self.id, float(len(self.engine.data.train)), state,
                                   float("nan") if loss is None else float(loss))
             what, args = fault(("nan_update", "nan_samples", "slow"), client=self.id, round=round)  # tests only

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .dp import PrivacyBudget, add_noise
 from .log import get_logger
 from .strategies import InOrderSum, UpdateError, check_update, weighted_average
 from .state import l2_distance
@@ -50,6 +51,8 @@ class Server:
         self.log = get_logger()
         self.clients = topo.plan.clients
         self.global_state: dict[str, torch.Tensor] | None = None
+        p = cfg.privacy
+        self.budget = None if p is None else PrivacyBudget(p.noise_multiplier, p.delta, p.accountant, p.target_epsilon)
 
     def init_global(self) -> None:
         """Every leader's layout (they must agree), then the starting global adapter."""
@@ -75,11 +78,16 @@ class Server:
         self.transport.recv_layouts(self.clients)
         self.global_state = state["global"]
         self.strategy.outer.load_state_dict(state["outer"])
+        if self.budget is not None:
+            self.budget.released = state["privacy_released"]
         self.transport.post_receives(self.clients)
 
     def state(self) -> dict:
         """What the server carries from round to round (its part of a checkpoint)."""
-        return {"global": self.global_state, "outer": self.strategy.outer.state_dict()}
+        out = {"global": self.global_state, "outer": self.strategy.outer.state_dict()}
+        if self.budget is not None:
+            out["privacy_released"] = self.budget.released  # rounds the accountant has counted
+        return out
 
     def send_round(self, t: int) -> None:
         """Round t starts: the global adapter goes to every leader."""
@@ -133,6 +141,15 @@ class Server:
         if len(total.added) < need:
             why = "; ".join(f"client {c}: {r}" for c, r in sorted({**rejected, **missing}.items()))
             raise FederationError(f"round {t}: {len(total.added)} usable update(s), federation.min_clients = {need} ({why})")
+        privacy = {}
+        if self.budget is not None:
+            # client-level DP (dp.py): one Gaussian draw on the sum of the clipped updates (uniform
+            # weights: the sum of the states is n * before + the sum of the changes), seeded by
+            # (seed, round) so a resumed job adds the same noise; counted before it is released
+            p = self.cfg.privacy
+            eps = self.budget.spend()
+            add_noise(total.sum, p.noise_multiplier * p.clip_norm, self.cfg.seed, t)
+            privacy = {"privacy_epsilon": eps, "privacy_delta": p.delta, "noise_std": p.noise_multiplier * p.clip_norm}
         self.global_state = self.strategy.step(before, total)
         return {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0,
                 **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
@@ -140,7 +157,7 @@ class Server:
                 "missing": sorted(waiting), "late": late,
                 "update_norms": [norms[c] for c in total.added],
                 "train_loss": [losses[c] for c in total.added],
-                "global_change": l2_distance(self.global_state, before)}
+                "global_change": l2_distance(self.global_state, before), **privacy}
 
     def send_final(self) -> None:
         """The final global adapter (the leaders answer with their bye: `collect_byes`)."""

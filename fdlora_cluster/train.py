@@ -326,6 +326,8 @@ def finish(cfg, topo, run_dir, server_summary) -> dict | None:
     summary = {"strategy": cfg.strategy, "rounds": cfg.train.rounds, "world_size": topo.plan.world_size,
                "bytes_per_round": per_round_bytes, "seconds_per_round": per_round_seconds,
                "server": server_summary, "clients": clients}
+    if cfg.privacy is not None:
+        summary["privacy"] = privacy_summary(cfg, rounds)
     with open(os.path.join(run_dir.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if run_dir.tracker is not None:  # the clients' records arrive here (the server's went out live)
@@ -333,8 +335,27 @@ def finish(cfg, topo, run_dir, server_summary) -> dict | None:
             if r["client"] is not None:
                 run_dir.tracker.record(r)
         run_dir.tracker.summary(summary)
-    get_logger().info("results per client:\n" + results_table(summary))
+    get_logger().info("results per client:\n" + results_table(summary) + privacy_line(summary))
     return summary
+
+
+def privacy_summary(cfg, rounds: list[dict]) -> dict:
+    """summary.json's `privacy`: epsilon after the last released round (the server's round records)."""
+    p = cfg.privacy
+    released = [r["privacy_epsilon"] for r in rounds if "privacy_epsilon" in r]
+    return {"epsilon": released[-1] if released else 0.0, "delta": p.delta, "rounds": len(released),
+            "clip_norm": p.clip_norm, "noise_multiplier": p.noise_multiplier, "accountant": p.accountant,
+            "target_epsilon": p.target_epsilon}
+
+
+def privacy_line(summary: dict) -> str:
+    """The line under the results table with privacy on (empty otherwise)."""
+    p = summary.get("privacy")
+    if not p:
+        return ""
+    return (f"\nclient-level DP on the global adapter: epsilon = {p['epsilon']:.4g} at delta = {p['delta']:g} after "
+            f"{p['rounds']} rounds (clip {p['clip_norm']:g}, noise multiplier {p['noise_multiplier']:g}, "
+            f"{p['accountant']} accountant); personal and fused adapters never leave their client")
 
 
 def results_table(summary: dict) -> str:

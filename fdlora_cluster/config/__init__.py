@@ -19,11 +19,11 @@ from .loading import MAX_VALUES, apply_override, merge, read_yaml
 from .root import Config, config_from_dict, load_config
 from .sections import (MAX_RANKS, OUTER_DEFAULTS, OUTER_OPTIMIZER_DEFAULTS, AdapterConfig, CheckpointConfig,
                        ClientOverride, DataConfig, DittoConfig, EvalConfig, FedDPAConfig, FederationConfig,
-                       FusionConfig, GlobalConfig, LogConfig, LoraConfig, ModelConfig, OuterConfig, PersonalConfig,
+                       FusionConfig, GlobalConfig, LogConfig, LoraConfig, ModelConfig, OuterConfig, PersonalConfig, PrivacyConfig,
                        Section, TopologyConfig, TrainConfig, resolve_outer)
 
 __all__ = ["AdapterConfig", "CheckpointConfig", "ClientOverride", "Config", "ConfigError", "DataConfig", "DittoConfig",
            "EvalConfig", "FedDPAConfig", "FederationConfig", "FusionConfig", "GlobalConfig", "LogConfig", "LoraConfig",
            "MAX_RANKS", "MAX_VALUES", "ModelConfig", "OUTER_DEFAULTS", "OUTER_OPTIMIZER_DEFAULTS", "OuterConfig",
-           "PersonalConfig", "Section", "TopologyConfig", "TrainConfig", "apply_override", "check_environment",
+           "PersonalConfig", "PrivacyConfig", "Section", "TopologyConfig", "TrainConfig", "apply_override", "check_environment",
            "config_from_dict", "deepspeed_dict", "load_config", "merge", "read_yaml", "resolve_outer"]

@@ -57,9 +57,30 @@ def _datasets(cfg) -> list[str]:
             "pip install 'fdlora-cluster[hf]' (or pip install datasets)"]
 
 
+def _privacy(cfg) -> list[str]:
+    """The accountant is installed, and the configured rounds stay within privacy.target_epsilon."""
+    p = cfg.privacy
+    if p is None:
+        return []
+    if importlib.util.find_spec("dp_accounting") is None:
+        return ["privacy: the privacy loss is computed by the `dp-accounting` package, which is not installed: "
+                "pip install 'fdlora-cluster[dp]' (or pip install dp-accounting)"]
+    if p.target_epsilon is None:
+        return []
+    from ..dp import epsilon
+
+    eps = epsilon(p.noise_multiplier, cfg.train.rounds, p.delta, p.accountant)
+    if eps <= p.target_epsilon:
+        return []
+    return [f"privacy: train.rounds = {cfg.train.rounds} with noise_multiplier {p.noise_multiplier:g} reach "
+            f"epsilon {eps:.4g} at delta {p.delta:g} ({p.accountant} accountant), over privacy.target_epsilon = "
+            f"{p.target_epsilon:g}; raise privacy.noise_multiplier or lower train.rounds"]
+
+
 # (check, the role that needs it): the server logs to the trackers; the clients build the model,
 # read the data and search the fusion weights.
-CHECKS = ((_trackers, "server"), (_model_type, "client"), (_fusion_optimizer, "client"), (_datasets, "client"))
+CHECKS = ((_trackers, "server"), (_model_type, "client"), (_fusion_optimizer, "client"), (_datasets, "client"),
+          (_privacy, "server"))
 
 
 def check_environment(cfg, source: str = "<config>", roles: tuple[str, ...] = ROLES) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Union
+from typing import Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -21,7 +21,7 @@ from .errors import config_error, describe, require
 from .loading import apply_override, read_yaml
 from .sections import (CheckpointConfig, ClientOverride, DataConfig, DittoConfig, EvalConfig, FedDPAConfig,
                        FederationConfig, FusionConfig, GlobalConfig, LogConfig, LoraConfig, ModelConfig, OuterConfig,
-                       PersonalConfig, Section, TopologyConfig, TrainConfig, resolve_outer, section)
+                       PersonalConfig, PrivacyConfig, Section, TopologyConfig, TrainConfig, resolve_outer, section)
 
 
 class Config(Section):
@@ -48,6 +48,8 @@ class Config(Section):
     personal: PersonalConfig = section()
     federation: FederationConfig = section()
     """What the server accepts: checks on every update (docs/RELIABILITY.md)."""
+    privacy: Optional[PrivacyConfig] = None
+    """Client-level differential privacy on the global adapter (left out or null: off)."""
     fusion: FusionConfig = section()
     fedprox_mu: float = Field(0.01, ge=0)
     """Proximal weight mu for `fedprox`."""
@@ -138,6 +140,29 @@ class Config(Section):
             require(p.target_modules == g.target_modules,
                      f"strategy {self.strategy} fuses the two adapters layer by layer, so lora.personal.target_modules "
                      f"({p.target_modules}) must equal lora.global.target_modules ({g.target_modules})")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_privacy(self):
+        if self.privacy is None:
+            return self
+        require(STRATEGIES[self.strategy].federated,
+                 f"privacy protects the federated global adapter, but strategy {self.strategy} sends none; "
+                 "remove the privacy section or pick a federated strategy")
+        # the noise is calibrated to the sum of clipped updates (sensitivity C); a weighted mean's
+        # sensitivity depends on the weights, which are themselves the clients' data sizes
+        require(self.global_.aggregation == "uniform",
+                 "privacy bounds each client's share of the SUM of updates, which a mean weighted by sample counts "
+                 "does not keep (a client's weight is its own data size): set global.aggregation: uniform "
+                 f"(now {self.global_.aggregation!r})")
+        require(self.global_.init == "seed",
+                 "privacy: global.init = personal_mean sends each stage-1 personal adapter to the server without "
+                 "clip or noise; use global.init: seed")
+        # error feedback would carry a client's rounding error into its next message, past the clip
+        require(self.federation.compress == "none",
+                 f"privacy: federation.compress = {self.federation.compress!r} adds the last round's rounding error "
+                 "to the next update (error feedback), so the message a client sends is no longer bounded by "
+                 "privacy.clip_norm; use federation.compress: none with privacy")
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..compress import MODES
 from ..data.partition import PARTITIONS
+from ..dp import ACCOUNTANTS
 from ..fusion import GRANULARITIES, OBJECTIVES
 from ..generation import METRICS
 from ..strategies.aggregate import OUTER_OPTIMIZERS
@@ -244,6 +245,39 @@ class FederationConfig(Section):
     A resumed job restarts the error feedback at zero (bit-identical resume needs `none`)."""
     compress_block: int = Field(256, ge=0, json_schema_extra=_why("0 = one scale per tensor"))
     """int8: values per fp32 scale (0 = one scale per tensor)."""
+
+
+class PrivacyConfig(Section):
+    """Client-level differential privacy on the global adapter (fdlora_cluster/dp.py; what it
+    protects, where the noise is added and what the server is trusted with: docs/RELIABILITY.md).
+    Left out (or null): off. The personal adapter and the fusion never leave the client and are
+    outside the mechanism."""
+
+    clip_norm: float = Field(gt=0)
+    """C: each leader clips its update (trained global - received global) to this L2 norm."""
+    noise_multiplier: float = Field(gt=0)
+    """sigma: the server adds N(0, (sigma * C)^2) per coordinate to the sum of the clipped updates,
+    once per round."""
+    delta: float = Field(gt=0, lt=1, json_schema_extra=_why("typically below 1 / number of clients"))
+    """The delta of the (epsilon, delta) guarantee the accountant reports epsilon for."""
+    target_epsilon: Optional[float] = Field(None, gt=0, json_schema_extra=_why("or left out: no limit"))
+    """When set, a run whose configured rounds would pass it is refused before it starts
+    (`fdlora-cluster check`, `launch`, `run`), and a job stops before releasing a round that
+    would pass it."""
+    accountant: Literal[ACCOUNTANTS] = "rdp"
+    """dp-accounting's accountant: `rdp` (Renyi DP, milliseconds) or `pld` (privacy loss
+    distributions: a tighter epsilon, seconds per call)."""
+
+    @field_validator("delta", mode="before")
+    @classmethod
+    def _exponent_without_dot(cls, v):
+        # YAML 1.1 (PyYAML) reads `1e-5` as the string '1e-5'; a delta is written that way often
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                return v
+        return v
 
 
 class PersonalConfig(Section):
