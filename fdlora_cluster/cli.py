@@ -130,6 +130,13 @@ def cmd_check(args) -> int:
         print(f"{c:<8}{f'{r[0]}-{r[-1]}':<12}{r[0]:<8}{ds['zero_optimization'].get('stage', 0):<6}"
               f"{ds['train_micro_batch_size_per_gpu']:<7}{cfg.inner_steps(c):<4}{ds['optimizer']['params']['lr']:<8g}"
               f"{len(clients[c].train)}/{len(clients[c].fewshot)}/{len(clients[c].test)}")
+    if cfg.privacy is not None:
+        from .dp import epsilon
+
+        p = cfg.privacy
+        print(f"privacy: clip_norm {p.clip_norm:g}, noise multiplier {p.noise_multiplier:g}: epsilon "
+              f"{epsilon(p.noise_multiplier, cfg.train.rounds, p.delta, p.accountant):.4g} at delta {p.delta:g} after "
+              f"{cfg.train.rounds} rounds ({p.accountant} accountant)")
     print(f"launch with: mpiexec -n {plan.world_size} fdlora-cluster run {args.config}")
     return 0
 
