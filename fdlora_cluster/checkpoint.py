@@ -48,6 +48,8 @@ def config_hash(cfg) -> str:
     for k in ("output_dir", "checkpoint"):
         d.pop(k, None)
     d["log"].pop("digests", None)  # what is logged, not computed (and added after checkpoints existed)
+    if d.get("privacy") is None:  # added after checkpoints existed: off hashes as before it was
+        d.pop("privacy", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
