@@ -150,7 +150,8 @@ class Client:
 
     def send_update(self, round: int, loss: float | None) -> None:
         """The round's global adapter to the server (collective under ZeRO-3), with its weight and
-        the leader's mean training loss of the round (`loss`, None when no step was taken)."""
+        the leader's mean training loss of the round (`loss`, None when no step was taken). With
+        `privacy` the change to the round's received global is clipped to privacy.clip_norm first."""
         state = self.engine.read(GLOBAL)
         if self.is_leader:
             if self.cfg.privacy is not None:  # client-level DP: the change leaves clipped (fdlora_cluster/dp.py)

@@ -4,7 +4,8 @@ It never builds the model: it learns the global adapter's layout from the leader
 it never holds a personal adapter, except the one-off `global.init: personal_mean` average that
 the paper's Algorithm 1 (line 7) asks for, which is logged as such. Every update is checked before
 it is used (`rejection`); a rejected one is left out of that round's average, and a round with
-fewer than `federation.min_clients` accepted updates fails the job.
+fewer than `federation.min_clients` accepted updates fails the job. With `privacy`, the round's
+sum of (clipped) updates gets its seeded Gaussian noise here before the outer step (dp.py).
 """
 
 from __future__ import annotations
