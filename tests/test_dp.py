@@ -132,6 +132,21 @@ def test_privacy_within_its_target_loads_and_off_by_default():
     assert load(privacy={**PRIVACY, "delta": "1e-5"}).privacy.delta == 1e-5
 
 
+@pytest.mark.unit
+def test_check_prints_the_epsilon_of_the_configured_rounds_and_refuses_past_the_target(capsys):
+    from fdlora_cluster.cli import main
+
+    demo = str(CONFIGS / "demo.yaml")
+    sets = ["--set", "global.aggregation=uniform", "--set", "privacy={clip_norm: 0.5, noise_multiplier: 2.02, delta: 1e-5}"]
+    assert main(["check", demo, *sets]) == 0
+    eps = accountants_epsilon(2.02, 10, 1e-5, "rdp")
+    assert f"privacy: clip_norm 0.5, noise multiplier 2.02: epsilon {eps:.4g} at delta 1e-05 after 10 rounds" \
+        in capsys.readouterr().out
+    assert main(["check", demo, *sets, "--set", "privacy.target_epsilon=7.5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"reach epsilon {eps:.4g}" in err and "privacy.target_epsilon = 7.5" in err, (out, err)
+
+
 # ------------------------------------------------------------------ one real job
 
 
