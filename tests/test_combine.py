@@ -3,9 +3,13 @@
 import pytest
 import torch
 
+from fdlora_cluster.config import ConfigError, load_config
 from fdlora_cluster.state import Layout
+from fdlora_cluster.strategies import make_strategy
 from fdlora_cluster.strategies.combine import (FactorsGap, ProductOuter, ProductSum, dense, first, held_energy,
                                                in_svd_form, pad, rank_of, svd_of_sum, truncate)
+
+from conftest import CONFIGS
 
 pytestmark = pytest.mark.unit
 
@@ -98,15 +102,21 @@ def dense_reference(g, sent, updates, weights, name, lr, mu, rounds_buf=None):
 
 
 @pytest.mark.parametrize("name", ["sgd", "nesterov"])
-def test_product_outer_step_equals_a_dense_reference_over_two_rounds(name):
+@pytest.mark.parametrize("held", ["slices", "other"])
+def test_product_outer_step_equals_a_dense_reference_over_two_rounds(name, held):
     """Clients of ranks 2, 3 and 5 around a global adapter of rank 5 (big enough that no cut drops
-    anything): two outer steps, sgd and Nesterov, equal torch.optim.SGD on the dense products."""
+    anything): two outer steps, sgd and Nesterov, equal torch.optim.SGD on the dense products.
+    `slices`: each client held the first r_k components (folded into one term); `other`: what
+    they held differs a little (as a compressed message would), the general sum."""
     ranks, weights, lr, mu = [2, 3, 5], [3.0, 1.0, 2.0], 0.7, 0.9
     outer = ProductOuter(name, lr, mu, rank=M)  # rank >= min(m, n): exact
     g = in_svd_form(lora(5, 7), rank=M)
     ref_g, ref_buf = dense(g), None
     for t in range(2):
         sent = {k: truncate(g, r) for k, r in enumerate(ranks)}
+        if held == "other":
+            sent = {k: {key: v + 1e-3 * lora(r, 99 + k)[key] for key, v in st.items()} for k, (r, st) in
+                    enumerate(zip(ranks, sent.values()))}
         updates = [{key: v + 0.1 * lora(r, 10 * t + k)[key] for key, v in sent[k].items()} for k, r in enumerate(ranks)]
         ref_g, ref_buf = dense_reference(g, sent, updates, weights, name, lr, mu, ref_buf)
         g, info = outer.step(g, sent, sum_of(updates, weights))
@@ -173,3 +183,54 @@ def test_layouts_of_clients_of_different_ranks_differ_only_in_rank():
     other = lora(4, 1, torch.float32)
     other["layer.0.q_proj.lora_B.weight"] = torch.zeros(M + 1, 4)
     assert "layer.0.q_proj.lora_B.weight" in Layout.of(other).rank_difference(a)
+
+
+# ---------------------------------------------------------------- config and weights
+
+HET = ["client_overrides.1.lora.global.r=8"]
+
+
+def test_a_client_of_its_own_rank_keeps_the_scaling():
+    cfg = load_config(CONFIGS / "demo.yaml", HET + ["global.combine=product"])
+    assert cfg.global_ranks() == [4, 8] and cfg.global_init_client() == 1
+    g0, g1 = cfg.global_adapter(0), cfg.global_adapter(1)
+    assert g1.alpha / g1.r == g0.alpha / g0.r and g1.target_modules == g0.target_modules
+    assert load_config(CONFIGS / "demo.yaml", HET + ["client_overrides.1.lora.global.alpha=16"]).global_adapter(1).alpha == 16
+
+
+@pytest.mark.parametrize("sets, match", [
+    (HET + ["client_overrides.1.lora.global.alpha=3"], r"client_overrides\.1\.lora\.global: alpha / r = 3 / 8 .* set it to 16"),
+    (["client_overrides.1.lora.global.alpha=3"], r"client_overrides\.1\.lora\.global\.alpha without r"),
+    (HET + ["global.combine=frozen_a"], r"global ranks differ \(\[4, 8\].*global\.combine = frozen_a"),
+    (HET + ["federation.compress=int8"], r"global ranks differ.*federation\.compress = int8"),
+    (HET + ["global.init=personal_mean"], r"global ranks differ.*global\.init = personal_mean"),
+    (["global.combine=product", "outer.optimizer=adam"], r"outer\.optimizer = adam.*use sgd or nesterov"),
+    (["global.combine=frozen_a", "global.init=personal_mean"], r"frozen_a keeps .*use global\.init: seed"),
+    (["global.combine=products"], r"global\.combine = 'products' is not valid; expected one of 'factors', 'product', 'frozen_a'"),
+    (["global.aggregation=work"], r"global\.aggregation = 'work' is not valid; expected one of 'samples', 'uniform', 'steps'"),
+    (HET + ["personal.sync_every=1"], r"same r and target_modules \(now r 4 vs 8"),
+])
+def test_combine_and_rank_errors_name_the_key(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(CONFIGS / "demo.yaml", sets)
+
+
+def test_steps_weighs_by_the_rows_a_client_trained_on():
+    cfg = load_config(CONFIGS / "demo.yaml", ["global.aggregation=steps", "client_overrides.1.inner_steps=6",
+                                              "train.inner_steps=3", "train.micro_batch_size=2"])
+    s = make_strategy(cfg)
+    assert cfg.local_rows(0) == 3 * 2 * 1 * 2 and cfg.local_rows(1) == 6 * 2 * 1 * 2  # K x micro x accum x ranks
+    assert s.weight(100.0, 0) == 12.0 and s.weight(10.0, 1) == 24.0
+    assert make_strategy(load_config(CONFIGS / "demo.yaml")).weight(100.0, 1) == 100.0  # samples, the default
+
+
+def test_frozen_a_takes_the_a_matrices_out_of_training():
+    from fdlora_cluster.model import adapter_params, add_adapters, build_base, freeze_a
+
+    cfg = load_config(CONFIGS / "demo.yaml")
+    model = add_adapters(build_base(cfg.model.model_copy(update={"pretrained": None}), 0, vocab_size=300),
+                         {"personal": cfg.lora.personal, "global": cfg.lora.global_}, 0)
+    freeze_a(model, "global")
+    glob, personal = adapter_params(model, "global"), adapter_params(model, "personal")
+    assert all(p.requires_grad == k.endswith(".lora_B.weight") for k, p in glob.items())
+    assert all(p.requires_grad for p in personal.values())

@@ -219,10 +219,24 @@ class ProductOuter:
         e_new = e_cut = e_lost = 0.0
         for m in modules(g):
             delta: list[Term] = []
+            gb, ga = g[m + B_SUFFIX], g[m + A_SUFFIX]
+            # What the clients held: when each is the first r_k components of G (no compression),
+            # sum_k p_k T_k = B diag(c) A with c_i = sum of p_k over clients holding component i:
+            # one term of G's rank instead of one per client (the stack, and the QR, stay small).
+            mask = torch.zeros(ga.shape[0], dtype=torch.float64)
             for client, w, state in total.factors:
                 p = w / total.weight
-                delta.append((p, sent[client][m + B_SUFFIX], sent[client][m + A_SUFFIX]))
+                held_b, held_a = sent[client][m + B_SUFFIX], sent[client][m + A_SUFFIX]
+                r = held_a.shape[0]
+                if mask is not None and r <= ga.shape[0] and torch.equal(held_a, ga[:r]) and torch.equal(held_b, gb[:, :r]):
+                    mask[:r] += p
+                else:
+                    mask = None
                 delta.append((-p, state[m + B_SUFFIX], state[m + A_SUFFIX]))
+            if mask is not None:
+                delta.append((1.0, gb.to(torch.float64) * mask, ga))
+            else:
+                delta += [(w / total.weight, sent[c][m + B_SUFFIX], sent[c][m + A_SUFFIX]) for c, w, _ in total.factors]
             step = delta
             if self.name == "nesterov":
                 held = [(mu, self.buffer[m + B_SUFFIX], self.buffer[m + A_SUFFIX])] if self.buffer else []
