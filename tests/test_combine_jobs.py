@@ -10,7 +10,8 @@ from fdlora_cluster.state import Layout
 from fdlora_cluster.strategies.combine import b_keys, first, rank_of
 from fdlora_cluster.transport import HEADER
 
-from conftest import TINY, assert_ok, check_run, read_metrics, read_summary, run_job, write_config
+from conftest import (TINY, assert_ok, check_run, checkpointed, read_metrics, read_summary, run_job, run_ranks,
+                      write_config)
 
 pytestmark = pytest.mark.job
 
@@ -99,3 +100,24 @@ def test_factors_log_how_far_they_are_from_the_product(finished_run):
     assert_ok(finished_run.proc)
     rounds = [r for r in read_metrics(finished_run.dir) if r["event"] == "round"]
     assert rounds and all(0 < r["factors_gap"] < 1 for r in rounds), [r.get("factors_gap") for r in rounds]
+
+
+def test_product_with_two_ranks_resumes_bit_identical(tmp_path):
+    """global.combine = product, clients of ranks 4 and 8, Nesterov: the server's residual and
+    momentum (products in factored form) are in its checkpoint, so a copy of the run cut back to its
+    round-2 checkpoint and resumed ends bit-identical to the uninterrupted run."""
+    from test_resume import KILLED_IN, assert_same_end, copy_up_to
+
+    sets = {**checkpointed("fedavg", 2), "global.combine": "product", "outer.optimizer": "nesterov",
+            "outer.lr": 0.7, "client_overrides.1.lora.global.r": 8}
+    (tmp_path / "whole").mkdir()
+    config = write_config(tmp_path / "whole", **sets)
+    assert_ok(run_ranks(4, ["run", str(config)]))
+    whole = tmp_path / "whole" / "run"
+    k = KILLED_IN - 1
+    run = copy_up_to(whole, k, tmp_path / "run")
+    resumed = run_ranks(4, ["run", str(config), "--resume", str(run / "checkpoints" / f"round-{k:05d}")])
+    assert_ok(resumed)
+    assert_same_end(whole, run)
+    assert {"global", "client-0/global", "client-1/global"} <= {
+        str(p.parent.relative_to(run / "adapters")) for p in (run / "adapters").rglob("adapter_config.json")}
