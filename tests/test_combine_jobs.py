@@ -10,10 +10,10 @@ from fdlora_cluster.state import Layout
 from fdlora_cluster.strategies.combine import b_keys, first, rank_of
 from fdlora_cluster.transport import HEADER
 
-from conftest import (TINY, assert_ok, check_run, checkpointed, read_metrics, read_summary, run_job, run_ranks,
-                      write_config)
+from conftest import (DEMO, TINY, TINY_ARGS, assert_ok, check_run, checkpointed, job_env, openmpi_missing,
+                      openmpi_mpirun, read_metrics, read_summary, run_job, run_launcher, run_ranks, show, write_config)
 
-pytestmark = pytest.mark.job
+OPENMPI_SKIP = openmpi_missing()
 
 
 def saved(run_dir, *where):
@@ -21,6 +21,7 @@ def saved(run_dir, *where):
     return load_file(d / "adapter_model.safetensors"), json.loads((d / "adapter_config.json").read_text())
 
 
+@pytest.mark.job
 def test_clients_of_ranks_4_and_8_combined_in_the_product_space(tmp_path):
     """fdlora, client 0 at rank 4 and client 1 at rank 8 (under ZeRO-3, its personal adapter at
     rank 4: fusion with r_p != r_g), global.combine = product, Nesterov outer step: the job ends;
@@ -61,6 +62,7 @@ def test_clients_of_ranks_4_and_8_combined_in_the_product_space(tmp_path):
     assert clients[1]["bytes_total"] > clients[0]["bytes_total"]  # bytes per client follow its rank
 
 
+@pytest.mark.job
 def test_frozen_a_sends_b_alone_and_keeps_the_seeded_a(tmp_path):
     """global.combine = frozen_a on one-rank clients: every update and global after the start-up
     carries B alone (half the adapter), the global adapter still moves, and its saved A is the
@@ -94,6 +96,7 @@ def test_frozen_a_sends_b_alone_and_keeps_the_seeded_a(tmp_path):
     assert any(float(server[k].abs().sum()) > 0 for k in b_keys(server))  # B trained (it starts at zero)
 
 
+@pytest.mark.job
 def test_factors_log_how_far_they_are_from_the_product(finished_run):
     """The suite's finished run (fdlora, global.combine = factors): every round records the
     relative gap ||(sum p B)(sum p A) - sum p B A|| / ||sum p B A|| (the tiny model: exact)."""
@@ -102,6 +105,7 @@ def test_factors_log_how_far_they_are_from_the_product(finished_run):
     assert rounds and all(0 < r["factors_gap"] < 1 for r in rounds), [r.get("factors_gap") for r in rounds]
 
 
+@pytest.mark.job
 def test_product_with_two_ranks_resumes_bit_identical(tmp_path):
     """global.combine = product, clients of ranks 4 and 8, Nesterov: the server's residual and
     momentum (products in factored form) are in its checkpoint, so a copy of the run cut back to its
@@ -121,3 +125,19 @@ def test_product_with_two_ranks_resumes_bit_identical(tmp_path):
     assert_same_end(whole, run)
     assert {"global", "client-0/global", "client-1/global"} <= {
         str(p.parent.relative_to(run / "adapters")) for p in (run / "adapters").rglob("adapter_config.json")}
+
+
+@pytest.mark.launcher
+@pytest.mark.skipif(OPENMPI_SKIP is not None, reason=OPENMPI_SKIP or "")
+def test_ranks_4_and_8_under_openmpi(tmp_path):
+    """The same product job as above, started by `fdlora-cluster launch --mpiexec <Open MPI's
+    mpirun>`: it ends, and each client's saved global adapter has its own rank."""
+    run = tmp_path / "run"
+    cmd = [job_env()["FDLORA"], "launch", "--mpiexec", openmpi_mpirun(), DEMO, "--output", str(run), *TINY_ARGS,
+           "--set", "global.combine=product", "--set", "client_overrides.1.lora.global.r=8"]
+    p = run_launcher(cmd, job_env())
+    assert p.returncode == 0, show(p)
+    assert f"+ {openmpi_mpirun()} -n 5 " in p.stdout, show(p)
+    check_run(run, [2, 2])
+    assert [rank_of(saved(run, f"client-{c}", "global")[0]) for c in (0, 1)] == [4, 8]
+    assert all(len(r["product_not_held"]) == 2 for r in read_metrics(run) if r["event"] == "round")
