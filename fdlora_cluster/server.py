@@ -16,8 +16,8 @@ import torch
 
 from .log import get_logger
 from .strategies import UpdateError, check_update, weighted_average
-from .strategies.combine import (FactorsGap, first, held_energy, in_svd_form, pad, svd_of_sum, truncate, A_SUFFIX,
-                                 B_SUFFIX, b_keys, modules)
+from .strategies.combine import (A_SUFFIX, B_SUFFIX, FactorsGap, b_keys, first, held_energy, in_svd_form,
+                                 mean_of_products, modules, pad, svd_of_sum, truncate)
 from .state import l2_distance
 from .transport import ClientUpdate, GlobalAdapter, Transport
 
@@ -82,7 +82,11 @@ class Server:
             for c, s in enumerate(personal):
                 check_update(personal[0], s, client=c)
             n = len(personal)
-            self.global_state = weighted_average(personal, [1.0 / n] * n)
+            if self.combine == "product":  # the mean of their products, in the server's SVD form
+                self.global_state = truncate(mean_of_products(personal, [1.0 / n] * n, self.rank), self.rank,
+                                             self.cfg.seed)
+            else:
+                self.global_state = weighted_average(personal, [1.0 / n] * n)
             self.log.info(f"global adapter starts as the mean of {n} personal adapters "
                           "(global.init = personal_mean: each personal adapter was sent to the server once)")
             del personal

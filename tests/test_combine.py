@@ -7,7 +7,8 @@ from fdlora_cluster.config import ConfigError, load_config
 from fdlora_cluster.state import Layout
 from fdlora_cluster.strategies import make_strategy
 from fdlora_cluster.strategies.combine import (FactorsGap, ProductOuter, ProductSum, dense, first, held_energy,
-                                               in_svd_form, pad, rank_of, svd_of_sum, truncate)
+                                               in_svd_form, mean_of_products, pad, rank_of, svd_of_sum,
+                                               truncate)
 
 from conftest import CONFIGS
 
@@ -66,6 +67,14 @@ def test_a_client_above_the_global_rank_gets_zero_b_and_orthonormal_a_rows():
         a = t[f"{m}.lora_A.weight"]
         assert torch.allclose(a @ a.T, torch.eye(5, dtype=a.dtype), atol=1e-10)  # trainable, not degenerate
     close(truncate(g, 5, seed=3), t, tol=0)  # seeded: every resume gets the same rows
+
+
+def test_mean_of_products_is_the_dense_mean():
+    states = [lora(3, 50), lora(3, 51)]
+    g = mean_of_products(states, [0.5, 0.5], rank=6)
+    for m in MODS:
+        assert torch.allclose(dense(g)[m], 0.5 * (dense(states[0])[m] + dense(states[1])[m]), atol=1e-10)
+    assert rank_of(mean_of_products(states, [0.5, 0.5], rank=2)) == 2
 
 
 def test_zero_padding_is_hetlora():

@@ -135,6 +135,17 @@ def in_svd_form(state: State, rank: int) -> State:
     return {k: out[k] for k in state}
 
 
+def mean_of_products(states: list[State], weights: list[float], rank: int) -> State:
+    """sum_k w_k B_k A_k as B = U S, A = V^T with at most `rank` components (global.init =
+    personal_mean under product: the average of the personal adapters' products)."""
+    out = {}
+    for m in modules(states[0]):
+        u, s, v = svd_of_sum([(w, st[m + B_SUFFIX], st[m + A_SUFFIX]) for w, st in zip(weights, states)])
+        b, a = split(u, s, v, 0, min(rank, s.numel()))
+        out[m + B_SUFFIX], out[m + A_SUFFIX] = b.to(states[0][m + B_SUFFIX].dtype), a.to(states[0][m + A_SUFFIX].dtype)
+    return {k: out[k] for k in states[0]}
+
+
 # ---------------------------------------------------------------- zero-padding (factors, HetLoRA)
 
 def pad(state: State, r: int) -> State:
