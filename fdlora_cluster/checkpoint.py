@@ -50,6 +50,12 @@ def config_hash(cfg) -> str:
     d["log"].pop("digests", None)  # what is logged, not computed (and added after checkpoints existed)
     if d.get("privacy") is None:  # added after checkpoints existed: off hashes as before it was
         d.pop("privacy", None)
+    # keys added later, at their defaults, leave the hash as it was (older checkpoints still resume)
+    if d["global"].get("combine") == "factors":
+        d["global"].pop("combine")
+    for o in d.get("client_overrides", {}).values():
+        if o.get("lora") == {"global": {"r": None, "alpha": None}}:
+            o.pop("lora")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -23,6 +23,7 @@ from .fusion import fuse, modules_of, per_module, search_weights, weight_groups
 from .log import FILE_ONLY, get_logger
 from .model import adapter_scaling, lora_config, save_adapter
 from .state import FUSED, GLOBAL, PERSONAL, Layout, digest
+from .strategies.combine import b_keys
 from .strategies.plan import Copy, Evaluate, Fuse, JoinFederation, SendUpdate, Step, Train
 from .transport import ClientUpdate, Counters, Transport, yielding_barrier
 
@@ -42,7 +43,12 @@ class Client:
         self.id = topo.client_id
         self.is_leader = topo.is_leader
         self.log = get_logger()
-        self.layout = Layout.of(engine.read(GLOBAL))
+        full = engine.read(GLOBAL)
+        self.layout = Layout.of(full)  # the handshake's: the whole global adapter
+        # global.combine = frozen_a: A never changes, so B alone travels and A is put back on receipt
+        self.frozen_a = ({k: v for k, v in full.items() if k not in set(b_keys(full))}
+                         if cfg.global_.combine == "frozen_a" else None)
+        self.message_layout = self.layout.only(b_keys(full)) if self.frozen_a is not None else self.layout
         self.fusion_weights: tuple[float, float] | None = None  # set by `fuse` (means over modules)
         self.first = True  # no round has run yet in this job (Ditto's start); kept in checkpoints
         self.results: dict = {}  # adapter -> test metrics, set by `evaluate`
@@ -112,7 +118,7 @@ class Client:
         if not self.is_leader:
             return
         self.transport.send_layout(self.layout)
-        if self.cfg.global_.init == "seed" and self.id == 0:
+        if self.cfg.global_.init == "seed" and self.id == self.cfg.global_init_client():
             self.transport.send_init(self.id, start)
         if self.cfg.global_.init == "personal_mean":
             self.log.info("sending the stage-1 personal adapter to the server once (global.init = personal_mean)")
@@ -133,7 +139,9 @@ class Client:
         """Write the received global adapter on every rank of the client. Returns its round, or None
         when it is the final one (after which the leader says goodbye to the server)."""
         round, final, skipped = message.round, message.final, message.skipped
-        state = self.engine.broadcast_from_leader(message.state, self.layout)
+        state = self.engine.broadcast_from_leader(message.state, self.message_layout)
+        if self.frozen_a is not None:
+            state = {k: state[k] if k in state else self.frozen_a[k] for k, _, _ in self.layout.entries}
         self.engine.write(GLOBAL, state)
         if self.cfg.privacy is not None and self.is_leader:  # what send_update clips the change against
             self.round_global = {k: v.detach().clone() for k, v in message.state.items()}
@@ -153,6 +161,8 @@ class Client:
         the leader's mean training loss of the round (`loss`, None when no step was taken). With
         `privacy` the change to the round's received global is clipped to privacy.clip_norm first."""
         state = self.engine.read(GLOBAL)
+        if self.frozen_a is not None:
+            state = {k: state[k] for k, _, _ in self.message_layout.entries}
         if self.is_leader:
             if self.cfg.privacy is not None:  # client-level DP: the change leaves clipped (fdlora_cluster/dp.py)
                 C = self.cfg.privacy.clip_norm
@@ -328,13 +338,21 @@ class Client:
         return out, stats
 
     def save(self, fused_config) -> None:
-        """adapters/client-<i>/{personal,fused}/ in PEFT format (written by the leader)."""
+        """adapters/client-<i>/{personal,fused}/ in PEFT format (written by the leader); and
+        client-<i>/global/ when clients' global ranks differ: the final global adapter at this
+        client's own rank (adapters/global/ is the server's, at the largest rank)."""
         root = os.path.join(self.run.dir, "adapters", f"client-{self.id}")
         base_name = self.cfg.model.path
         states = {PERSONAL: self.engine.read(PERSONAL)}
         if self.fusion_weights is not None:
             states[FUSED] = self.engine.read(FUSED)
+        own_rank = len(set(self.cfg.global_ranks())) > 1 and self.strategy.federated
+        if own_rank:
+            states[GLOBAL] = self.engine.read(GLOBAL)
         if self.is_leader:
             save_adapter(os.path.join(root, PERSONAL), states[PERSONAL], lora_config(self.cfg.lora.personal), base_name)
+            if own_rank:
+                save_adapter(os.path.join(root, GLOBAL), states[GLOBAL],
+                             lora_config(self.cfg.global_adapter(self.id)), base_name)
             if FUSED in states:
                 save_adapter(os.path.join(root, FUSED), states[FUSED], lora_config(fused_config), base_name)

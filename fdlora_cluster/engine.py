@@ -107,8 +107,9 @@ class ClientEngine:
         self.lr = float(self.ds_config["optimizer"]["params"]["lr"])
         self.micro_batch = int(self.ds_config["train_micro_batch_size_per_gpu"])
         self.groups = {PERSONAL: 0, GLOBAL: 1}
-        groups = [{"params": list(adapter_params(model, PERSONAL).values()), "lr": self.lr},
-                  {"params": list(adapter_params(model, GLOBAL).values()), "lr": self.lr}]
+        # only what requires grad (global.combine = frozen_a leaves the global adapter's A out)
+        groups = [{"params": [p for p in adapter_params(model, a).values() if p.requires_grad], "lr": self.lr}
+                  for a in (PERSONAL, GLOBAL)]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=self.ds_config)
         self.phases = PhaseSwitch(self.optimizer, self.groups, self.lr)

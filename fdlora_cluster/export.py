@@ -64,7 +64,10 @@ def adapter_dir(run_dir: str, cfg, client: int, adapter: str) -> str:
         raise ExportError(f"--adapter {adapter!r}: expected one of {', '.join(ADAPTER_CHOICES)}")
 
     def where(name):
-        return os.path.join(run_dir, "adapters", *(("global",) if name == "global" else (f"client-{client}", name)))
+        own = os.path.join(run_dir, "adapters", f"client-{client}", name)
+        if name == "global" and not os.path.isdir(own):  # clients of different global ranks save their own
+            return os.path.join(run_dir, "adapters", "global")
+        return own
 
     def saved(name):
         return os.path.isfile(os.path.join(where(name), "adapter_model.safetensors"))

@@ -90,6 +90,14 @@ def add_adapters(base, configs: dict, seed: int, trainable=ADAPTERS):
     return model
 
 
+def freeze_a(model, name: str) -> None:
+    """The adapter's A matrices stop requiring grad (global.combine = frozen_a): the engine leaves
+    them out of the optimizer, so they keep their seeded values on every rank."""
+    for k, p in adapter_params(model, name).items():
+        if k.endswith(".lora_A.weight"):
+            p.requires_grad_(False)
+
+
 def _lora_layers(model):
     from peft.tuners.lora import LoraLayer
 
@@ -161,6 +169,11 @@ def read_adapter(model, name: str, zero_stage: int, mixed_precision: bool = Fals
         from deepspeed.utils import safe_get_full_fp32_param
 
         masters = {k: safe_get_full_fp32_param(p) for k, p in params.items()}  # collective under ZeRO-3
+        frozen = [k for k, m in masters.items() if m is None]  # not in the optimizer (frozen_a's A)
+        if frozen and len(frozen) < len(masters):
+            with gathered([params[k] for k in frozen], zero_stage):
+                for k in frozen:
+                    masters[k] = params[k].detach().to("cpu", torch.float32, copy=True)
         if all(m is not None for m in masters.values()):
             return {k: m.detach().to("cpu", torch.float32, copy=True).reshape(tuple(getattr(params[k], "ds_shape",
                                                                                             params[k].shape)))

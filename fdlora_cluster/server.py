@@ -17,7 +17,9 @@ import torch
 
 from .dp import PrivacyBudget, add_noise
 from .log import get_logger
-from .strategies import InOrderSum, UpdateError, check_update, weighted_average
+from .strategies import UpdateError, check_update, weighted_average
+from .strategies.combine import (A_SUFFIX, B_SUFFIX, FactorsGap, b_keys, first, held_energy, in_svd_form,
+                                 mean_of_products, modules, pad, svd_of_sum, truncate)
 from .state import l2_distance
 from .transport import ClientUpdate, GlobalAdapter, Transport
 
@@ -54,20 +56,41 @@ class Server:
         self.global_state: dict[str, torch.Tensor] | None = None
         p = cfg.privacy
         self.budget = None if p is None else PrivacyBudget(p.noise_multiplier, p.delta, p.accountant, p.target_epsilon)
+        # global.combine and per-client ranks (strategies/combine.py): the server's global adapter
+        # has the largest client rank; each client gets and sends its own rank's (`sent`)
+        self.combine = cfg.global_.combine
+        self.ranks = dict(zip(self.clients, cfg.global_ranks()))
+        self.rank = max(self.ranks.values())
+        self.same_ranks = len(set(self.ranks.values())) == 1
+        self.sent: dict[int, dict] = {}  # client -> the global adapter it received this round
+        self.not_held: dict[int, float] = {}  # product: share of the global adapter a client cannot hold
+        self.frozen_a: dict | None = None  # frozen_a: the shared A, saved with the final B
 
     def init_global(self) -> None:
-        """Every leader's layout (they must agree), then the starting global adapter."""
+        """Every leader's layout (they must agree up to the rank), then the starting global adapter."""
         self.transport.recv_layouts(self.clients)
         if self.cfg.global_.init == "seed":
-            # Every client seeds `global` identically; client 0's leader sends that start once.
-            self.global_state = self.transport.recv_init(0)
+            # Every client of one rank seeds `global` identically; the (first) client of the largest
+            # rank sends that start once (client 0 when ranks are equal).
+            start = self.transport.recv_init(self.cfg.global_init_client())
+            if self.combine == "frozen_a":
+                keep = set(b_keys(start))
+                self.frozen_a = {k: v for k, v in start.items() if k not in keep}
+                start = {k: v for k, v in start.items() if k in keep}
+            elif self.combine == "product":
+                start = truncate(in_svd_form(start, self.rank), self.rank, self.cfg.seed)
+            self.global_state = start
             self.log.info("global adapter starts from the shared seeded initialisation")
         else:
             personal = [self.transport.recv_init(c) for c in self.clients]
             for c, s in enumerate(personal):
                 check_update(personal[0], s, client=c)
             n = len(personal)
-            self.global_state = weighted_average(personal, [1.0 / n] * n)
+            if self.combine == "product":  # the mean of their products, in the server's SVD form
+                self.global_state = truncate(mean_of_products(personal, [1.0 / n] * n, self.rank), self.rank,
+                                             self.cfg.seed)
+            else:
+                self.global_state = weighted_average(personal, [1.0 / n] * n)
             self.log.info(f"global adapter starts as the mean of {n} personal adapters "
                           "(global.init = personal_mean: each personal adapter was sent to the server once)")
             del personal
@@ -78,6 +101,7 @@ class Server:
         adapter and the outer optimizer's state come from the checkpoint."""
         self.transport.recv_layouts(self.clients)
         self.global_state = state["global"]
+        self.frozen_a = state.get("frozen_a")
         self.strategy.outer.load_state_dict(state["outer"])
         if self.budget is not None:
             self.budget.released = state["privacy_released"]
@@ -85,7 +109,7 @@ class Server:
 
     def state(self) -> dict:
         """What the server carries from round to round (its part of a checkpoint)."""
-        out = {"global": self.global_state, "outer": self.strategy.outer.state_dict()}
+        out = {"global": self.global_state, "outer": self.strategy.outer.state_dict(), "frozen_a": self.frozen_a}
         if self.budget is not None:
             out["privacy_released"] = self.budget.released  # rounds the accountant has counted
         return out
@@ -94,8 +118,27 @@ class Server:
         """Round t starts: the global adapter goes to every leader."""
         self._t0 = time.perf_counter()
         self.transport.new_round()
+        self._send(GlobalAdapter(t, self.global_state))
+
+    def _send(self, message: GlobalAdapter) -> None:
+        """The global adapter to every leader, each at its own rank; `sent` keeps what each holds."""
+        if self.combine == "product" or not self.same_ranks:
+            # the top-r_k part of the product (B = U S, A = V^T) or the first r_k padded components
+            cut = (lambda r: truncate(self.global_state, r, self.cfg.seed)) if self.combine == "product" else (
+                lambda r: first(self.global_state, r))
+            if self.combine == "product":
+                self.not_held = {c: held_energy(self.global_state, r) for c, r in self.ranks.items()}
+            if self.same_ranks:  # one adapter for all (federation.compress may encode it)
+                one = self.transport.send_global(GlobalAdapter(message.round, cut(self.rank), message.final), self.clients)
+                self.sent = {c: one for c in self.clients}
+            else:
+                by_rank = {r: cut(r) for r in sorted(set(self.ranks.values()))}
+                self.sent = {c: by_rank[self.ranks[c]] for c in self.clients}
+                self.transport.send_global(message, self.clients, states=self.sent)
+            return
         # with federation.compress the leaders hold the decoded adapter; so does the server
-        self.global_state = self.transport.send_global(GlobalAdapter(t, self.global_state), self.clients)
+        self.global_state = self.transport.send_global(message, self.clients)
+        self.sent = {c: self.global_state for c in self.clients}
 
     def finish_round(self, t: int) -> dict:
         """(clients train) -> collect and check, until every client answered or the round's
@@ -107,7 +150,8 @@ class Server:
         t0 = self._t0
         deadline = None if fed.round_timeout_s is None else time.monotonic() + fed.round_timeout_s
         before = self.global_state
-        total = InOrderSum(self.clients)
+        total = self.strategy.new_sum(self.clients)
+        gap = FactorsGap(seed=self.cfg.seed) if self.combine == "factors" else None
         norms: dict[int, float] = {}
         losses: dict[int, float] = {}  # the leaders' mean training loss of the round
         rejected: dict[int, str] = {}
@@ -124,15 +168,20 @@ class Server:
                 self.log.warning(f"  round {t}: late update of client {update.client} (round {update.round}) dropped")
                 continue
             waiting.discard(update.client)
-            reason = rejection(update, t, before, fed.max_update_norm)
+            reason = rejection(update, t, self.sent[update.client], fed.max_update_norm)
             if reason:
                 rejected[update.client] = reason
                 self.log.warning(f"  round {t}: update of client {update.client} rejected: {reason}")
                 total.skip(update.client)
             else:
-                norms[update.client] = l2_distance(update.state, before)
+                norms[update.client] = l2_distance(update.state, self.sent[update.client])
                 losses[update.client] = update.loss
-                total.add(update.client, update.state, self.strategy.weight(update.num_samples))
+                w = self.strategy.weight(update.num_samples, update.client)
+                state = update.state if self.same_ranks or self.combine != "factors" else pad(update.state, self.rank)
+                total.add(update.client, state, w)
+                if gap is not None:
+                    gap.add(state, w)
+                del state
             del update  # the sum has it now (or holds it until a lower client id is in)
         total.close()
         missing = {c: f"no update within federation.round_timeout_s = {fed.round_timeout_s:g} s" for c in sorted(waiting)}
@@ -151,19 +200,45 @@ class Server:
             eps = self.budget.spend()
             add_noise(total.sum, p.noise_multiplier * p.clip_norm, self.cfg.seed, t)
             privacy = {"privacy_epsilon": eps, "privacy_delta": p.delta, "noise_std": p.noise_multiplier * p.clip_norm}
-        self.global_state = self.strategy.step(before, total)
-        return {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0,
+        self.global_state = self.strategy.step(before, total, self.sent)
+        combined = {}
+        if self.combine == "product":
+            combined = {"product_not_held": [self.not_held[c] for c in self.clients],
+                        "product_cut": self.strategy.last_info["cut"], "product_lost": self.strategy.last_info["lost"]}
+        elif gap is not None:
+            combined = {"factors_gap": gap.relative(total.mean())}
+        return {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0, **combined,
                 **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
                 "clients": total.added, "rejected": {str(c): r for c, r in rejected.items()},
                 "missing": sorted(waiting), "late": late,
                 "update_norms": [norms[c] for c in total.added],
                 "train_loss": [losses[c] for c in total.added],
-                "global_change": l2_distance(self.global_state, before), **privacy}
+                "global_change": self.change(before), **privacy}
+
+    def change(self, before: dict) -> float:
+        """||global - before||: of the factors, or under product of the product B A (its factors'
+        basis turns from round to round)."""
+        if self.combine != "product":
+            return l2_distance(self.global_state, before)
+        total = 0.0
+        for m in modules(before):
+            _, s, _ = svd_of_sum([(1.0, self.global_state[m + B_SUFFIX], self.global_state[m + A_SUFFIX]),
+                                  (-1.0, before[m + B_SUFFIX], before[m + A_SUFFIX])])
+            total += float((s * s).sum())
+        return math.sqrt(total)
 
     def send_final(self) -> None:
         """The final global adapter (the leaders answer with their bye: `collect_byes`)."""
-        self.global_state = self.transport.send_global(
-            GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True), self.clients)
+        self._send(GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True))
+
+    def final_adapter(self) -> tuple[dict, int]:
+        """The global adapter to save and its rank: the whole adapter (frozen_a: the shared A with
+        the final B), at the largest client rank."""
+        state = self.global_state
+        if self.frozen_a is not None:
+            merged = {**self.frozen_a, **state}
+            state = {k: merged[k] for m in modules(merged) for k in (m + A_SUFFIX, m + B_SUFFIX)}
+        return state, self.rank
 
     def collect_byes(self) -> None:
         """Every leader's remaining messages until its bye (a late update still in flight is

@@ -99,6 +99,34 @@ class Layout:
                 return f"{k}: {mine.get(k, 'missing')} against {theirs.get(k, 'missing')}"
         return "the same tensors in another order"
 
+    def rank_difference(self, other: "Layout") -> str | None:
+        """None when the two differ at most in the LoRA rank (every `lora_A` r x n and `lora_B`
+        m x r, with one r per layout): clients of different sizes may carry global adapters of
+        different ranks. Else the first entry that differs otherwise."""
+        def rankless(layout):
+            out, ranks = [], set()
+            for k, s, d in layout.entries:
+                if k.endswith(".lora_A.weight") and len(s) == 2:
+                    ranks.add(s[0])
+                    s = ("r", s[1])
+                elif k.endswith(".lora_B.weight") and len(s) == 2:
+                    ranks.add(s[1])
+                    s = (s[0], "r")
+                out.append((k, s, d))
+            return Layout(tuple(out)), ranks
+
+        (mine, my_ranks), (theirs, their_ranks) = rankless(self), rankless(other)
+        for ranks, layout in ((my_ranks, self), (their_ranks, other)):
+            if len(ranks) > 1:
+                return f"one adapter with ranks {sorted(ranks)} across its modules"
+        diff = mine.describe_difference(theirs)
+        return None if diff is None else diff.replace("'r'", "r")
+
+    def only(self, keys) -> "Layout":
+        """The entries named in `keys`, in this layout's order (`global.combine: frozen_a`: B alone travels)."""
+        keys = set(keys)
+        return Layout(tuple(e for e in self.entries if e[0] in keys))
+
 
 def _numel(shape) -> int:
     n = 1

@@ -24,7 +24,7 @@ from .data import check_responses_fit, get_tokenizer, load_clients
 from .faults import maybe_fail
 from .fusion import fused_lora_shape
 from .log import FILE_ONLY, RoundProgress, get_logger, human_bytes, setup_logging, text_table
-from .model import add_adapters, build_base, lora_config, save_adapter
+from .model import add_adapters, build_base, freeze_a, lora_config, save_adapter
 from .state import FUSED, GLOBAL, PERSONAL
 from .strategies import Fuse, make_strategy
 from .topology import build_topology
@@ -58,8 +58,8 @@ class RunDir:
         return os.path.join(self.dir, "logs", f"metrics-rank-{self.rank}.jsonl")
 
 
-def fused_adapter_config(cfg: Config) -> AdapterConfig:
-    r, alpha = fused_lora_shape(cfg.lora.personal, cfg.lora.global_, cfg.fusion.merge)
+def fused_adapter_config(cfg: Config, client: int = 0) -> AdapterConfig:
+    r, alpha = fused_lora_shape(cfg.lora.personal, cfg.global_adapter(client), cfg.fusion.merge)
     return AdapterConfig(r=r, alpha=alpha, dropout=0.0, target_modules=list(cfg.lora.personal.target_modules))
 
 
@@ -86,7 +86,8 @@ def run(cfg: Config, record_payloads: list | None = None, resume: str | None = N
     if topo.federation_comm is not None:
         fed = cfg.federation
         codec = None if fed.compress == "none" else Codec(fed.compress, fed.compress_block)
-        transport = Transport(topo.federation_comm, topo.plan, record=record_payloads, codec=codec)
+        transport = Transport(topo.federation_comm, topo.plan, record=record_payloads, codec=codec,
+                              b_only=cfg.global_.combine == "frozen_a")
     ckpt = Checkpointer(cfg, topo, run_dir.dir)
     agree_on_resume(cfg, topo, resume, ckpt)
     if topo.is_server and resume:
@@ -173,8 +174,9 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
     server.send_final()
     checkpoint(cfg.train.rounds, state)
     server.collect_byes()
-    save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), server.global_state,
-                 lora_config(cfg.lora.global_), cfg.model.path)
+    final, _ = server.final_adapter()  # at the largest client rank (client_overrides.<i>.lora.global.r)
+    save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), final,
+                 lora_config(cfg.global_adapter(cfg.global_init_client())), cfg.model.path)
     return {"bytes_total": transport.total.snapshot()}
 
 
@@ -199,10 +201,12 @@ def build_client(cfg, topo, strategy, transport, run_dir, inner_steps: int):
     data = load_clients(cfg.data, topo.plan.num_clients, cfg.seed, announce=topo.client_id == 0)[topo.client_id]
     check_responses_fit(tok, data, cfg.train.max_seq_len)
     base = build_base(cfg.model, cfg.seed, vocab_size=tok.vocab_size, dtype=cfg.base_dtype(topo.client_id))
-    adapters = {PERSONAL: cfg.lora.personal, GLOBAL: cfg.lora.global_}
+    adapters = {PERSONAL: cfg.lora.personal, GLOBAL: cfg.global_adapter(topo.client_id)}
     if any(isinstance(step, Fuse) for step in strategy.after_rounds(inner_steps)):
-        adapters[FUSED] = fused_adapter_config(cfg)
+        adapters[FUSED] = fused_adapter_config(cfg, topo.client_id)
     model = add_adapters(base, adapters, cfg.seed, trainable=(PERSONAL, GLOBAL))
+    if cfg.global_.combine == "frozen_a":
+        freeze_a(model, GLOBAL)  # FFA-LoRA: A keeps its seeded init, out of the optimizer
     engine = ClientEngine(cfg, topo, model, tok, data)
     return Client(cfg, topo, strategy, engine, transport, run_dir), adapters.get(FUSED)
 

@@ -2,6 +2,8 @@
 
     leader -> server   layout      the global adapter's names, shapes, dtypes (pickled, once, every
                                    leader); the server refuses layouts that differ between clients
+                                   other than in the LoRA rank, and sizes each client's messages by
+                                   its own (global.combine = frozen_a: B alone travels)
     leader -> server   init        the start the server cannot compute: client 0's seeded global
                                    adapter (global.init = seed), or every client's stage-1 personal
                                    adapter (global.init = personal_mean, the paper's line 7)
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .state import Layout, add, sub
+from .strategies.combine import b_keys
 
 TAG_LAYOUT = 10
 TAG_TO_LEADER = 11  # global, final, abort
@@ -141,7 +144,14 @@ class Transport:
     record: list | None = None
     """The payload tap (tests): when a list, every message this end sends is appended as
     (kind, dest, state or None, num_samples, the bytes on the wire)."""
-    layout: Layout | None = None  # the global adapter's, agreed at the handshake
+    layout: Layout | None = None  # the global adapter's messages', agreed at the handshake
+    layouts: dict = field(default_factory=dict)
+    """server: client -> its messages' layout (clients' global adapters may differ in rank)."""
+    full_layouts: dict = field(default_factory=dict)  # server: client -> its whole global adapter's layout
+    full_layout: Layout | None = None  # leader: its whole global adapter's layout
+    b_only: bool = False
+    """global.combine = frozen_a: the global adapter's A never changes, so messages carry B alone
+    (the start-up `init` still carries the whole adapter, once)."""
     inbox: dict = field(default_factory=dict)  # server: client -> (buffer, posted MPI receive)
     codec: object | None = None
     """compress.Codec when federation.compress is on. Then every global adapter after the first
@@ -235,9 +245,19 @@ class Transport:
         requests = [r for r, _ in pending]
         wait_for(lambda: MPI.Request.Testall(requests))
 
-    def _decode(self, buf: torch.Tensor, n: int, peer: str) -> tuple[str, int, int, float, float, torch.Tensor]:
+    def layout_of(self, client: int) -> Layout:
+        """The layout of `client`'s messages (the server's per-client one; a leader has its own)."""
+        return self.layouts.get(client, self.layout)
+
+    def _message_layout(self, layout: Layout) -> Layout:
+        return layout.only(b_keys(k for k, _, _ in layout.entries)) if self.b_only else layout
+
+    def _decode(self, buf: torch.Tensor, n: int, peer: str,
+                layout: Layout | None = None) -> tuple[str, int, int, float, float, torch.Tensor]:
         """Count and check a received message of `n` bytes in `buf`: a known kind, and an adapter
-        message's byte count equal to the layout's (abort and bye carry text)."""
+        message's byte count equal to the layout's (abort and bye carry text; `layout`: the
+        sender's, default this end's)."""
+        layout = layout or self.layout
         self._count(received=n)
         if n < HEADER.size:
             raise TransportError(f"{peer}: a message of {n} bytes, shorter than the {HEADER.size}-byte header")
@@ -252,16 +272,17 @@ class Transport:
             if body.numel() != self.wire_layout.nbytes:
                 raise TransportError(f"{peer}: a {kind} message of {body.numel()} bytes, but the compressed layout "
                                      f"holds {self.wire_layout.nbytes}")
-        elif kind not in ("abort", "bye") and body.numel() != self.layout.nbytes:
+        elif kind not in ("abort", "bye") and body.numel() != layout.nbytes:
             raise TransportError(f"{peer}: a {kind} message of {body.numel()} bytes, but the agreed layout of the "
-                                 f"global adapter holds {self.layout.nbytes}")
+                                 f"global adapter holds {layout.nbytes}")
         return kind, round, client, num_samples, loss, body
 
     # -- leader side --
 
     def send_layout(self, layout: Layout) -> None:
-        """Every leader, once: the server checks that all clients carry the same global adapter."""
-        self.layout = layout
+        """Every leader, once: the server checks that all clients carry the same global adapter
+        (up to its rank)."""
+        self.full_layout, self.layout = layout, self._message_layout(layout)
         self.comm.send(layout, dest=0, tag=TAG_LAYOUT)
         wire = pickle.dumps(layout)
         if self.record is not None:
@@ -269,7 +290,8 @@ class Transport:
         self._count(sent=len(wire))
 
     def send_init(self, client: int, state: dict[str, torch.Tensor]) -> None:
-        request, _buf = self._send("init", 0, TAG_TO_SERVER, state, client=client)
+        """The whole adapter (A too under frozen_a: the server saves it with the final B)."""
+        request, _buf = self._send("init", 0, TAG_TO_SERVER, state, client=client, layout=self.full_layout)
         wait_for(request.Test)
 
     def send_update(self, update: ClientUpdate) -> None:
@@ -315,7 +337,8 @@ class Transport:
     # -- server side --
 
     def recv_layouts(self, clients: list[int]) -> Layout:
-        """Every leader's layout; they must all agree (else no client's update could be averaged)."""
+        """Every leader's layout; they must agree up to the LoRA rank (else no client's update could
+        be averaged). Each client's messages are then sized by its own (`layout_of`)."""
         layouts = {}
         for c in clients:
             source = self.plan.federation_rank(c)
@@ -325,18 +348,28 @@ class Transport:
             self._count(received=len(pickle.dumps(layouts[c])))
         first = layouts[clients[0]]
         for c, layout in layouts.items():
-            diff = first.describe_difference(layout)
+            diff = first.rank_difference(layout)
             if diff:
                 raise TransportError(f"client {c}'s global adapter differs from client {clients[0]}'s ({diff}); "
-                                     "every client must carry the same lora.global adapter on the same base")
-        self.layout = first
+                                     "every client must carry the same lora.global adapter on the same base "
+                                     "(only its rank may differ: client_overrides.<i>.lora.global.r)")
+        self.full_layouts = layouts
+        self.layouts = {c: self._message_layout(layout) for c, layout in layouts.items()}
+        self.layout = self.layouts[clients[0]]
         return first
 
     def recv_init(self, client: int) -> dict[str, torch.Tensor]:
-        kind, _, sender, _, _, body = self._recv(self.plan.federation_rank(client), TAG_TO_SERVER, f"client {client}")
+        from mpi4py import MPI
+
+        full = self.full_layouts.get(client, self.layout)
+        buf = torch.empty(HEADER.size + max(full.nbytes, 4096), dtype=torch.uint8)
+        status = MPI.Status()
+        request = self.comm.Irecv([buf.numpy(), MPI.BYTE], source=self.plan.federation_rank(client), tag=TAG_TO_SERVER)
+        wait_for(lambda: request.Test(status))
+        kind, _, sender, _, _, body = self._decode(buf, status.Get_count(MPI.BYTE), f"client {client}", full)
         if kind != "init" or sender != client:
             raise TransportError(f"client {client}: expected its start-up adapter, got a {kind} message from client {sender}")
-        return self.layout.unpack(body)
+        return full.unpack(body)
 
     def post_receives(self, clients: list[int]) -> None:
         """Keep one receive posted for each leader from now on (until its bye)."""
@@ -346,7 +379,7 @@ class Transport:
     def _post(self, client: int) -> None:
         from mpi4py import MPI
 
-        buf = torch.empty(HEADER.size + self.layout.nbytes, dtype=torch.uint8)
+        buf = torch.empty(HEADER.size + self.layout_of(client).nbytes, dtype=torch.uint8)
         request = self.comm.Irecv([buf.numpy(), MPI.BYTE], source=self.plan.federation_rank(client), tag=TAG_TO_SERVER)
         self.inbox[client] = (buf, request)
 
@@ -372,21 +405,30 @@ class Transport:
         if not wait_for(any_arrived, deadline):
             return None
         client, buf, n = arrived[0]
-        kind, round, sender, num_samples, loss, body = self._decode(buf, n, f"client {client}")
+        kind, round, sender, num_samples, loss, body = self._decode(buf, n, f"client {client}", self.layout_of(client))
         if sender != client or kind not in ("update", "update_c", "bye"):
             raise TransportError(f"client {client}: expected an update, got a {kind} message claiming client {sender}")
         if kind == "bye":
             del self.inbox[client]
             return client
-        state = self._decode_change(body) if kind == "update_c" else self.layout.unpack(body)
+        state = self._decode_change(body) if kind == "update_c" else self.layout_of(client).unpack(body)
         self._post(client)
         return ClientUpdate(round, client, num_samples, state, loss)
 
-    def send_global(self, message: GlobalAdapter, clients: list[int]) -> dict[str, torch.Tensor]:
+    def send_global(self, message: GlobalAdapter, clients: list[int],
+                    states: dict | None = None) -> dict[str, torch.Tensor]:
         """Send the global adapter to every leader; returns the adapter they will hold: `message.state`
         itself, or with compression the previous one plus the decoded change (the server keeps that,
-        so that every rank holds the same global adapter bit for bit)."""
+        so that every rank holds the same global adapter bit for bit). `states`: client -> its own
+        adapter instead (clients of different ranks; without compression, which config refuses then)."""
         kind, state, layout, held = ("final" if message.final else "global"), message.state, None, message.state
+        if states is not None:
+            if self.codec is not None:
+                raise TransportError("per-client global adapters with federation.compress: one reference cannot "
+                                     "serve clients of different ranks")
+            self._send_all([(kind, self.plan.federation_rank(c), TAG_TO_LEADER,
+                             {"state": states[c], "round": message.round, "layout": self.layout_of(c)}) for c in clients])
+            return held
         if self.codec is not None:
             if self.reference is None:  # the first global adapter travels whole: the leaders' reference
                 self.reference = {k: v.clone() for k, v in message.state.items()}

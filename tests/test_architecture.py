@@ -72,8 +72,9 @@ def test_no_import_cycle():
     ("fdlora_cluster.state", set()),
     ("fdlora_cluster.strategies.plan", set()),
     ("fdlora_cluster.strategies.aggregate", {"fdlora_cluster.state"}),
+    ("fdlora_cluster.strategies.combine", {"fdlora_cluster.state", "fdlora_cluster.strategies.aggregate"}),
     ("fdlora_cluster.strategies.methods", {"fdlora_cluster.state", "fdlora_cluster.strategies.aggregate",
-                                           "fdlora_cluster.strategies.plan"}),
+                                           "fdlora_cluster.strategies.combine", "fdlora_cluster.strategies.plan"}),
     ("fdlora_cluster.compress", {"fdlora_cluster.state"}),
     ("fdlora_cluster.dp", {"fdlora_cluster.state"}),
 ])

@@ -113,6 +113,7 @@ def load(**sets):
     ({"global.aggregation": "samples"}, r"set global.aggregation: uniform \(now 'samples'\)"),
     ({"global.init": "personal_mean"}, r"global.init = personal_mean sends each stage-1 personal adapter"),
     ({"federation.compress": "int8"}, r"federation.compress = 'int8' .* no longer bounded by privacy.clip_norm"),
+    ({"global.combine": "product"}, r"global.combine = product sums the clients' factor pairs"),
     # demo: 10 rounds at sigma 1 reach epsilon ~16 (rdp, delta 1e-4)
     ({"privacy": {**PRIVACY, "target_epsilon": 5.0}},
      r"train.rounds = 10 with noise_multiplier 1 reach epsilon 1\d.\d+ at delta 0.0001 \(rdp accountant\), over "

@@ -8,6 +8,7 @@ Every error of a file is reported at once; each cross-section check prints the r
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Optional, Union
@@ -19,7 +20,7 @@ from ..strategies import STRATEGIES
 from .deepspeed import deepspeed_dict
 from .errors import config_error, describe, require
 from .loading import apply_override, read_yaml
-from .sections import (CheckpointConfig, ClientOverride, DataConfig, DittoConfig, EvalConfig, FedDPAConfig,
+from .sections import (AdapterConfig, CheckpointConfig, ClientOverride, DataConfig, DittoConfig, EvalConfig, FedDPAConfig,
                        FederationConfig, FusionConfig, GlobalConfig, LogConfig, LoraConfig, ModelConfig, OuterConfig,
                        PersonalConfig, PrivacyConfig, Section, TopologyConfig, TrainConfig, resolve_outer, section)
 
@@ -112,8 +113,42 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _global_ranks(self):
+        """Per-client global ranks (client_overrides.<i>.lora.global) and global.combine."""
+        g, combine = self.lora.global_, self.global_.combine
+        for c, o in sorted(self.client_overrides.items()):
+            a = o.lora.global_
+            if a.alpha is not None and a.r is not None:
+                require(math.isclose(a.alpha / a.r, g.alpha / g.r, rel_tol=1e-12),
+                         f"client_overrides.{c}.lora.global: alpha / r = {a.alpha:g} / {a.r} differs from lora.global's "
+                         f"{g.alpha:g} / {g.r}; every client's global adapter needs the same scaling (the server adds "
+                         f"their B A products): leave alpha out, or set it to {a.r * g.alpha / g.r:g}")
+            require(a.alpha is None or a.r is not None,
+                     f"client_overrides.{c}.lora.global.alpha without r: the scaling alpha / r must stay lora.global's; "
+                     "set r (alpha follows it)")
+        ranks = self.global_ranks()
+        if len(set(ranks)) > 1:
+            why = f"clients' global ranks differ ({ranks}, client_overrides.<i>.lora.global.r)"
+            require(combine != "frozen_a", f"{why}, but global.combine = frozen_a averages B against one shared A: "
+                     "use global.combine: product (or factors, the zero-padding baseline)")
+            require(self.federation.compress == "none", f"{why}; federation.compress = {self.federation.compress} "
+                     "keeps one reference adapter for all clients: use compress: none with per-client ranks")
+            require(self.global_.init == "seed", f"{why}; global.init = personal_mean averages the personal "
+                     "adapters parameter by parameter: use global.init: seed")
+        require(not (combine == "product" and self.outer.optimizer == "adam"),
+                 "global.combine = product steps the outer optimizer on the product B A in factored form; "
+                 "outer.optimizer = adam's elementwise moments have none: use sgd or nesterov")
+        require(not (combine == "frozen_a" and self.global_.init == "personal_mean"),
+                 "global.combine = frozen_a keeps the global adapter's A at its seeded init, but global.init = "
+                 "personal_mean starts it from the personal adapters' mean: use global.init: seed")
+        return self
+
+    @model_validator(mode="after")
     def _fits_the_strategy(self):
-        p, g, f = self.lora.personal, self.lora.global_, self.fusion
+        p, f = self.lora.personal, self.fusion
+        # with per-client global ranks, each client's pair is checked; the first that fails is named
+        g = next((self.global_adapter(c) for c in range(len(self.client_sizes()))
+                  if self.global_adapter(c).r != p.r), self.lora.global_)
         if self.strategy == "ditto":
             require(p.r == g.r and p.alpha == g.alpha and p.target_modules == g.target_modules,
                      "strategy ditto pulls the personal adapter towards the global one parameter by parameter and "
@@ -163,6 +198,11 @@ class Config(Section):
                  f"privacy: federation.compress = {self.federation.compress!r} adds the last round's rounding error "
                  "to the next update (error feedback), so the message a client sends is no longer bounded by "
                  "privacy.clip_norm; use federation.compress: none with privacy")
+        # product sums the factor pairs themselves (strategies/combine.py ProductSum), not the changes
+        # the clip bounds, so there is no sum for the noise to go on
+        require(self.global_.combine != "product",
+                 "privacy: global.combine = product sums the clients' factor pairs, not the clipped changes the "
+                 "noise is calibrated to; use global.combine: factors or frozen_a with privacy")
         return self
 
     @model_validator(mode="after")
@@ -203,6 +243,33 @@ class Config(Section):
 
             return "nccl" if torch.cuda.is_available() else "gloo"
         return self.topology.backend
+
+    def global_adapter(self, client: int) -> AdapterConfig:
+        """`client`'s global adapter: lora.global with its override's rank, and alpha keeping
+        lora.global's alpha / r unless given (validated equal)."""
+        g = self.lora.global_
+        o = self.client_overrides.get(client)
+        r = o.lora.global_.r if o and o.lora.global_.r is not None else g.r
+        if r == g.r:
+            return g
+        alpha = o.lora.global_.alpha if o.lora.global_.alpha is not None else r * g.alpha / g.r
+        return g.model_copy(update={"r": r, "alpha": alpha})
+
+    def global_ranks(self) -> list[int]:
+        return [self.global_adapter(c).r for c in range(len(self.client_sizes()))]
+
+    def global_init_client(self) -> int:
+        """The client whose seeded global adapter is the server's start (global.init = seed): the
+        first of the largest rank, so that every client can be given a slice of it (0 when equal)."""
+        ranks = self.global_ranks()
+        return ranks.index(max(ranks))
+
+    def local_rows(self, client: int) -> int:
+        """Rows `client` trains on in a round: K x micro batch x accumulation x ranks
+        (global.aggregation = steps weighs by it)."""
+        ds = deepspeed_dict(self, client)
+        return (self.inner_steps(client) * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+                * self.client_sizes()[client])
 
     def inner_steps(self, client: int) -> int:
         o = self.client_overrides.get(client)

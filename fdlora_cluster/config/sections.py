@@ -18,6 +18,7 @@ from ..dp import ACCOUNTANTS
 from ..fusion import GRANULARITIES, OBJECTIVES
 from ..generation import METRICS
 from ..strategies.aggregate import OUTER_OPTIMIZERS
+from ..strategies.combine import AGGREGATIONS, COMBINES
 from .errors import require
 
 
@@ -167,7 +168,25 @@ class TrainConfig(Section):
     """Rows per rank per forward in evaluation and in the fusion search."""
 
 
+class ClientAdapterOverride(Section):
+    r: Optional[int] = Field(None, ge=1)
+    """This client's rank of the global adapter, in place of `lora.global.r` (clients of different
+    sizes, e.g. 4 on a small cluster and 16 on a big one). Target modules stay lora.global's."""
+    alpha: Optional[float] = Field(None, gt=0, json_schema_extra=_why("or left out: r x lora.global's alpha / r"))
+    """This client's LoRA alpha. Left out: r x (lora.global.alpha / lora.global.r), so the scaling
+    alpha / r is every client's (the server adds the clients' B A products; a different scaling
+    would weigh them differently), and a given alpha must keep it too."""
+
+
+class ClientLoraOverride(Section):
+    global_: ClientAdapterOverride = section(alias="global")
+    """This client's global adapter (YAML key `global`): its rank (and alpha)."""
+
+
 class ClientOverride(Section):
+    lora: ClientLoraOverride = section()
+    """This client's LoRA: `lora.global.r` (and alpha) for a global adapter of its own rank
+    (docs/ALGORITHMS.md, "Global adapters of different ranks")."""
     deepspeed: Optional[dict] = None
     """Merged (recursively) over the DeepSpeed config for this client only."""
     inner_steps: Optional[int] = Field(None, ge=0)
@@ -221,8 +240,16 @@ class GlobalConfig(Section):
     init: Literal["seed", "personal_mean"] = "seed"
     """Start of the global adapter: the server's seeded init, or (paper's Algorithm 1, line 7) the
     mean of the clients' stage-1 personal adapters, which sends each personal adapter once."""
-    aggregation: Literal["samples", "uniform"] = "samples"
-    """Client weights in the average: by training rows, or 1/N."""
+    aggregation: Literal[AGGREGATIONS] = "samples"
+    """Client weights in the average: `samples`, by training rows; `uniform`, 1/N; `steps`, by the
+    rows the client trained on in the round (its K x micro batch x accumulation x ranks: its local
+    work, for clients of different compute on alike data). docs/ALGORITHMS.md says when to use which."""
+    combine: Literal[COMBINES] = "factors"
+    """How the clients' global adapters become one (strategies/combine.py, docs/ALGORITHMS.md):
+    `factors`, A and B averaged separately (clients of different ranks zero-padded to the largest:
+    HetLoRA); `product`, the exact average of the products B A, each client getting back its own
+    rank's best part (FlexLoRA); `frozen_a`, A kept at its seeded init everywhere and only B
+    trained and sent (FFA-LoRA: exact, half the bytes)."""
 
 
 class FederationConfig(Section):

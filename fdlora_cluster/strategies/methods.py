@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..state import FUSED, GLOBAL, PERSONAL, State, pseudo_gradient
 from .aggregate import InOrderSum, OuterOptimizer, check_update
+from .combine import ProductOuter, ProductSum
 from .plan import Copy, Evaluate, Fuse, JoinFederation, SendUpdate, Step, Train
 
 
@@ -27,7 +28,11 @@ class Strategy:
     def __init__(self, cfg):
         self.cfg = cfg
         o = cfg.outer
-        self.outer = OuterOptimizer(o.optimizer, o.lr, o.momentum, o.betas, o.eps)
+        self.combine = cfg.global_.combine
+        if self.combine == "product":  # the outer step on the product B A (strategies/combine.py)
+            self.outer = ProductOuter(o.optimizer, o.lr, o.momentum, rank=max(cfg.global_ranks()))
+        else:
+            self.outer = OuterOptimizer(o.optimizer, o.lr, o.momentum, o.betas, o.eps)
 
     # ---------------------------------------------------------------- the client's plans
 
@@ -66,23 +71,36 @@ class Strategy:
 
     # ---------------------------------------------------------------- the server's side
 
-    def weight(self, num_samples: float) -> float:
-        """An update's weight in the average: its sample count (global.aggregation = samples) or 1."""
-        return 1.0 if self.cfg.global_.aggregation == "uniform" else float(num_samples)
+    def weight(self, num_samples: float, client: int = 0) -> float:
+        """An update's weight in the average (global.aggregation): its sample count (`samples`), 1
+        (`uniform`), or the rows the client trained on this round (`steps`: cfg.local_rows)."""
+        mode = self.cfg.global_.aggregation
+        if mode == "uniform":
+            return 1.0
+        return float(self.cfg.local_rows(client)) if mode == "steps" else float(num_samples)
 
-    def step(self, global_before: State, total: InOrderSum) -> State:
+    def new_sum(self, clients) -> InOrderSum:
+        """The round's sum of updates: the weighted factors themselves under global.combine = product."""
+        return ProductSum(clients) if self.combine == "product" else InOrderSum(clients)
+
+    def step(self, global_before: State, total: InOrderSum, sent: dict | None = None) -> State:
         """Next global adapter: outer step on the pseudo-gradient `before - weighted mean of the
-        updates`. The server adds the updates to `total` as they arrive (Server.finish_round)."""
+        updates`. The server adds the updates to `total` as they arrive (Server.finish_round).
+        Under global.combine = product, `sent` (client -> the adapter it received) measures each
+        change from what that client held; the energies are then in `self.last_info`."""
+        if isinstance(total, ProductSum):
+            new, self.last_info = self.outer.step(global_before, sent, total)
+            return new
         return self.outer.step(global_before, pseudo_gradient(global_before, total.mean()))
 
     def aggregate(self, global_before: State, updates: list[State], sample_counts: list[float]) -> State:
         """`step` on updates given as a list (update i is client i's), summed as the server does."""
-        total = InOrderSum(range(len(updates)))
+        total = self.new_sum(range(len(updates)))
         for i, (u, n) in enumerate(zip(updates, sample_counts)):
             check_update(global_before, u, client=i)
-            total.add(i, u, self.weight(n))
+            total.add(i, u, self.weight(n, i))
         total.close()
-        return self.step(global_before, total)
+        return self.step(global_before, total, {i: global_before for i in range(len(updates))})
 
     def describe(self) -> str:
         return (self.__doc__ or self.name).strip().splitlines()[0]
