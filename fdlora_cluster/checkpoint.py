@@ -32,6 +32,9 @@ import shutil
 import numpy as np
 import torch
 
+from .transport import yielding_barrier
+from .watchdog import beat
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
@@ -48,6 +51,12 @@ def config_hash(cfg) -> str:
     for k in ("output_dir", "checkpoint"):
         d.pop(k, None)
     d["log"].pop("digests", None)  # what is logged, not computed (and added after checkpoints existed)
+    d["federation"].pop("hang_timeout_s", None)  # a watchdog changes nothing computed: a resume may set it
+    # added after checkpoints existed: hashed only when set away from their defaults, so that the
+    # checkpoints of runs that did not set them still resume
+    for key, default in (("on_short_round", "abort"), ("round_timeout_factor", 2.0)):
+        if d["federation"].get(key) == default:
+            d["federation"].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -121,6 +130,10 @@ class Checkpointer:
         part = self.partial(k)
         digests = {rel: save_atomic(obj, os.path.join(part, rel)) for rel, obj in files.items()}
         digests.update(extra_digests or {})
+        beat()  # the files are written (watchdog.py)
+        # every rank is here before the gather, which is blocking: the early ones wait asleep, not
+        # spinning in MPI, and the watchdog sees them alive
+        yielding_barrier(self.topo.world)
         gathered = self.topo.world.gather(digests, root=0)
         if self.topo.is_server:
             manifest = {"round": k, "config_hash": config_hash(self.cfg), "clients": self.cfg.client_sizes(),
@@ -139,7 +152,7 @@ class Checkpointer:
             os.replace(part, final)
             _fsync_dir(os.path.dirname(final))
             self._prune()
-        self.topo.world.barrier()  # nobody goes on (and could die) before the checkpoint is complete
+        yielding_barrier(self.topo.world)  # nobody goes on (and could die) before the checkpoint is complete
 
     def _prune(self) -> None:
         done = complete_checkpoints(self.run_dir)

@@ -6,6 +6,7 @@
     FDLORA_FAULT="nan_update@client=1,round=2"   client 1's leader sends non-finite weights
     FDLORA_FAULT="nan_samples@client=1,round=2"  client 1's leader sends a NaN sample count
     FDLORA_FAULT="slow@client=1,round=2,seconds=12"  client 1's leader sends its update 12 s late
+    FDLORA_FAULT="hang@rank=2,round=2"           that rank stops making progress, alive (watchdog.py)
 
 Several faults are separated by ";". Each prints `injected fault: ...` with the time on stderr
 before it acts. Unset (every real run), `fault()` returns None at once.
@@ -44,8 +45,11 @@ def fault(kinds: tuple[str, ...], **at: int) -> tuple[str | None, dict[str, int]
 
 
 def maybe_fail(rank: int, round: int) -> None:
-    """The process faults (raise, kill, exit) a test asked for at the start of `round`."""
-    what, _ = fault(("raise", "kill", "exit"), rank=rank, round=round)
+    """The process faults (raise, kill, exit, hang) a test asked for at the start of `round`."""
+    what, _ = fault(("raise", "kill", "exit", "hang"), rank=rank, round=round)
+    if what == "hang":
+        while True:  # alive, not progressing: as a deadlock in a library would leave a rank
+            time.sleep(3600)
     if what == "raise":
         raise RuntimeError(f"injected fault on rank {rank} in round {round}")
     if what == "kill":

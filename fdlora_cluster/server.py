@@ -4,12 +4,14 @@ It never builds the model: it learns the global adapter's layout from the leader
 it never holds a personal adapter, except the one-off `global.init: personal_mean` average that
 the paper's Algorithm 1 (line 7) asks for, which is logged as such. Every update is checked before
 it is used (`rejection`); a rejected one is left out of that round's average, and a round with
-fewer than `federation.min_clients` accepted updates fails the job.
+fewer than `federation.min_clients` accepted updates fails the job, is skipped or waits on
+(`federation.on_short_round`).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -50,6 +52,7 @@ class Server:
         self.log = get_logger()
         self.clients = topo.plan.clients
         self.global_state: dict[str, torch.Tensor] | None = None
+        self.used: list[int] = []  # the clients averaged in the last round (each leader is told)
 
     def init_global(self) -> None:
         """Every leader's layout (they must agree), then the starting global adapter."""
@@ -75,28 +78,32 @@ class Server:
         self.transport.recv_layouts(self.clients)
         self.global_state = state["global"]
         self.strategy.outer.load_state_dict(state["outer"])
+        self.used = state.get("used", [])  # absent in checkpoints made before it was kept
         self.transport.post_receives(self.clients)
 
     def state(self) -> dict:
         """What the server carries from round to round (its part of a checkpoint)."""
-        return {"global": self.global_state, "outer": self.strategy.outer.state_dict()}
+        return {"global": self.global_state, "outer": self.strategy.outer.state_dict(), "used": list(self.used)}
 
     def send_round(self, t: int) -> None:
         """Round t starts: the global adapter goes to every leader."""
-        self._t0 = time.perf_counter()
+        self._t0, self._sent = time.perf_counter(), time.monotonic()  # the round's deadline counts from here
         self.transport.new_round()
         # with federation.compress the leaders hold the decoded adapter; so does the server
-        self.global_state = self.transport.send_global(GlobalAdapter(t, self.global_state), self.clients)
+        self.global_state = self.transport.send_global(GlobalAdapter(t, self.global_state, used=self.used), self.clients)
 
     def finish_round(self, t: int) -> dict:
         """(clients train) -> collect and check, until every client answered or the round's
         deadline -> aggregate. Returns the round's record.
 
         Updates are checked and summed as they arrive (`InOrderSum`: in client-id order, holding
-        only those that overtook a lower id), so the server never keeps every update at once."""
+        only those that overtook a lower id), so the server never keeps every update at once.
+        Fewer than `min_clients` usable updates: `federation.on_short_round` (abort, skip, wait)."""
         fed = self.cfg.federation
-        t0 = self._t0
-        deadline = None if fed.round_timeout_s is None else time.monotonic() + fed.round_timeout_s
+        t0, timeout = self._t0, fed.round_timeout_s
+        deadline = None if timeout in (None, "auto") else self._sent + timeout
+        arrivals: list[float] = []  # seconds from the send to each update of this round (`auto`)
+        waited_on = False  # on_short_round = wait: the deadline passed short of min_clients
         before = self.global_state
         total = InOrderSum(self.clients)
         norms: dict[int, float] = {}
@@ -104,10 +111,16 @@ class Server:
         rejected: dict[int, str] = {}
         late: list[dict] = []
         waiting = set(self.clients)
+        need = fed.min_clients
         while waiting:
             update = self.transport.next_update(deadline)
-            if update is None:
-                break  # the deadline passed
+            if update is None:  # the deadline passed
+                if fed.on_short_round == "wait" and len(total.added) < need:
+                    self.log.warning(f"  round {t}: {len(total.added)} usable update(s) at the deadline, federation."
+                                     f"min_clients = {need}: waiting on for clients {sorted(waiting)} (on_short_round = wait)")
+                    deadline, waited_on = None, True
+                    continue
+                break
             if isinstance(update, int):
                 raise FederationError(f"round {t}: client {update}'s leader said goodbye before the final round")
             if update.round < t:  # sent for an earlier round, after its deadline: recognised, dropped
@@ -115,6 +128,9 @@ class Server:
                 self.log.warning(f"  round {t}: late update of client {update.client} (round {update.round}) dropped")
                 continue
             waiting.discard(update.client)
+            arrivals.append(time.monotonic() - self._sent)
+            if timeout == "auto" and deadline is None and not waited_on and len(arrivals) == need:
+                deadline = self._sent + fed.round_timeout_factor * statistics.median(arrivals)
             reason = rejection(update, t, before, fed.max_update_norm)
             if reason:
                 rejected[update.client] = reason
@@ -125,27 +141,45 @@ class Server:
                 losses[update.client] = update.loss
                 total.add(update.client, update.state, self.strategy.weight(update.num_samples))
             del update  # the sum has it now (or holds it until a lower client id is in)
+            if waited_on and len(total.added) >= need:
+                break  # waited past the deadline for the quorum only
         total.close()
-        missing = {c: f"no update within federation.round_timeout_s = {fed.round_timeout_s:g} s" for c in sorted(waiting)}
+        missing = {c: f"no update within federation.round_timeout_s = {self._timeout_text()}" for c in sorted(waiting)}
         for c, why in missing.items():
             self.log.warning(f"  round {t}: client {c} missing: {why}")
-        need = fed.min_clients
+        averaged, skipped = total.added, None
         if len(total.added) < need:
             why = "; ".join(f"client {c}: {r}" for c, r in sorted({**rejected, **missing}.items()))
-            raise FederationError(f"round {t}: {len(total.added)} usable update(s), federation.min_clients = {need} ({why})")
-        self.global_state = self.strategy.step(before, total)
-        return {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0,
-                **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
-                "clients": total.added, "rejected": {str(c): r for c, r in rejected.items()},
-                "missing": sorted(waiting), "late": late,
-                "update_norms": [norms[c] for c in total.added],
-                "train_loss": [losses[c] for c in total.added],
-                "global_change": l2_distance(self.global_state, before)}
+            short = f"round {t}: {len(total.added)} usable update(s), federation.min_clients = {need} ({why})"
+            if fed.on_short_round != "skip":
+                raise FederationError(short)
+            # the global adapter and the outer optimizer's state stay as they were
+            self.log.warning(f"  {short}: round skipped (federation.on_short_round = skip)")
+            averaged, skipped = [], short
+        else:
+            self.global_state = self.strategy.step(before, total)
+        self.used = averaged
+        rec = {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0,
+               **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
+               "clients": averaged, "rejected": {str(c): r for c, r in rejected.items()},
+               "missing": sorted(waiting), "late": late,
+               "update_norms": [norms[c] for c in averaged],
+               "train_loss": [losses[c] for c in averaged],
+               "global_change": l2_distance(self.global_state, before)}
+        if skipped:
+            rec["skipped"] = skipped
+        return rec
+
+    def _timeout_text(self) -> str:
+        fed = self.cfg.federation
+        if fed.round_timeout_s == "auto":
+            return f"auto ({fed.round_timeout_factor:g} x the median time of the first {fed.min_clients} update(s))"
+        return f"{fed.round_timeout_s:g} s"
 
     def send_final(self) -> None:
         """The final global adapter (the leaders answer with their bye: `collect_byes`)."""
         self.global_state = self.transport.send_global(
-            GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True), self.clients)
+            GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True, used=self.used), self.clients)
 
     def collect_byes(self) -> None:
         """Every leader's remaining messages until its bye (a late update still in flight is

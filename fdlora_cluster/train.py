@@ -29,6 +29,7 @@ from .state import FUSED, GLOBAL, PERSONAL
 from .strategies import Fuse, make_strategy
 from .topology import build_topology
 from .transport import Counters, Transport, yielding_barrier
+from .watchdog import start as start_watchdog
 
 
 @dataclass
@@ -96,6 +97,7 @@ def run(cfg: Config, record_payloads: list | None = None, resume: str | None = N
     if topo.is_server:
         from .tracking import Tracker
 
+        watch(cfg, topo)
         run_dir.tracker = Tracker(cfg, run_dir.dir)
         try:
             return finish(cfg, topo, run_dir, server_schedule(cfg, topo, strategy, transport, run_dir, ckpt))
@@ -104,6 +106,14 @@ def run(cfg: Config, record_payloads: list | None = None, resume: str | None = N
     client = client_schedule(cfg, topo, strategy, transport, run_dir, ckpt)
     finish(cfg, topo, run_dir, None)
     return client
+
+
+def watch(cfg, topo) -> None:
+    """This rank's hang watchdog (federation.hang_timeout_s; watchdog.py), naming it by role."""
+    from .log import console_err
+
+    role = "server" if topo.is_server else f"client {topo.client_id} {'leader' if topo.is_leader else 'follower'}"
+    start_watchdog(cfg.federation.hang_timeout_s, f"rank {topo.rank}: {role}", console_err(), topo.world.Abort)
 
 
 def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
@@ -162,8 +172,8 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
             moved = rec["server_bytes_sent"] + rec["server_bytes_received"]
             loss = mean_loss(rec["train_loss"])
             progress.round_done(
-                f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {len(rec['clients'])} "
-                f"updates in {rec['seconds']:.2f}s; client loss {loss}; sent {rec['server_bytes_sent']} B, received "
+                f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} "
+                f"{'SKIPPED, ' if 'skipped' in rec else ''}aggregated {len(rec['clients'])} updates in {rec['seconds']:.2f}s; client loss {loss}; sent {rec['server_bytes_sent']} B, received "
                 f"{rec['server_bytes_received']} B; global moved {rec['global_change']:.4g}",
                 f"{len(rec['clients'])} updates, loss {loss}, {rec['seconds']:.2f} s, {human_bytes(moved)}, "
                 f"global moved {rec['global_change']:.3g}")
@@ -211,6 +221,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
     log = get_logger()
     K = cfg.inner_steps(topo.client_id)
     client, fused_config = build_client(cfg, topo, strategy, transport, run_dir, K)
+    watch(cfg, topo)  # from here on (the model is built), no progress for hang_timeout_s ends the job
     engine, data = client.engine, client.engine.data
     if topo.is_leader:
         log.info(f"client {topo.client_id}: {len(data.train)} train / {len(data.fewshot)} few-shot / "
@@ -320,11 +331,12 @@ def finish(cfg, topo, run_dir, server_summary) -> dict | None:
         s["bytes_total"] = (b["bytes_sent"] + b["bytes_received"]) if b else 0
         s["bytes_per_round"] = s["bytes_total"] / max(1, cfg.train.rounds)
         s["seconds_per_round"] = per_round_seconds
-        # rounds this client's update was not averaged in: missing (round_timeout_s) or rejected
-        s["rounds_missed"] = [r["round"] for r in rounds
-                              if s["client"] in r.get("missing", []) or str(s["client"]) in r.get("rejected", {})]
+        # rounds this client's update was not averaged in: missing (round_timeout_s), rejected, or skipped
+        s["rounds_missed"] = [r["round"] for r in rounds if s["client"] in r.get("missing", [])
+                              or str(s["client"]) in r.get("rejected", {}) or "skipped" in r]
     summary = {"strategy": cfg.strategy, "rounds": cfg.train.rounds, "world_size": topo.plan.world_size,
                "bytes_per_round": per_round_bytes, "seconds_per_round": per_round_seconds,
+               "rounds_skipped": [r["round"] for r in rounds if "skipped" in r],  # federation.on_short_round = skip
                "server": server_summary, "clients": clients}
     with open(os.path.join(run_dir.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -122,3 +122,43 @@ def test_a_leftover_deepspeed_build_lock_does_not_hold_the_job(tmp_path):
     proc = run_ranks(5, ["run", str(cfg)], timeout=240, env={"TORCH_EXTENSIONS_DIR": str(ext)})
     assert_ok(proc)
     assert lock.exists() and os.listdir(lock.parent) == ["lock"]  # nothing built there
+
+
+@pytest.mark.job
+def test_a_short_round_is_skipped_and_a_dropped_updates_rounding_error_with_it(tmp_path):
+    """federation.on_short_round = skip, min_clients = 2, int8 compression: client 1 sends a
+    non-finite update in round 2, so round 2 has one usable update and is skipped (the global
+    adapter stays as it was) and the job goes on. Client 1's rounding error of that update (NaN) is
+    dropped with it: were it carried to its next update, as error feedback did before, every later
+    update of client 1 would be non-finite and every later round skipped too."""
+    proc, _, out = fault_job(tmp_path, "nan_update@client=1,round=2",
+                             **{"train.rounds": 4, "federation.min_clients": 2, "federation.on_short_round": "skip",
+                                "federation.compress": "int8"})
+    assert_ok(proc)
+    rounds = {m["round"]: m for m in read_metrics(tmp_path / "run") if m["event"] == "round"}
+    assert rounds[2]["clients"] == [] and "non-finite" in rounds[2]["rejected"]["1"]
+    assert "federation.min_clients = 2" in rounds[2]["skipped"] and rounds[2]["global_change"] == 0
+    for t in (1, 3, 4):
+        assert rounds[t]["clients"] == [0, 1] and "skipped" not in rounds[t], rounds[t]
+    summary = read_summary(tmp_path / "run")
+    assert summary["rounds_skipped"] == [2]
+    assert {s["client"]: s["rounds_missed"] for s in summary["clients"]} == {0: [2], 1: [2]}
+    assert "round skipped (federation.on_short_round = skip)" in out
+
+
+@pytest.mark.job
+@pytest.mark.parametrize("rank, who", [(2, "rank 2: client 0 follower"), (3, "rank 3: client 1 leader")])
+def test_a_hung_rank_ends_the_job_naming_it_with_its_stack(tmp_path, rank, who):
+    """federation.hang_timeout_s: a rank that stops making progress without dying (the `hang`
+    fault sleeps for ever at the start of round 2) is named by its own watchdog, with its Python
+    stack, and the job ends, non-zero, within the timeout plus a few seconds. A follower hung
+    leaves its leader blocked in a torch collective; a leader hung, its follower and the server
+    waiting on it: the ones waiting are not named."""
+    timeout = 10
+    proc, ended, out = fault_job(tmp_path, f"hang@rank={rank},round=2", **{"federation.hang_timeout_s": timeout})
+    assert proc.returncode != 0, out[-3000:]
+    report = out[out.index(f"[{who}] hang: no progress for "):]  # named first, before any rank waiting on it
+    assert "federation.hang_timeout_s = 10" in report
+    assert re.search(r'File ".*faults\.py", line \d+ in maybe_fail', report), report[:3000]
+    assert "hang: no progress" not in out[:out.index(f"[{who}] hang")], out[-3000:]
+    assert seconds_after_fault(out, ended) < timeout + 15
