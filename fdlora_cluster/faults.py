@@ -44,9 +44,14 @@ def fault(kinds: tuple[str, ...], **at: int) -> tuple[str | None, dict[str, int]
     return None, {}
 
 
-def maybe_fail(rank: int, round: int) -> None:
-    """The process faults (raise, kill, exit, hang) a test asked for at the start of `round`."""
+def maybe_fail(rank: int, round: int, settle=None) -> None:
+    """The process faults (raise, kill, exit, hang) a test asked for at the start of `round`.
+    `settle()`, before a kill: wait until the checkpoint this rank wrote at the round's start is
+    complete (the other ranks write theirs without waiting for each other, so a test that kills a
+    rank there knows which checkpoint a resume finds)."""
     what, _ = fault(("raise", "kill", "exit", "hang"), rank=rank, round=round)
+    if what == "kill" and settle is not None:
+        settle()
     if what == "hang":
         while True:  # alive, not progressing: as a deadlock in a library would leave a rank
             time.sleep(3600)

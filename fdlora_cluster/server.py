@@ -188,6 +188,7 @@ class Server:
             got = self.transport.next_update(None)
             if not isinstance(got, int):
                 self.log.warning(f"  late update of client {got.client} (round {got.round}) dropped after the last round")
+        self.transport.flush()  # every leader said bye: it took every global adapter sent to it
 
     def abort(self, reason: str) -> None:
         """Tell the leaders why the job stops (they wait for a global adapter that will not come)."""

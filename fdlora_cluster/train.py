@@ -123,7 +123,7 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
     first_round = ckpt.resumed_round + 1
 
     def save(k: int, **more) -> None:
-        """The server's part of the checkpoint at the end of round k (collective with the clients')."""
+        """The server's part of the checkpoint at the end of round k (the clients write theirs)."""
         ckpt.write(k, {"server.pt": {"round": k, "records": run_dir.records, "rng": rng_state(), **more}})
 
     resumed = ckpt.load("server.pt") if ckpt.resumed else None
@@ -145,8 +145,10 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
         return {**server.state(), "bytes": transport.total.snapshot(), "codec": transport.codec_state()}
 
     def checkpoint(k: int, state: dict) -> None:
-        """After the global adapter of round k + 1 went out: the clients write theirs when they
-        receive it, which is when they have finished round k (a late client too)."""
+        """The server's part of the checkpoint of round k, before the global adapter of round k + 1
+        goes out; each client writes its part when it receives that global adapter (when it has
+        finished round k; a late client later), and nobody waits for anybody: the last rank to
+        write its part completes the checkpoint (Checkpointer.write)."""
         if ckpt.due(k):
             save(k, **state)
 
@@ -161,9 +163,8 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
         for t in range(first_round, cfg.train.rounds + 1):
             maybe_fail(topo.rank, t)
             try:
-                state = before_send()
+                checkpoint(t - 1, before_send())
                 server.send_round(t)
-                checkpoint(t - 1, state)
                 rec = server.finish_round(t)
             except Exception as e:
                 server.abort(f"{type(e).__name__}: {e}")
@@ -179,9 +180,8 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
                 f"global moved {rec['global_change']:.3g}")
     finally:
         progress.close()
-    state = before_send()
+    checkpoint(cfg.train.rounds, before_send())
     server.send_final()
-    checkpoint(cfg.train.rounds, state)
     server.collect_byes()
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), server.global_state,
                  lora_config(cfg.lora.global_), cfg.model.path)
@@ -256,7 +256,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
             t = t + 1 if t < cfg.train.rounds else None
         if t is None:
             break
-        maybe_fail(topo.rank, t)
+        maybe_fail(topo.rank, t, settle=lambda: ckpt.wait_complete(t - 1))
         for adapter, stats in client.run_round(t, strategy.round_plan(t, K, client.first)):
             rounds.add(adapter, t, stats)
     if topo.is_leader and rounds.trained:

@@ -19,7 +19,9 @@ leader's send never blocks on it, and it takes updates in the order they arrive,
 deadline (federation.round_timeout_s). Every message carries its round, so a late update (from an
 earlier round) is recognised and dropped; a leader that fell behind takes only the newest global
 adapter waiting for it (`recv_newest_global`) and goes on from there. After the final global the
-server drains each leader until its `bye`, so no message is left in flight.
+server drains each leader until its `bye`, so no message is left in flight. The server starts the
+sends of a global adapter and does not wait for them (`outbox`): a leader still in an earlier
+round takes its copy when it gets there, so the round's deadline runs from the send for everyone.
 
 A message is ONE contiguous byte buffer moved with one MPI call: a 40-byte header (kind, round,
 client, num_samples, loss) and the adapter packed by its `Layout` (or the abort reason as UTF-8). Both
@@ -154,6 +156,9 @@ class Transport:
     (kind, dest, state or None, num_samples, the bytes on the wire)."""
     layout: Layout | None = None  # the global adapter's, agreed at the handshake
     inbox: dict = field(default_factory=dict)  # server: client -> (buffer, posted MPI receive)
+    outbox: list = field(default_factory=list)
+    """Server: the global adapters sent and not yet taken, (request, buffer): a leader still in an
+    earlier round takes its own when it gets there; nobody waits for it (`send_global`, `flush`)."""
     codec: object | None = None
     """compress.Codec when federation.compress is on. Then every global adapter after the first
     travels as its change to the previous one, and every update as its change to the round's
@@ -422,10 +427,20 @@ class Transport:
                 self.reference = add(self.reference, decoded)
                 kind, state, layout = kind + "_c", wire, self.wire_layout
             held = {k: v.clone() for k, v in self.reference.items()}
-        self._send_all([(kind, self.plan.federation_rank(c), TAG_TO_LEADER,
-                         {"state": state, "round": message.round, "layout": layout,
-                          "num_samples": 1.0 if c in message.used else 0.0}) for c in clients])
+        # started, not waited for: the round's deadline runs while a leader still in an earlier
+        # round has not taken its copy (it takes the newest waiting when it gets there)
+        self.outbox = [(r, b) for r, b in self.outbox if not r.Test()]
+        self.outbox += [self._send(kind, self.plan.federation_rank(c), TAG_TO_LEADER, state=state, round=message.round,
+                                   layout=layout, num_samples=1.0 if c in message.used else 0.0) for c in clients]
         return held
+
+    def flush(self) -> None:
+        """Wait (yielding) until every global adapter sent has been taken (the job's end)."""
+        from mpi4py import MPI
+
+        requests = [r for r, _ in self.outbox]
+        wait_for(lambda: MPI.Request.Testall(requests))
+        self.outbox = []
 
     def abort(self, reason: str, clients: list[int]) -> None:
         """Tell every leader to stop, with the reason (in place of the global adapter it waits for)."""

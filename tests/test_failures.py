@@ -162,3 +162,28 @@ def test_a_hung_rank_ends_the_job_naming_it_with_its_stack(tmp_path, rank, who):
     assert re.search(r'File ".*faults\.py", line \d+ in maybe_fail', report), report[:3000]
     assert "hang: no progress" not in out[:out.index(f"[{who}] hang")], out[-3000:]
     assert seconds_after_fault(out, ended) < timeout + 15
+
+
+@pytest.mark.job
+def test_a_client_slower_than_the_deadline_misses_that_round_only_and_no_round_waits_for_it(tmp_path):
+    """Issue 20's case: client 1's leader sends its round-2 update 12 s late, round_timeout_s = 10,
+    a checkpoint after every round (the default). Client 1 misses round 2 only and rejoins with
+    the newest global adapter; no round lasts past its deadline (a round's global adapter goes out
+    without waiting for client 1 to take it, and each rank writes its part of a checkpoint when it
+    gets there, the last one completing it); every checkpoint client 1 took part in is complete."""
+    from fdlora_cluster.checkpoint import complete_checkpoints
+
+    timeout = 10
+    proc, _, out = fault_job(tmp_path, "slow@client=1,round=2,seconds=12",
+                             **{"train.rounds": 4, "federation.round_timeout_s": timeout})
+    assert_ok(proc)
+    rounds = {m["round"]: m for m in read_metrics(tmp_path / "run") if m["event"] == "round"}
+    assert rounds[2]["clients"] == [0] and rounds[2]["missing"] == [1]
+    for t in (1, 3, 4):
+        assert rounds[t]["clients"] == [0, 1], rounds[t]
+    assert all(r["seconds"] < timeout + 2.5 for r in rounds.values()), {t: r["seconds"] for t, r in rounds.items()}
+    summary = read_summary(tmp_path / "run")
+    assert {s["client"]: s["rounds_missed"] for s in summary["clients"]} == {0: [], 1: [2]}
+    assert [k for k, _ in complete_checkpoints(str(tmp_path / "run"))] == [3, 4]  # checkpoint.keep = 2
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.partial"))
+
