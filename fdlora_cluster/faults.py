@@ -1,7 +1,8 @@
 """Test-only fault injection (env FDLORA_FAULT), so that the failure paths are tested by real jobs.
 
     FDLORA_FAULT="raise@rank=3,round=2"          that rank raises at the start of round 2
-    FDLORA_FAULT="kill@rank=2,round=1"           that rank SIGKILLs itself
+    FDLORA_FAULT="kill@rank=2,round=1"           that rank SIGKILLs itself (once the checkpoint it
+                                                 wrote at the round's start is complete)
     FDLORA_FAULT="exit@rank=4,round=1"           that rank calls sys.exit(0) mid-job
     FDLORA_FAULT="nan_update@client=1,round=2"   client 1's leader sends non-finite weights
     FDLORA_FAULT="nan_samples@client=1,round=2"  client 1's leader sends a NaN sample count

@@ -97,8 +97,8 @@ def run(cfg: Config, record_payloads: list | None = None, resume: str | None = N
     if topo.is_server:
         from .tracking import Tracker
 
-        watch(cfg, topo)
         run_dir.tracker = Tracker(cfg, run_dir.dir)
+        watch(cfg, topo)  # once the trackers are open (importing them can take long)
         try:
             return finish(cfg, topo, run_dir, server_schedule(cfg, topo, strategy, transport, run_dir, ckpt))
         finally:
@@ -109,7 +109,9 @@ def run(cfg: Config, record_payloads: list | None = None, resume: str | None = N
 
 
 def watch(cfg, topo) -> None:
-    """This rank's hang watchdog (federation.hang_timeout_s; watchdog.py), naming it by role."""
+    """This rank's hang watchdog (federation.hang_timeout_s; watchdog.py), naming it by role: on the
+    server once its trackers are open, on a client once its model is built (long imports and loads
+    are not watched)."""
     from .log import console_err
 
     role = "server" if topo.is_server else f"client {topo.client_id} {'leader' if topo.is_leader else 'follower'}"
@@ -174,7 +176,8 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
             loss = mean_loss(rec["train_loss"])
             progress.round_done(
                 f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} "
-                f"{'SKIPPED, ' if 'skipped' in rec else ''}aggregated {len(rec['clients'])} updates in {rec['seconds']:.2f}s; client loss {loss}; sent {rec['server_bytes_sent']} B, received "
+                f"{'SKIPPED, ' if 'skipped' in rec else ''}aggregated {len(rec['clients'])} updates in "
+                f"{rec['seconds']:.2f}s; client loss {loss}; sent {rec['server_bytes_sent']} B, received "
                 f"{rec['server_bytes_received']} B; global moved {rec['global_change']:.4g}",
                 f"{len(rec['clients'])} updates, loss {loss}, {rec['seconds']:.2f} s, {human_bytes(moved)}, "
                 f"global moved {rec['global_change']:.3g}")

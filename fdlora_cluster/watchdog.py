@@ -11,7 +11,10 @@ the other ranks as it does for a rank that dies. It needs nothing from the main 
 works whatever that thread is stuck in: a deadlock, a blocking MPI or torch collective.
 
 A peer blocked in a collective behind the hung rank stops beating too, but later (it was still
-progressing when it reached the collective), so the hung rank speaks first.
+progressing when it reached the collective), so the hung rank speaks first. A stretch in which the
+watchdog thread itself did not run (a machine so loaded or swapping that the process was not
+scheduled, or a main thread holding the GIL) is not counted against the rank; so a hang that
+holds the GIL (inside C code that never releases it) is not detected.
 """
 
 from __future__ import annotations
@@ -40,11 +43,17 @@ def start(timeout_s: float | None, who: str, stream, abort=None) -> threading.Th
     beat()
 
     def watch():
+        global _last
         while True:
-            idle = time.monotonic() - _last
+            checked = time.monotonic()
+            idle = checked - _last
             if idle >= timeout_s:
                 break
-            time.sleep(min(0.5, timeout_s - idle + 0.01))
+            nap = min(0.5, timeout_s - idle + 0.01)
+            time.sleep(nap)
+            overslept = time.monotonic() - checked - nap
+            if overslept > 1.0:  # this thread was not run meanwhile (the machine stalled): no count against the rank
+                _last += overslept
         print(f"[{who}] hang: no progress for {idle:.1f} s (federation.hang_timeout_s = {timeout_s:g}); "
               "ending the job. Its Python stack, most recent call first per thread:", file=stream, flush=True)
         faulthandler.dump_traceback(file=stream, all_threads=True)
