@@ -255,8 +255,9 @@ class FederationConfig(Section):
     """When set, every rank runs a watchdog (fdlora_cluster/watchdog.py): a rank that makes no
     progress (a training step, a message or a wait's poll) for this many seconds ends the job,
     printing its rank, role (server, or client c leader/follower) and Python stack. Set it above
-    the longest step or evaluation a rank can take without polling (model loading, a checkpoint
-    write, an evaluation pass)."""
+    the longest stretch a rank works without a heartbeat: a training step, an evaluation batch,
+    one checkpoint file's write and fsync (DeepSpeed's save included) on a busy disk. A client rank
+    is watched once its model is built, the server once its trackers are open."""
     max_update_norm: Optional[float] = Field(None, gt=0, json_schema_extra=_why("or left out"))
     """When set, an update whose change ||client global - round's global|| exceeds it is rejected
     for that round (logged with the client and its norm), not averaged."""
