@@ -1,7 +1,7 @@
 """Checkpoints and resume: what a job needs to go on after round k as if it had never stopped.
 
-A checkpoint is RUN_DIR/checkpoints/round-<k>/, written by every rank together at the end of
-round k (checkpoint.every, and after the last round):
+A checkpoint is RUN_DIR/checkpoints/round-<k>/, written by every rank at the end of its round k
+(checkpoint.every, and after the last round), each when it gets there, waiting for nobody:
 
     manifest.json              round, config hash, topology, sha256 of every file below
     server.pt                  global adapter, outer-optimizer state, metric records, RNG states
@@ -10,10 +10,15 @@ round k (checkpoint.every, and after the last round):
     client-<c>/rank-<i>.pt     RNG states and data-stream positions of the client's rank i
     client-<c>/deepspeed/      the client's DeepSpeed engine (inner optimizer, fp32 masters, loss
                                scaler; every ZeRO stage), by DeepSpeed's own save_checkpoint
+    parts/rank-<r>.json        rank r's files and their sha256, written after them
 
-Atomic: the ranks write into round-<k>.partial/ (each file written, fsynced, renamed), the server
-gathers their checksums, writes the manifest last and renames the directory. A directory without a
-manifest is torn and never used; a checksum that does not match refuses the resume.
+Atomic: each rank writes its files into round-<k>.partial/ (each written, fsynced, renamed), then
+its part list; the rank that finds every rank's part list there (the last to write; a `claimed`
+directory, made with one atomic mkdir, makes sure only one does it) writes the manifest last and
+renames the directory. A directory without a manifest is torn and never used; a checksum that does
+not match refuses the resume. A client that skipped round k (it fell behind, federation.
+round_timeout_s) writes no part of it: that checkpoint never completes, and its directory is
+removed once a later one is complete.
 
 What makes a resumed job bit-identical to an uninterrupted one: every random stream is seeded per
 (seed, client, round, adapter) (engine.BatchStream, the dropout seed in ClientEngine.train), each
@@ -32,9 +37,14 @@ import shutil
 import numpy as np
 import torch
 
+from .transport import wait_for
+from .watchdog import beat
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
+PARTS = "parts"  # each rank's list of its files and their sha256, written after them
+CLAIMED = "claimed"  # made (atomically) by the one rank that completes the checkpoint
 
 
 class ResumeError(RuntimeError):
@@ -56,6 +66,12 @@ def config_hash(cfg) -> str:
     for o in d.get("client_overrides", {}).values():
         if o.get("lora") == {"global": {"r": None, "alpha": None}}:
             o.pop("lora")
+    d["federation"].pop("hang_timeout_s", None)  # a watchdog changes nothing computed: a resume may set it
+    # added after checkpoints existed: hashed only when set away from their defaults, so that the
+    # checkpoints of runs that did not set them still resume
+    for key, default in (("on_short_round", "abort"), ("round_timeout_factor", 2.0)):
+        if d["federation"].get(key) == default:
+            d["federation"].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -91,6 +107,17 @@ def sha256_file(path: str, fsync: bool = False) -> str:
     return h.hexdigest()
 
 
+def _write_json_atomic(obj, path: str) -> None:
+    """json.dump `obj` to `path` (write, fsync, rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_atomic(obj, path: str) -> str:
     """torch.save `obj` to `path` (write, fsync, rename); returns the file's sha256."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -104,8 +131,8 @@ def save_atomic(obj, path: str) -> str:
 
 
 class Checkpointer:
-    """One rank's side of writing and reading checkpoints. Writing is collective over the world
-    (`write`); every rank calls it at the same round boundary with the files it owns."""
+    """One rank's side of writing and reading checkpoints. Every rank writes the files it owns at
+    its own round boundary (`write`); no rank waits for another."""
 
     def __init__(self, cfg, topo, run_dir: str):
         self.cfg, self.topo, self.run_dir = cfg, topo, run_dir
@@ -123,36 +150,53 @@ class Checkpointer:
         return round_dir(self.run_dir, k) + PARTIAL
 
     def write(self, k: int, files: dict[str, object], extra_digests: dict[str, str] | None = None) -> None:
-        """Save this rank's `files` ({path relative to the checkpoint: object}) for round k; the
-        server then writes the manifest and makes the checkpoint complete. `extra_digests` are
-        files this rank wrote itself (DeepSpeed's)."""
+        """Save this rank's `files` ({path relative to the checkpoint: object}) for round k, then
+        its part list; the rank that finds every part list there completes the checkpoint.
+        `extra_digests` are files this rank wrote itself (DeepSpeed's)."""
         part = self.partial(k)
         digests = {rel: save_atomic(obj, os.path.join(part, rel)) for rel, obj in files.items()}
         digests.update(extra_digests or {})
-        gathered = self.topo.world.gather(digests, root=0)
-        if self.topo.is_server:
-            manifest = {"round": k, "config_hash": config_hash(self.cfg), "clients": self.cfg.client_sizes(),
-                        "strategy": self.cfg.strategy, "files": {}}
-            for d in gathered:
-                manifest["files"].update(d)
-            tmp = os.path.join(part, MANIFEST + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(part, MANIFEST))
-            final = round_dir(self.run_dir, k)
-            if os.path.exists(final):  # a job resumed from an older checkpoint writes the later rounds again
-                shutil.rmtree(final)
-            os.replace(part, final)
-            _fsync_dir(os.path.dirname(final))
-            self._prune()
-        self.topo.world.barrier()  # nobody goes on (and could die) before the checkpoint is complete
+        beat()  # the files are written (watchdog.py)
+        lists = os.path.join(part, PARTS)
+        _write_json_atomic(digests, os.path.join(lists, f"rank-{self.topo.rank}.json"))
+        try:
+            if sum(n.endswith(".json") for n in os.listdir(lists)) < self.topo.world.Get_size():
+                return  # a rank still to write completes it
+        except FileNotFoundError:
+            return  # another rank, which wrote its list just after this one, completed it already
+        try:
+            os.mkdir(os.path.join(part, CLAIMED))  # atomic: of two ranks that both found every list, one goes on
+        except (FileExistsError, FileNotFoundError):  # another rank completes it (or has: renamed)
+            return
+        manifest = {"round": k, "config_hash": config_hash(self.cfg), "clients": self.cfg.client_sizes(),
+                    "strategy": self.cfg.strategy, "files": {}}
+        for name in sorted(n for n in os.listdir(lists) if n.endswith(".json")):
+            with open(os.path.join(lists, name)) as f:
+                manifest["files"].update(json.load(f))
+        _write_json_atomic(manifest, os.path.join(part, MANIFEST))
+        final = round_dir(self.run_dir, k)
+        if os.path.exists(final):  # a job resumed from an older checkpoint writes the later rounds again
+            shutil.rmtree(final)
+        os.replace(part, final)
+        _fsync_dir(os.path.dirname(final))
+        self._prune(k)
 
-    def _prune(self) -> None:
+    def _prune(self, k: int) -> None:
+        """Keep the newest `checkpoint.keep` complete checkpoints; drop the torn ones before round
+        k (a client that skipped their round never writes its part; the others wrote theirs)."""
         done = complete_checkpoints(self.run_dir)
         for _, path in done[:-self.cfg.checkpoint.keep]:
             shutil.rmtree(path, ignore_errors=True)
+        root = os.path.join(self.run_dir, CHECKPOINTS)
+        for n in os.listdir(root):
+            if n.endswith(PARTIAL) and n.startswith("round-") and int(n[len("round-"):-len(PARTIAL)]) < k:
+                shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+
+    def wait_complete(self, k: int) -> None:
+        """Wait (yielding) until the checkpoint of round k is complete, when one is due (tests:
+        faults.maybe_fail)."""
+        if self.due(k):
+            wait_for(lambda: os.path.isfile(os.path.join(round_dir(self.run_dir, k), MANIFEST)))
 
     def digest_tree(self, root: str, rel_to: str) -> dict[str, str]:
         """sha256 (after fsync) of every file under `root`, keyed by its path relative to `rel_to`."""

@@ -182,7 +182,8 @@ class Client:
     # ---------------------------------------------------------------- checkpoints
 
     def checkpoint(self, ckpt, k: int, counters: dict | None, codec: dict | None) -> None:
-        """This client's part of the checkpoint at the end of round k (collective over the world).
+        """This client's part of the checkpoint at the end of round k (collective over the client's
+        ranks only: the server and the other clients write theirs when they get there).
         `counters`, `codec`: the leader's byte counters and compression state at the end of round k
         (before the next global arrived)."""
         personal, glob = self.engine.read(PERSONAL), self.engine.read(GLOBAL)  # collective under ZeRO-3

@@ -26,6 +26,7 @@ from .log import FILE_ONLY, get_logger
 from .model import adapter_params, read_adapter, set_active, write_adapter
 from .rendezvous import join_client_world
 from .state import GLOBAL, PERSONAL, Layout
+from .watchdog import beat
 from .zero_phases import PhaseSwitch
 
 def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
@@ -216,6 +217,7 @@ class ClientEngine:
         anchor = {k: v.to(self.device) for k, v in prox_to.items()} if prox_mu > 0 else None
         t0, losses = time.perf_counter(), []
         for step in range(steps):
+            beat()  # a training step is progress (watchdog.py)
             rows = self.streams[name].take(micro * accum * self.size)
             step_loss = 0.0
             for a in range(accum):

@@ -34,6 +34,7 @@ from .fusion import RowScores
 from .generation import METRICS, cached_forward, exact_match, greedy_decode, prompt_ids, rouge_l
 from .model import set_active
 from .state import GLOBAL, PERSONAL
+from .watchdog import beat
 
 
 # --------------------------------------------------------------------------- rows over the client's ranks
@@ -54,6 +55,7 @@ class Stripes:
         """This rank's rows in batches: (indices, real) per batch, `indices` the batch's row indices,
         of which the first `real` are this rank's own and the rest row 0, run only to keep step."""
         for start in range(0, self.per_rank, batch_size):
+            beat()  # an evaluation batch is progress (watchdog.py)
             idx = self.mine[start:start + batch_size]
             real = len(idx)
             yield idx + [0] * (min(batch_size, self.per_rank - start) - real), real

@@ -4,13 +4,15 @@ It never builds the model: it learns the global adapter's layout from the leader
 it never holds a personal adapter, except the one-off `global.init: personal_mean` average that
 the paper's Algorithm 1 (line 7) asks for, which is logged as such. Every update is checked before
 it is used (`rejection`); a rejected one is left out of that round's average, and a round with
-fewer than `federation.min_clients` accepted updates fails the job. With `privacy`, the round's
-sum of (clipped) updates gets its seeded Gaussian noise here before the outer step (dp.py).
+fewer than `federation.min_clients` accepted updates fails the job, is skipped or waits on
+(`federation.on_short_round`). With `privacy`, the round's sum of (clipped) updates gets its
+seeded Gaussian noise here before the outer step (dp.py).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -65,6 +67,7 @@ class Server:
         self.sent: dict[int, dict] = {}  # client -> the global adapter it received this round
         self.not_held: dict[int, float] = {}  # product: share of the global adapter a client cannot hold
         self.frozen_a: dict | None = None  # frozen_a: the shared A, saved with the final B
+        self.used: list[int] = []  # the clients averaged in the last round (each leader is told)
 
     def init_global(self) -> None:
         """Every leader's layout (they must agree up to the rank), then the starting global adapter."""
@@ -105,20 +108,22 @@ class Server:
         self.strategy.outer.load_state_dict(state["outer"])
         if self.budget is not None:
             self.budget.released = state["privacy_released"]
+        self.used = state.get("used", [])  # absent in checkpoints made before it was kept
         self.transport.post_receives(self.clients)
 
     def state(self) -> dict:
         """What the server carries from round to round (its part of a checkpoint)."""
-        out = {"global": self.global_state, "outer": self.strategy.outer.state_dict(), "frozen_a": self.frozen_a}
+        out = {"global": self.global_state, "outer": self.strategy.outer.state_dict(), "frozen_a": self.frozen_a,
+               "used": list(self.used)}
         if self.budget is not None:
             out["privacy_released"] = self.budget.released  # rounds the accountant has counted
         return out
 
     def send_round(self, t: int) -> None:
         """Round t starts: the global adapter goes to every leader."""
-        self._t0 = time.perf_counter()
+        self._t0, self._sent = time.perf_counter(), time.monotonic()  # the round's deadline counts from here
         self.transport.new_round()
-        self._send(GlobalAdapter(t, self.global_state))
+        self._send(GlobalAdapter(t, self.global_state, used=self.used))
 
     def _send(self, message: GlobalAdapter) -> None:
         """The global adapter to every leader, each at its own rank; `sent` keeps what each holds."""
@@ -129,7 +134,8 @@ class Server:
             if self.combine == "product":
                 self.not_held = {c: held_energy(self.global_state, r) for c, r in self.ranks.items()}
             if self.same_ranks:  # one adapter for all (federation.compress may encode it)
-                one = self.transport.send_global(GlobalAdapter(message.round, cut(self.rank), message.final), self.clients)
+                one = self.transport.send_global(GlobalAdapter(message.round, cut(self.rank), message.final, used=message.used),
+                                                 self.clients)
                 self.sent = {c: one for c in self.clients}
             else:
                 by_rank = {r: cut(r) for r in sorted(set(self.ranks.values()))}
@@ -145,10 +151,13 @@ class Server:
         deadline -> aggregate. Returns the round's record.
 
         Updates are checked and summed as they arrive (`InOrderSum`: in client-id order, holding
-        only those that overtook a lower id), so the server never keeps every update at once."""
+        only those that overtook a lower id), so the server never keeps every update at once.
+        Fewer than `min_clients` usable updates: `federation.on_short_round` (abort, skip, wait)."""
         fed = self.cfg.federation
-        t0 = self._t0
-        deadline = None if fed.round_timeout_s is None else time.monotonic() + fed.round_timeout_s
+        t0, timeout = self._t0, fed.round_timeout_s
+        deadline = None if timeout in (None, "auto") else self._sent + timeout
+        arrivals: list[float] = []  # seconds from the send to each update of this round (`auto`)
+        waited_on = False  # on_short_round = wait: the deadline passed short of min_clients
         before = self.global_state
         total = self.strategy.new_sum(self.clients)
         gap = FactorsGap(seed=self.cfg.seed) if self.combine == "factors" else None
@@ -157,10 +166,16 @@ class Server:
         rejected: dict[int, str] = {}
         late: list[dict] = []
         waiting = set(self.clients)
+        need = fed.min_clients
         while waiting:
             update = self.transport.next_update(deadline)
-            if update is None:
-                break  # the deadline passed
+            if update is None:  # the deadline passed
+                if fed.on_short_round == "wait" and len(total.added) < need:
+                    self.log.warning(f"  round {t}: {len(total.added)} usable update(s) at the deadline, federation."
+                                     f"min_clients = {need}: waiting on for clients {sorted(waiting)} (on_short_round = wait)")
+                    deadline, waited_on = None, True
+                    continue
+                break
             if isinstance(update, int):
                 raise FederationError(f"round {t}: client {update}'s leader said goodbye before the final round")
             if update.round < t:  # sent for an earlier round, after its deadline: recognised, dropped
@@ -168,6 +183,9 @@ class Server:
                 self.log.warning(f"  round {t}: late update of client {update.client} (round {update.round}) dropped")
                 continue
             waiting.discard(update.client)
+            arrivals.append(time.monotonic() - self._sent)
+            if timeout == "auto" and deadline is None and not waited_on and len(arrivals) == need:
+                deadline = self._sent + fed.round_timeout_factor * statistics.median(arrivals)
             reason = rejection(update, t, self.sent[update.client], fed.max_update_norm)
             if reason:
                 rejected[update.client] = reason
@@ -183,37 +201,54 @@ class Server:
                     gap.add(state, w)
                 del state
             del update  # the sum has it now (or holds it until a lower client id is in)
+            if waited_on and len(total.added) >= need:
+                break  # waited past the deadline for the quorum only
         total.close()
-        missing = {c: f"no update within federation.round_timeout_s = {fed.round_timeout_s:g} s" for c in sorted(waiting)}
+        missing = {c: f"no update within federation.round_timeout_s = {self._timeout_text()}" for c in sorted(waiting)}
         for c, why in missing.items():
             self.log.warning(f"  round {t}: client {c} missing: {why}")
-        need = fed.min_clients
+        averaged, skipped = total.added, None
         if len(total.added) < need:
             why = "; ".join(f"client {c}: {r}" for c, r in sorted({**rejected, **missing}.items()))
-            raise FederationError(f"round {t}: {len(total.added)} usable update(s), federation.min_clients = {need} ({why})")
-        privacy = {}
-        if self.budget is not None:
-            # client-level DP (dp.py): one Gaussian draw on the sum of the clipped updates (uniform
-            # weights: the sum of the states is n * before + the sum of the changes), seeded by
-            # (seed, round) so a resumed job adds the same noise; counted before it is released
-            p = self.cfg.privacy
-            eps = self.budget.spend()
-            add_noise(total.sum, p.noise_multiplier * p.clip_norm, self.cfg.seed, t)
-            privacy = {"privacy_epsilon": eps, "privacy_delta": p.delta, "noise_std": p.noise_multiplier * p.clip_norm}
-        self.global_state = self.strategy.step(before, total, self.sent)
-        combined = {}
-        if self.combine == "product":
-            combined = {"product_not_held": [self.not_held[c] for c in self.clients],
-                        "product_cut": self.strategy.last_info["cut"], "product_lost": self.strategy.last_info["lost"]}
-        elif gap is not None:
-            combined = {"factors_gap": gap.relative(total.mean())}
-        return {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0, **combined,
-                **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
-                "clients": total.added, "rejected": {str(c): r for c, r in rejected.items()},
-                "missing": sorted(waiting), "late": late,
-                "update_norms": [norms[c] for c in total.added],
-                "train_loss": [losses[c] for c in total.added],
-                "global_change": self.change(before), **privacy}
+            short = f"round {t}: {len(total.added)} usable update(s), federation.min_clients = {need} ({why})"
+            if fed.on_short_round != "skip":
+                raise FederationError(short)
+            # the global adapter, the outer optimizer's state and the privacy budget stay as they were
+            self.log.warning(f"  {short}: round skipped (federation.on_short_round = skip)")
+            averaged, skipped = [], short
+        privacy, combined = {}, {}
+        if not skipped:
+            if self.budget is not None:
+                # client-level DP (dp.py): one Gaussian draw on the sum of the clipped updates (uniform
+                # weights: the sum of the states is n * before + the sum of the changes), seeded by
+                # (seed, round) so a resumed job adds the same noise; counted before it is released
+                p = self.cfg.privacy
+                eps = self.budget.spend()
+                add_noise(total.sum, p.noise_multiplier * p.clip_norm, self.cfg.seed, t)
+                privacy = {"privacy_epsilon": eps, "privacy_delta": p.delta, "noise_std": p.noise_multiplier * p.clip_norm}
+            self.global_state = self.strategy.step(before, total, self.sent)
+            if self.combine == "product":
+                combined = {"product_not_held": [self.not_held[c] for c in self.clients],
+                            "product_cut": self.strategy.last_info["cut"], "product_lost": self.strategy.last_info["lost"]}
+            elif gap is not None:
+                combined = {"factors_gap": gap.relative(total.mean())}
+        self.used = averaged
+        rec = {"round": t, "client": None, "event": "round", "seconds": time.perf_counter() - t0, **combined,
+               **{f"server_{k}": v for k, v in self.transport.round.snapshot().items()},
+               "clients": averaged, "rejected": {str(c): r for c, r in rejected.items()},
+               "missing": sorted(waiting), "late": late,
+               "update_norms": [norms[c] for c in averaged],
+               "train_loss": [losses[c] for c in averaged],
+               "global_change": self.change(before), **privacy}
+        if skipped:
+            rec["skipped"] = skipped
+        return rec
+
+    def _timeout_text(self) -> str:
+        fed = self.cfg.federation
+        if fed.round_timeout_s == "auto":
+            return f"auto ({fed.round_timeout_factor:g} x the median time of the first {fed.min_clients} update(s))"
+        return f"{fed.round_timeout_s:g} s"
 
     def change(self, before: dict) -> float:
         """||global - before||: of the factors, or under product of the product B A (its factors'
@@ -229,7 +264,7 @@ class Server:
 
     def send_final(self) -> None:
         """The final global adapter (the leaders answer with their bye: `collect_byes`)."""
-        self._send(GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True))
+        self._send(GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True, used=self.used))
 
     def final_adapter(self) -> tuple[dict, int]:
         """The global adapter to save and its rank: the whole adapter (frozen_a: the shared A with
@@ -247,6 +282,7 @@ class Server:
             got = self.transport.next_update(None)
             if not isinstance(got, int):
                 self.log.warning(f"  late update of client {got.client} (round {got.round}) dropped after the last round")
+        self.transport.flush()  # every leader said bye: it took every global adapter sent to it
 
     def abort(self, reason: str) -> None:
         """Tell the leaders why the job stops (they wait for a global adapter that will not come)."""

@@ -29,6 +29,7 @@ from .state import FUSED, GLOBAL, PERSONAL
 from .strategies import Fuse, make_strategy
 from .topology import build_topology
 from .transport import Counters, Transport, yielding_barrier
+from .watchdog import start as start_watchdog
 
 
 @dataclass
@@ -98,6 +99,7 @@ def run(cfg: Config, record_payloads: list | None = None, resume: str | None = N
         from .tracking import Tracker
 
         run_dir.tracker = Tracker(cfg, run_dir.dir)
+        watch(cfg, topo)  # once the trackers are open (importing them can take long)
         try:
             return finish(cfg, topo, run_dir, server_schedule(cfg, topo, strategy, transport, run_dir, ckpt))
         finally:
@@ -107,6 +109,16 @@ def run(cfg: Config, record_payloads: list | None = None, resume: str | None = N
     return client
 
 
+def watch(cfg, topo) -> None:
+    """This rank's hang watchdog (federation.hang_timeout_s; watchdog.py), naming it by role: on the
+    server once its trackers are open, on a client once its model is built (long imports and loads
+    are not watched)."""
+    from .log import console_err
+
+    role = "server" if topo.is_server else f"client {topo.client_id} {'leader' if topo.is_leader else 'follower'}"
+    start_watchdog(cfg.federation.hang_timeout_s, f"rank {topo.rank}: {role}", console_err(), topo.world.Abort)
+
+
 def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
     from .server import Server
 
@@ -114,7 +126,7 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
     first_round = ckpt.resumed_round + 1
 
     def save(k: int, **more) -> None:
-        """The server's part of the checkpoint at the end of round k (collective with the clients')."""
+        """The server's part of the checkpoint at the end of round k (the clients write theirs)."""
         ckpt.write(k, {"server.pt": {"round": k, "records": run_dir.records, "rng": rng_state(), **more}})
 
     resumed = ckpt.load("server.pt") if ckpt.resumed else None
@@ -136,8 +148,10 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
         return {**server.state(), "bytes": transport.total.snapshot(), "codec": transport.codec_state()}
 
     def checkpoint(k: int, state: dict) -> None:
-        """After the global adapter of round k + 1 went out: the clients write theirs when they
-        receive it, which is when they have finished round k (a late client too)."""
+        """The server's part of the checkpoint of round k, before the global adapter of round k + 1
+        goes out; each client writes its part when it receives that global adapter (when it has
+        finished round k; a late client later), and nobody waits for anybody: the last rank to
+        write its part completes the checkpoint (Checkpointer.write)."""
         if ckpt.due(k):
             save(k, **state)
 
@@ -152,9 +166,8 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
         for t in range(first_round, cfg.train.rounds + 1):
             maybe_fail(topo.rank, t)
             try:
-                state = before_send()
+                checkpoint(t - 1, before_send())
                 server.send_round(t)
-                checkpoint(t - 1, state)
                 rec = server.finish_round(t)
             except Exception as e:
                 server.abort(f"{type(e).__name__}: {e}")
@@ -163,16 +176,16 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
             moved = rec["server_bytes_sent"] + rec["server_bytes_received"]
             loss = mean_loss(rec["train_loss"])
             progress.round_done(
-                f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} aggregated {len(rec['clients'])} "
-                f"updates in {rec['seconds']:.2f}s; client loss {loss}; sent {rec['server_bytes_sent']} B, received "
+                f"[ROUND {t}/{cfg.train.rounds}] {progress_bar(t, cfg.train.rounds)} "
+                f"{'SKIPPED, ' if 'skipped' in rec else ''}aggregated {len(rec['clients'])} updates in "
+                f"{rec['seconds']:.2f}s; client loss {loss}; sent {rec['server_bytes_sent']} B, received "
                 f"{rec['server_bytes_received']} B; global moved {rec['global_change']:.4g}",
                 f"{len(rec['clients'])} updates, loss {loss}, {rec['seconds']:.2f} s, {human_bytes(moved)}, "
                 f"global moved {rec['global_change']:.3g}")
     finally:
         progress.close()
-    state = before_send()
+    checkpoint(cfg.train.rounds, before_send())
     server.send_final()
-    checkpoint(cfg.train.rounds, state)
     server.collect_byes()
     final, _ = server.final_adapter()  # at the largest client rank (client_overrides.<i>.lora.global.r)
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), final,
@@ -215,6 +228,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
     log = get_logger()
     K = cfg.inner_steps(topo.client_id)
     client, fused_config = build_client(cfg, topo, strategy, transport, run_dir, K)
+    watch(cfg, topo)  # from here on (the model is built), no progress for hang_timeout_s ends the job
     engine, data = client.engine, client.engine.data
     if topo.is_leader:
         log.info(f"client {topo.client_id}: {len(data.train)} train / {len(data.fewshot)} few-shot / "
@@ -249,7 +263,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
             t = t + 1 if t < cfg.train.rounds else None
         if t is None:
             break
-        maybe_fail(topo.rank, t)
+        maybe_fail(topo.rank, t, settle=lambda: ckpt.wait_complete(t - 1))
         for adapter, stats in client.run_round(t, strategy.round_plan(t, K, client.first)):
             rounds.add(adapter, t, stats)
     if topo.is_leader and rounds.trained:
@@ -324,11 +338,12 @@ def finish(cfg, topo, run_dir, server_summary) -> dict | None:
         s["bytes_total"] = (b["bytes_sent"] + b["bytes_received"]) if b else 0
         s["bytes_per_round"] = s["bytes_total"] / max(1, cfg.train.rounds)
         s["seconds_per_round"] = per_round_seconds
-        # rounds this client's update was not averaged in: missing (round_timeout_s) or rejected
-        s["rounds_missed"] = [r["round"] for r in rounds
-                              if s["client"] in r.get("missing", []) or str(s["client"]) in r.get("rejected", {})]
+        # rounds this client's update was not averaged in: missing (round_timeout_s), rejected, or skipped
+        s["rounds_missed"] = [r["round"] for r in rounds if s["client"] in r.get("missing", [])
+                              or str(s["client"]) in r.get("rejected", {}) or "skipped" in r]
     summary = {"strategy": cfg.strategy, "rounds": cfg.train.rounds, "world_size": topo.plan.world_size,
                "bytes_per_round": per_round_bytes, "seconds_per_round": per_round_seconds,
+               "rounds_skipped": [r["round"] for r in rounds if "skipped" in r],  # federation.on_short_round = skip
                "server": server_summary, "clients": clients}
     if cfg.privacy is not None:
         summary["privacy"] = privacy_summary(cfg, rounds)

@@ -8,7 +8,10 @@
                                    adapter (global.init = seed), or every client's stage-1 personal
                                    adapter (global.init = personal_mean, the paper's line 7)
     server -> leader   global      GlobalAdapter(round t, state): the adapter round t starts from;
-                                   round = rounds + 1 (`final`) is the one the clients keep
+                                   round = rounds + 1 (`final`) is the one the clients keep. The
+                                   header's count field (num_samples) says whether that leader's
+                                   update of round t - 1 was averaged (1) or not (0: missing, late,
+                                   rejected, or the round skipped)
     leader -> server   update      ClientUpdate(round t, client, num_samples, state, loss)
     leader -> server   bye         after the final global: nothing more comes from this leader
     server -> leader   abort       instead of a global: the job stops, with the server's reason
@@ -18,7 +21,9 @@ leader's send never blocks on it, and it takes updates in the order they arrive,
 deadline (federation.round_timeout_s). Every message carries its round, so a late update (from an
 earlier round) is recognised and dropped; a leader that fell behind takes only the newest global
 adapter waiting for it (`recv_newest_global`) and goes on from there. After the final global the
-server drains each leader until its `bye`, so no message is left in flight.
+server drains each leader until its `bye`, so no message is left in flight. The server starts the
+sends of a global adapter and does not wait for them (`outbox`): a leader still in an earlier
+round takes its copy when it gets there, so the round's deadline runs from the send for everyone.
 
 A message is ONE contiguous byte buffer moved with one MPI call: a 40-byte header (kind, round,
 client, num_samples, loss) and the adapter packed by its `Layout` (or the abort reason as UTF-8). Both
@@ -33,6 +38,9 @@ With `federation.compress` (bf16, int8: compress.py) a global adapter after the 
 its change to the previous one (`global_c`, `final_c`) and an update as its change to the round's
 global adapter (`update_c`), encoded, with error feedback; both ends keep the global adapter as
 the leaders decode it (`reference`), so the server and every rank hold the same one bit for bit.
+A leader's residual after an update is kept only once the next global adapter says that update
+was averaged (`_settle`): a dropped update's rounding error is dropped with it, never added to the
+next, unrelated update (and a non-finite one cannot poison every later update of its client).
 
 Every wait on the federation yields the CPU (`wait_for`): a non-blocking receive or probe tested
 with a growing sleep in between, never MPI's blocking receive, which under MPICH spins on a core
@@ -51,6 +59,7 @@ import torch
 
 from .state import Layout, add, sub
 from .strategies.combine import b_keys
+from .watchdog import beat
 
 TAG_LAYOUT = 10
 TAG_TO_LEADER = 11  # global, final, abort
@@ -73,6 +82,7 @@ def wait_for(ready, deadline: float | None = None) -> bool:
     (then False), sleeping between calls with a backoff that starts again at every call."""
     delay = POLL_FIRST_S
     while not ready():
+        beat()  # waiting on a peer is not a hang (watchdog.py); the peer's own watchdog names it
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -107,6 +117,9 @@ class GlobalAdapter:
     state: dict[str, torch.Tensor]
     final: bool = False
     skipped: list[int] = field(default_factory=list)  # older rounds' globals the leader passed over
+    used: list[int] = field(default_factory=list)
+    """Server side: the clients whose update of the previous round was averaged (each leader is
+    told whether it is one of them, `Transport._settle`)."""
 
 
 @dataclass
@@ -153,6 +166,9 @@ class Transport:
     """global.combine = frozen_a: the global adapter's A never changes, so messages carry B alone
     (the start-up `init` still carries the whole adapter, once)."""
     inbox: dict = field(default_factory=dict)  # server: client -> (buffer, posted MPI receive)
+    outbox: list = field(default_factory=list)
+    """Server: the global adapters sent and not yet taken, (request, buffer): a leader still in an
+    earlier round takes its own when it gets there; nobody waits for it (`send_global`, `flush`)."""
     codec: object | None = None
     """compress.Codec when federation.compress is on. Then every global adapter after the first
     travels as its change to the previous one, and every update as its change to the round's
@@ -160,21 +176,33 @@ class Transport:
     leaders decode it), `residual` this end's error feedback (what its last encoding lost)."""
     reference: dict | None = None
     residual: dict | None = None
+    pending: tuple | None = None
+    """A leader: (round, residual) of its last update until the next global adapter says whether
+    that update was averaged; only then does its residual replace `residual` (`_settle`)."""
 
     @property
     def wire_layout(self) -> Layout:
         """The layout of a compressed message (the codec's tensors for the global adapter's)."""
         return Layout(self.codec.wire_entries(self.layout.entries))
 
-    def _encode_change(self, change: dict) -> tuple[dict, dict]:
-        """(wire tensors, their decoding) of `change` plus the residual; the new residual is what
-        encoding lost."""
+    def _encode_change(self, change: dict) -> tuple[dict, dict, dict]:
+        """(wire tensors, their decoding, the new residual) of `change` plus the residual; the new
+        residual is what encoding lost (the caller decides when it replaces `residual`)."""
         if self.residual is not None:
             change = add(change, self.residual)
         wire = self.codec.encode(change)
         decoded = self.codec.decode(wire, change)
-        self.residual = sub(change, decoded)
-        return wire, decoded
+        return wire, decoded, sub(change, decoded)
+
+    def _settle(self, round: int, used: bool) -> None:
+        """A leader learns from the global adapter of `round` whether its update of `round - 1` was
+        averaged: if so, that update's rounding error is carried to the next one; if not (missing,
+        late, rejected, skipped round) the error is dropped with the update, and the residual
+        stays what it was before it."""
+        if self.pending is not None and self.pending[0] == round - 1:
+            if used:
+                self.residual = self.pending[1]
+            self.pending = None
 
     def _decode_change(self, body: torch.Tensor) -> dict:
         """The reference adapter with the change in `body` applied (it becomes the new reference
@@ -184,10 +212,11 @@ class Transport:
     def codec_state(self) -> dict | None:
         """What compression carries from round to round at this end (a checkpoint's part): the
         reference adapter and the error-feedback residual. Both are replaced, never changed in
-        place, so the dicts returned stay as they are when the transport goes on."""
+        place, so the dicts returned stay as they are when the transport goes on. A leader's
+        `pending` residual (its last update's, not yet known to count) goes with them."""
         if self.codec is None:
             return None
-        return {"reference": self.reference, "residual": self.residual}
+        return {"reference": self.reference, "residual": self.residual, "pending": self.pending}
 
     def load_codec_state(self, state: dict | None) -> None:
         """A resumed end goes on with the checkpoint's reference and residual, so that what it
@@ -195,6 +224,7 @@ class Transport:
         checkpoint from before compression state was kept): the first global travels whole."""
         if self.codec is not None and state is not None:
             self.reference, self.residual = state["reference"], state["residual"]
+            self.pending = state.get("pending")  # absent in checkpoints made before it was kept
 
     def new_round(self) -> None:
         self.round = Counters()
@@ -298,14 +328,15 @@ class Transport:
         """The update, or with compression its change to the round's global adapter, encoded."""
         kind, state, layout = "update", update.state, None
         if self.codec is not None and self.reference is not None:
-            wire, _ = self._encode_change(sub(update.state, self.reference))
+            wire, _, residual = self._encode_change(sub(update.state, self.reference))
+            self.pending = (update.round, residual)  # kept once the server says the update counted
             kind, state, layout = "update_c", wire, self.wire_layout
         request, _buf = self._send(kind, 0, TAG_TO_SERVER, state, round=update.round, client=update.client,
                                    num_samples=update.num_samples, loss=update.loss, layout=layout)
         wait_for(request.Test)
 
     def recv_global(self) -> GlobalAdapter:
-        kind, round, _, _, _, body = self._recv(0, TAG_TO_LEADER, "the server")
+        kind, round, _, used, _, body = self._recv(0, TAG_TO_LEADER, "the server")
         if kind == "abort":
             raise FederationAborted(f"the server stopped the job: {bytes(body.numpy()).decode(errors='replace')}")
         if kind not in ("global", "final", "global_c", "final_c"):
@@ -317,6 +348,7 @@ class Transport:
             state = self.layout.unpack(body)
             if self.codec is not None:
                 self.reference = {k: v.clone() for k, v in state.items()}
+        self._settle(round, used == 1.0)
         return GlobalAdapter(round, state, final=kind in ("final", "final_c"))
 
     def recv_newest_global(self) -> GlobalAdapter:
@@ -426,20 +458,33 @@ class Transport:
             if self.codec is not None:
                 raise TransportError("per-client global adapters with federation.compress: one reference cannot "
                                      "serve clients of different ranks")
-            self._send_all([(kind, self.plan.federation_rank(c), TAG_TO_LEADER,
-                             {"state": states[c], "round": message.round, "layout": self.layout_of(c)}) for c in clients])
-            return held
-        if self.codec is not None:
+            per_client = {c: (states[c], self.layout_of(c)) for c in clients}
+        else:
+            per_client = None
+        if per_client is None and self.codec is not None:
             if self.reference is None:  # the first global adapter travels whole: the leaders' reference
                 self.reference = {k: v.clone() for k, v in message.state.items()}
             else:
-                wire, decoded = self._encode_change(sub(message.state, self.reference))
+                wire, decoded, self.residual = self._encode_change(sub(message.state, self.reference))
                 self.reference = add(self.reference, decoded)
                 kind, state, layout = kind + "_c", wire, self.wire_layout
             held = {k: v.clone() for k, v in self.reference.items()}
-        self._send_all([(kind, self.plan.federation_rank(c), TAG_TO_LEADER,
-                         {"state": state, "round": message.round, "layout": layout}) for c in clients])
+        # started, not waited for: the round's deadline runs while a leader still in an earlier
+        # round has not taken its copy (it takes the newest waiting when it gets there)
+        self.outbox = [(r, b) for r, b in self.outbox if not r.Test()]
+        for c in clients:
+            s, lay = per_client[c] if per_client is not None else (state, layout)
+            self.outbox.append(self._send(kind, self.plan.federation_rank(c), TAG_TO_LEADER, state=s, round=message.round,
+                                          layout=lay, num_samples=1.0 if c in message.used else 0.0))
         return held
+
+    def flush(self) -> None:
+        """Wait (yielding) until every global adapter sent has been taken (the job's end)."""
+        from mpi4py import MPI
+
+        requests = [r for r, _ in self.outbox]
+        wait_for(lambda: MPI.Request.Testall(requests))
+        self.outbox = []
 
     def abort(self, reason: str, clients: list[int]) -> None:
         """Tell every leader to stop, with the reason (in place of the global adapter it waits for)."""

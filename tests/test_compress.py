@@ -137,3 +137,20 @@ def test_compress_config_errors(tmp_path):
         load_config(write_config(tmp_path, **{"federation.compress": "fp8"}))
     with pytest.raises(ConfigError, match="federation.compress_block = -1 must be >= 0"):
         load_config(write_config(tmp_path, **{"federation.compress_block": -1}))
+
+
+@pytest.mark.unit
+def test_a_leaders_residual_is_kept_only_when_the_server_says_its_update_counted():
+    """Transport._settle: the residual of the update of round t becomes the one the next update
+    carries only when the global adapter of round t + 1 says the update was averaged; else the
+    residual from before it stays (the dropped update's rounding error goes with it)."""
+    from fdlora_cluster.transport import Transport
+
+    end = Transport(comm=None, plan=None, codec=Codec("int8", 64))
+    before, after = change(1), change(2)
+    for used, kept in ((True, after), (False, before)):
+        end.residual, end.pending = before, (3, after)
+        end._settle(5, used)  # another round's verdict settles nothing
+        assert end.pending == (3, after) and end.residual is before
+        end._settle(4, used)
+        assert end.pending is None and end.residual is kept

@@ -352,3 +352,21 @@ def test_an_explicit_outer_section_wins_key_by_key():
 def test_fusion_and_eval_settings_are_checked_on_load(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "fdlora.yaml", [override])
+
+
+def test_federation_reliability_options_name_the_bad_value():
+    """round_timeout_s: seconds > 0 or auto; on_short_round: abort, skip or wait; the factor and
+    hang_timeout_s in range. Every error names the key and what it accepts."""
+    ok = load_config(CONFIGS / "demo.yaml", ["federation.round_timeout_s=auto", "federation.on_short_round=skip",
+                                             "federation.hang_timeout_s=30"])
+    assert ok.federation.round_timeout_s == "auto" and ok.federation.on_short_round == "skip"
+    assert load_config(CONFIGS / "demo.yaml").federation.on_short_round == "abort"  # today's behaviour
+    for item, match in [
+        ("federation.round_timeout_s=0", r"federation\.round_timeout_s = 0\.0: need seconds > 0, `auto` or nothing"),
+        ("federation.round_timeout_s=soon", r"federation\.round_timeout_s = 'soon' is not valid; expected float or one of 'auto'"),
+        ("federation.on_short_round=retry", r"federation\.on_short_round = 'retry' is not valid; expected one of 'abort', 'skip', 'wait'"),
+        ("federation.round_timeout_factor=0.5", r"federation\.round_timeout_factor = 0\.5.*>= 1"),
+        ("federation.hang_timeout_s=0", r"federation\.hang_timeout_s = 0\.0.*> 0"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(CONFIGS / "demo.yaml", [item])

@@ -122,3 +122,116 @@ def test_a_leftover_deepspeed_build_lock_does_not_hold_the_job(tmp_path):
     proc = run_ranks(5, ["run", str(cfg)], timeout=240, env={"TORCH_EXTENSIONS_DIR": str(ext)})
     assert_ok(proc)
     assert lock.exists() and os.listdir(lock.parent) == ["lock"]  # nothing built there
+
+
+@pytest.mark.job
+def test_a_short_round_is_skipped_and_a_dropped_updates_rounding_error_with_it(tmp_path):
+    """federation.on_short_round = skip, min_clients = 2, int8 compression: client 1 sends a
+    non-finite update in round 2, so round 2 has one usable update and is skipped (the global
+    adapter stays as it was) and the job goes on. Client 1's rounding error of that update (NaN) is
+    dropped with it: were it carried to its next update, as error feedback did before, every later
+    update of client 1 would be non-finite and every later round skipped too."""
+    proc, _, out = fault_job(tmp_path, "nan_update@client=1,round=2",
+                             **{"train.rounds": 4, "federation.min_clients": 2, "federation.on_short_round": "skip",
+                                "federation.compress": "int8"})
+    assert_ok(proc)
+    rounds = {m["round"]: m for m in read_metrics(tmp_path / "run") if m["event"] == "round"}
+    assert rounds[2]["clients"] == [] and "non-finite" in rounds[2]["rejected"]["1"]
+    assert "federation.min_clients = 2" in rounds[2]["skipped"] and rounds[2]["global_change"] == 0
+    for t in (1, 3, 4):
+        assert rounds[t]["clients"] == [0, 1] and "skipped" not in rounds[t], rounds[t]
+    summary = read_summary(tmp_path / "run")
+    assert summary["rounds_skipped"] == [2]
+    assert {s["client"]: s["rounds_missed"] for s in summary["clients"]} == {0: [2], 1: [2]}
+    assert "round skipped (federation.on_short_round = skip)" in out
+
+
+@pytest.mark.job
+@pytest.mark.parametrize("rank, who", [(2, "rank 2: client 0 follower"), (3, "rank 3: client 1 leader")])
+def test_a_hung_rank_ends_the_job_naming_it_with_its_stack(tmp_path, rank, who):
+    """federation.hang_timeout_s: a rank that stops making progress without dying (the `hang`
+    fault sleeps for ever at the start of round 2) is named by its own watchdog, with its Python
+    stack, and the job ends, non-zero, within the timeout plus a few seconds. A follower hung
+    leaves its leader blocked in a torch collective; a leader hung, its follower and the server
+    waiting on it: the ones waiting are not named."""
+    timeout = 20  # well above any stretch without a heartbeat on a loaded 2-core machine
+    proc, ended, out = fault_job(tmp_path, f"hang@rank={rank},round=2", **{"federation.hang_timeout_s": timeout})
+    assert proc.returncode != 0, out[-3000:]
+    assert f"[{who}] hang: no progress for " in out, out[-5000:]
+    report = out[out.index(f"[{who}] hang: no progress for "):]  # named first, before any rank waiting on it
+    assert "federation.hang_timeout_s = 20" in report
+    assert re.search(r'File ".*faults\.py", line \d+ in maybe_fail', report), report[:3000]
+    assert "hang: no progress" not in out[:out.index(f"[{who}] hang")], out[-3000:]
+    assert seconds_after_fault(out, ended) < timeout + 15
+
+
+@pytest.mark.job
+def test_a_client_slower_than_the_deadline_misses_that_round_only_and_no_round_waits_for_it(tmp_path):
+    """Issue 20's case: client 1's leader sends its round-2 update 12 s late, round_timeout_s = 10,
+    a checkpoint after every round (the default). Client 1 misses round 2 only and rejoins with
+    the newest global adapter; no round lasts past its deadline (a round's global adapter goes out
+    without waiting for client 1 to take it, and each rank writes its part of a checkpoint when it
+    gets there, the last one completing it); every checkpoint client 1 took part in is complete."""
+    from fdlora_cluster.checkpoint import complete_checkpoints
+
+    timeout = 10
+    proc, _, out = fault_job(tmp_path, "slow@client=1,round=2,seconds=12",
+                             **{"train.rounds": 4, "federation.round_timeout_s": timeout})
+    assert_ok(proc)
+    rounds = {m["round"]: m for m in read_metrics(tmp_path / "run") if m["event"] == "round"}
+    assert rounds[2]["clients"] == [0] and rounds[2]["missing"] == [1]
+    for t in (1, 3, 4):
+        assert rounds[t]["clients"] == [0, 1], rounds[t]
+    assert all(r["seconds"] < timeout + 2.5 for r in rounds.values()), {t: r["seconds"] for t, r in rounds.items()}
+    summary = read_summary(tmp_path / "run")
+    assert {s["client"]: s["rounds_missed"] for s in summary["clients"]} == {0: [], 1: [2]}
+    assert [k for k, _ in complete_checkpoints(str(tmp_path / "run"))] == [3, 4]  # checkpoint.keep = 2
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.partial"))
+
+
+@pytest.mark.job
+def test_an_adaptive_deadline_ends_a_round_soon_after_its_quorum(tmp_path):
+    """round_timeout_s: auto (min_clients 1, round_timeout_factor 2): once client 0's update is in,
+    the round waits twice its time, not for client 1, whose round-2 update comes 20 s late."""
+    proc, _, out = fault_job(tmp_path, "slow@client=1,round=2,seconds=20",
+                             **{"train.rounds": 3, "federation.round_timeout_s": "auto"})
+    assert_ok(proc)
+    rounds = {m["round"]: m for m in read_metrics(tmp_path / "run") if m["event"] == "round"}
+    assert rounds[2]["missing"] == [1]  # (round 1 may miss client 1 too on a loaded machine: twice client 0's time)
+    assert rounds[2]["seconds"] < 20 - 5, rounds[2]["seconds"]  # it did not wait for client 1
+    assert "client 1 missing: no update within federation.round_timeout_s = auto (2 x the median time of the first 1 update(s))" in out
+
+
+@pytest.mark.job
+def test_a_short_round_waits_on_for_its_quorum(tmp_path):
+    """on_short_round: wait, min_clients 2, round_timeout_s 3: client 1's round-2 update comes 8 s
+    late; at the deadline the round has one update, so the server waits on, and round 2 averages
+    both clients."""
+    proc, _, out = fault_job(tmp_path, "slow@client=1,round=2,seconds=8",
+                             **{"train.rounds": 3, "federation.round_timeout_s": 3, "federation.min_clients": 2,
+                                "federation.on_short_round": "wait"})
+    assert_ok(proc)
+    rounds = {m["round"]: m for m in read_metrics(tmp_path / "run") if m["event"] == "round"}
+    assert all(r["clients"] == [0, 1] and r["missing"] == [] for r in rounds.values()), rounds
+    assert rounds[2]["seconds"] >= 8
+    assert "round 2: 1 usable update(s) at the deadline, federation.min_clients = 2: waiting on for clients [1]" in out
+
+
+@pytest.mark.unit
+def test_the_watchdog_reports_the_stack_and_ends_the_process():
+    """watchdog.start in a plain process (no MPI): no heartbeat for 1 s -> the report names it, the
+    stack shows where the main thread is, and the process ends with status 70; heartbeats keep it
+    alive."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom fdlora_cluster import watchdog\n"
+            "watchdog.start(1.0, 'rank 9: test', sys.stderr)\n"
+            "for _ in range(20):\n    watchdog.beat(); time.sleep(0.1)\n"
+            "def stuck():\n    time.sleep(60)\nstuck()\n")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 70, proc.stderr
+    assert "[rank 9: test] hang: no progress for 1.0 s (federation.hang_timeout_s = 1)" in proc.stderr
+    assert re.search(r'line 7 in stuck', proc.stderr), proc.stderr
+    assert 2 <= time.time() - started < 30  # alive while it beat (20 x 0.1 s), then ended (about 1 s after)

@@ -8,7 +8,7 @@ Config's (root.py); checks that need an installed package are environment.py's.
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -253,14 +253,39 @@ class GlobalConfig(Section):
 
 
 class FederationConfig(Section):
-    round_timeout_s: Optional[float] = Field(None, gt=0, json_schema_extra=_why("or left out: wait for every client"))
+    round_timeout_s: Optional[Union[float, Literal["auto"]]] = None
     """When set, the server aggregates the updates that arrived within this many seconds of sending
     the round's global adapter; the others count as missing for the round (metrics.jsonl, summary).
     A late update is recognised by its round and dropped; its client goes on from the newest global.
+    `auto`: no fixed seconds; once `min_clients` updates have arrived, the server waits a further
+    `round_timeout_factor` times their median arrival time (counted from the global adapter's
+    send), so a round ends soon after its quorum when some client is far slower than the rest.
     Default: wait for every client."""
+    round_timeout_factor: float = Field(2.0, ge=1)
+    """`round_timeout_s: auto`: the round's deadline is this multiple of the median time (since
+    the global adapter went out) of the first `min_clients` updates. 2 lets a client twice as slow
+    as the quorum's median in; a larger value waits longer for heterogeneous clients."""
     min_clients: int = Field(1, ge=1)
-    """A round needs at least this many accepted updates; fewer fails the job with the clients
-    that were missing or rejected and why."""
+    """A round needs at least this many accepted updates; what happens with fewer is
+    `on_short_round`'s."""
+    on_short_round: Literal["abort", "skip", "wait"] = "abort"
+    """A round with fewer than `min_clients` usable updates at its deadline. `abort` (default):
+    the job fails, naming the clients that were missing or rejected and why (for a federation
+    that must not go on short-handed). `skip`: the round is dropped: the global adapter and the
+    outer optimizer's state stay as they were, the round's record says `skipped` (metrics.jsonl,
+    `rounds_skipped` in summary.json) and the next round starts; use it for long jobs where a
+    client may be away for a while. `wait`: past the deadline the server keeps waiting, with no
+    limit, for the clients that have not answered, until `min_clients` usable updates are in;
+    if every client has answered and too few were usable (rejected), the round fails as with
+    `abort`; use it when every round must count and clients are slow but alive (with
+    `hang_timeout_s` to end a job whose client stopped)."""
+    hang_timeout_s: Optional[float] = Field(None, gt=0, json_schema_extra=_why("or left out: no watchdog"))
+    """When set, every rank runs a watchdog (fdlora_cluster/watchdog.py): a rank that makes no
+    progress (a training step, a message or a wait's poll) for this many seconds ends the job,
+    printing its rank, role (server, or client c leader/follower) and Python stack. Set it above
+    the longest stretch a rank works without a heartbeat: a training step, an evaluation batch,
+    one checkpoint file's write and fsync (DeepSpeed's save included) on a busy disk. A client rank
+    is watched once its model is built, the server once its trackers are open."""
     max_update_norm: Optional[float] = Field(None, gt=0, json_schema_extra=_why("or left out"))
     """When set, an update whose change ||client global - round's global|| exceeds it is rejected
     for that round (logged with the client and its norm), not averaged."""
@@ -269,9 +294,17 @@ class FederationConfig(Section):
     `bf16` or `int8`, each global adapter after the first as its change to the previous one and each
     update as its change to the round's global adapter, rounded, with error feedback (what rounding
     lost is sent with the next change). Every rank still holds the same global adapter bit for bit.
-    A resumed job restarts the error feedback at zero (bit-identical resume needs `none`)."""
+    The references and residuals are in the checkpoint (a resumed job is bit-identical); a
+    leader's rounding error of an update that was not averaged is dropped with it."""
     compress_block: int = Field(256, ge=0, json_schema_extra=_why("0 = one scale per tensor"))
     """int8: values per fp32 scale (0 = one scale per tensor)."""
+
+    @field_validator("round_timeout_s")
+    @classmethod
+    def _positive_or_auto(cls, v):
+        require(v is None or v == "auto" or v > 0,
+                f"federation.round_timeout_s = {v}: need seconds > 0, `auto` or nothing (wait for every client)")
+        return v
 
 
 class PrivacyConfig(Section):
