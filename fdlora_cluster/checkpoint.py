@@ -41,6 +41,10 @@ class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message says which and why."""
 
 
+# Settings added after checkpoints existed, as (section, key): left out of the hash at their default.
+ADDED_LATER = [("personal", "residual"), ("fusion", "margin")]
+
+
 def config_hash(cfg) -> str:
     """sha256 of the settings a checkpoint depends on: everything but where the run is written
     and how often it is checkpointed."""
@@ -48,6 +52,9 @@ def config_hash(cfg) -> str:
     for k in ("output_dir", "checkpoint"):
         d.pop(k, None)
     d["log"].pop("digests", None)  # what is logged, not computed (and added after checkpoints existed)
+    for section, key in ADDED_LATER:  # at its default a later setting changes nothing: older checkpoints resume
+        if d[section].get(key) == type(getattr(cfg, section)).model_fields[key].default:
+            d[section].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

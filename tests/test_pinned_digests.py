@@ -2,6 +2,11 @@
 adapters. A refactor must leave every digest unchanged; a deliberate change of behaviour updates
 them in the same commit and says why.
 
+fdlora's client-1/fused changed with issue 18 item 3 (branch fdlora2): the fusion now leaves
+personal only only when a choice beats it out of fold by a paired margin, and there its search's
+pick did not (out-of-fold objective 0.2289 against personal only's 0.2251), so personal only is
+the fused adapter. Everything else is as pinned.
+
 The digests were taken on main at 88410de (before the round became a plan). Each is the sha256 of
 the saved adapter tensors in key order (`adapter_digest`), for the server's global adapter and every
 client's personal (and fdlora's fused) adapter.
@@ -19,7 +24,7 @@ SHORT = {"train.rounds": 2, "train.inner_steps": 2, "train.personal_steps": 3, "
 
 PINNED = {
     "fdlora": {"client-0/fused": "8de8f0e42e46857a", "client-0/personal": "96c7bb72aa303ea8",
-               "client-1/fused": "90ab0d8822915a6d", "client-1/personal": "1d9015b4b6086136",
+               "client-1/fused": "19cf4e3496da5ff1", "client-1/personal": "1d9015b4b6086136",
                "global": "78af0dce3f657a37"},
     "fedavg": {"client-0/personal": "8f0b7a191060316b", "client-1/personal": "8f0b7a191060316b",
                "global": "3381fc3cc657ab1d"},
