@@ -42,7 +42,7 @@ class ResumeError(RuntimeError):
 
 
 # Settings added after checkpoints existed, as (section, key): left out of the hash at their default.
-ADDED_LATER = [("personal", "residual"), ("fusion", "margin")]
+ADDED_LATER = [("personal", "residual"), ("fusion", "margin"), ("outer", "momentum_warmup")]
 
 
 def config_hash(cfg) -> str:

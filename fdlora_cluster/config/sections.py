@@ -185,6 +185,10 @@ class OuterConfig(Section):
     """Outer learning rate. Left out: the optimizer's default (sgd 1.0, nesterov 0.7, adam 1.0)."""
     momentum: Optional[float] = Field(None, ge=0, lt=1)
     """Momentum for `nesterov`. Left out: 0.9 (DiLoCo's)."""
+    momentum_warmup: int = Field(0, ge=0, json_schema_extra=_why("0 = none"))
+    """nesterov: the momentum grows linearly from 0 to `momentum` over this many rounds (a short
+    run's steps then stay near the averaged pseudo-gradient; docs/ALGORITHMS.md, "Outer step for
+    short runs"). 0 = the full momentum from the first round."""
     betas: list[float] = [0.9, 0.99]
     """Adam betas for `adam`."""
     eps: float = Field(1e-8, gt=0)
@@ -213,7 +217,7 @@ def resolve_outer(cfg) -> OuterConfig:
     d = OUTER_OPTIMIZER_DEFAULTS[opt]
     return OuterConfig(optimizer=opt, lr=d["lr"] if o.lr is None else o.lr,
                        momentum=d["momentum"] if o.momentum is None else o.momentum,
-                       betas=list(o.betas), eps=o.eps)
+                       momentum_warmup=o.momentum_warmup, betas=list(o.betas), eps=o.eps)
 
 
 class GlobalConfig(Section):

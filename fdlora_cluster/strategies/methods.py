@@ -27,7 +27,7 @@ class Strategy:
     def __init__(self, cfg):
         self.cfg = cfg
         o = cfg.outer
-        self.outer = OuterOptimizer(o.optimizer, o.lr, o.momentum, o.betas, o.eps)
+        self.outer = OuterOptimizer(o.optimizer, o.lr, o.momentum, o.betas, o.eps, warmup=o.momentum_warmup)
 
     # ---------------------------------------------------------------- the client's plans
 
