@@ -294,7 +294,7 @@ class FusionConfig(Section):
     def _two_weights(cls, v):
         require(len(v) == 2, "fusion.fixed_weights needs (w_personal, w_global)")
         return v
-    objective: Literal[OBJECTIVES] = "loss"
+    objective: Literal[OBJECTIVES] = "candidates"
     """What the search minimises on its rows (plus l1 * mean |w - best anchor|): `candidates` (the
     cross-entropy over eval.headline's label set, from each candidate response's likelihood: what
     the accuracy decides on; rows whose response is no candidate count their token loss), `loss`
