@@ -292,7 +292,8 @@ class Client:
         self.record("fusion", None, w_personal=mean_p, w_global=mean_g, weights=by_group, merge=f.merge,
                     rows=f.rows, granularity=f.granularity, **extra)
         if self.is_leader:
-            how = f" chosen by {result.chosen_by}, few-shot {f.objective} objective {result.objective:.4f}" if result else ""
+            how = (f" chosen by {result.chosen_by}, few-shot {f.objective} objective {result.objective:.4f} "
+                   f"after {result.evaluations} evaluations" if result else "")
             self.log.info(f"fusion weights w_personal={mean_p:.3f} w_global={mean_g:.3f} "
                           f"(merge {f.merge}, {len(groups)} weight group(s) by {f.granularity}){how}")
 
