@@ -92,6 +92,30 @@ def table(out: str, variants: list[str], seeds: list[int], metric: str = "accura
     return "\n".join(rows)
 
 
+def fusion_choices(out: str, variants: list[str], seeds: list[int], metric: str = "accuracy") -> str:
+    """Per fdlora variant, over every client of every seed: what the fusion chose (summary.json's
+    `fusion.chosen_by`), how often it left the anchors, and fused minus personal on test."""
+    rows = ["| variant | client-runs | chosen by | left the anchors | fused - personal on test (mean; per client-run) |",
+            "|---|---|---|---|---|"]
+    for v in variants:
+        picks, left, gains = {}, 0, []
+        for s in seeds:
+            path = os.path.join(out, f"seed-{s}", v, "summary.json")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                for c in json.load(f)["clients"]:
+                    if "fusion" not in c:
+                        continue
+                    picks[c["fusion"]["chosen_by"]] = picks.get(c["fusion"]["chosen_by"], 0) + 1
+                    left += bool(c["fusion"]["left_anchors"])
+                    gains.append(c["metrics"]["fused"][metric] - c["metrics"]["personal"][metric])
+        if gains:
+            rows.append(f"| {v} | {len(gains)} | " + ", ".join(f"{k}: {n}" for k, n in sorted(picks.items()))
+                        + f" | {left} | {statistics.mean(gains):+.3f}; " + " ".join(f"{g:+.3f}" for g in gains) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -108,6 +132,8 @@ def main(argv=None) -> int:
     cmd = "python bench/stage2.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\nMade by `{cmd.strip()}`; test accuracy (mean over the 2 clients):\n")
     print(table(args.out, args.variants, args.seeds))
+    print("\nFusion choices (fdlora variants):\n")
+    print(fusion_choices(args.out, args.variants, args.seeds))
     return 0
 
 
