@@ -143,6 +143,9 @@ def test_recorded_choice_is_the_saved_adapter_and_never_worse_than_its_anchors(t
         choice = next(s for s in summary["clients"] if s["client"] == c)["fusion"]
         assert choice["left_anchors"] == chosen["left_anchors"] == left
         assert choice["chosen_by"] == chosen["chosen_by"] and choice["objective"] == objective
+        # issue 18 item 1: the steps each adapter took (stage 1 on personal, rounds x K on global)
+        assert next(s for s in summary["clients"] if s["client"] == c)["optimizer_steps"] == {
+            "personal": cfg.train.personal_steps, "global": cfg.train.rounds * cfg.train.inner_steps}
         fw = next(s for s in summary["clients"] if s["client"] == c)["fusion_weights"]
         assert fw["personal"] == pytest.approx(chosen["w_personal"])
         metrics_c = next(s for s in summary["clients"] if s["client"] == c)["metrics"]
