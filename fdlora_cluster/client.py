@@ -297,22 +297,28 @@ class Client:
             self.log.info(f"fusion weights w_personal={mean_p:.3f} w_global={mean_g:.3f} "
                           f"(merge {f.merge}, {len(groups)} weight group(s) by {f.granularity}){how}")
 
-    def fusion_progress(self, n_groups: int):
-        """The leader's console line while the search runs: evaluations done (distinct weights scored,
+    def fusion_progress(self, n_groups: int, console_every_s: float = 30.0):
+        """The leader's progress line while the search runs: evaluations done (distinct weights scored,
         each a pass over the search rows) of at most how many, and the best objective so far, about
-        ten times per search (issue 18: a fusion that says what it is doing)."""
+        ten times per search in the log file, and on the console at most every `console_every_s`
+        seconds, so a long fusion says what it is doing and a short one adds no lines (issue 18)."""
         from .fusion import ANCHORS, search_evaluations
 
         f = self.cfg.fusion
         folds = f.folds if f.folds > 1 else 0
         most = len(ANCHORS) + search_evaluations(f.budget, n_groups) * (1 + folds)
         every = max(1, most // 10)
-        said = [0]
+        said, shown = [0], [time.monotonic()]
 
         def progress(done: int, best: float) -> None:
             if done >= said[0] + every or done == most:
                 said[0] = done
-                self.log.info(f"fusion: {done}/{most} evaluations, best objective so far {best:.4f}")
+                now = time.monotonic()
+                on_console = now - shown[0] >= console_every_s
+                if on_console:
+                    shown[0] = now
+                self.log.info(f"fusion: {done}/{most} evaluations, best objective so far {best:.4f}",
+                              extra=None if on_console else FILE_ONLY)
         return progress
 
     # ---------------------------------------------------------------- evaluation and saving
