@@ -94,20 +94,32 @@ def breakdown(run_dirs: list[str]) -> str:
 
 def accuracies_table(runs) -> str:
     """Every adapter of every run with both accuracies (own label set and union) and the loss."""
-    lines = ["| method | client | adapter | accuracy (own labels) | accuracy_all (union) | loss |", "|---|---|---|---|---|---|"]
+    lines = ["| method | client | adapter | accuracy (own labels) | accuracy_all (union) | loss | optimizer steps |",
+             "|---|---|---|---|---|---|---|"]
     for run in runs:
         by: dict[str, list[dict]] = {}
         for s in sorted(run.summary["clients"], key=lambda s: s["client"]):
             for adapter, m in s["metrics"].items():
                 by.setdefault(adapter, []).append(m)
                 lines.append(f"| {run.method} | {s['client']} | {adapter} | {_fmt(m.get('accuracy'))} | "
-                             f"{_fmt(m.get('accuracy_all'))} | {m['loss']:.4f} |")
+                             f"{_fmt(m.get('accuracy_all'))} | {m['loss']:.4f} | {steps_of(s, adapter)} |")
         for adapter, ms in by.items():
             mean = {k: (sum(m[k] for m in ms) / len(ms) if all(k in m for m in ms) else None)
                     for k in ("accuracy", "accuracy_all", "loss")}
             lines.append(f"| {run.method} | mean | {adapter} | {_fmt(mean['accuracy'])} | "
-                         f"{_fmt(mean['accuracy_all'])} | {mean['loss']:.4f} |")
+                         f"{_fmt(mean['accuracy_all'])} | {mean['loss']:.4f} | |")
     return "\n".join(lines)
+
+
+def steps_of(client_summary: dict, adapter: str) -> str:
+    """The optimizer steps behind an adapter (summary.json's optimizer_steps): its own, or for the
+    fused one none of its own and its parts' (personal + global)."""
+    steps = client_summary.get("optimizer_steps")
+    if not steps:
+        return "-"  # a run made before the steps were recorded
+    if adapter == "fused":
+        return f"0 ({steps['personal']} + {steps['global']})"
+    return str(steps.get(adapter, "-"))
 
 
 def fusion_choices(runs) -> str:

@@ -51,27 +51,29 @@ class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message says which and why."""
 
 
+# Settings added after checkpoints existed, as (section, key, default): left out of the hash at
+# their default, so that the checkpoints of runs made before them still resume.
+ADDED_LATER = [("personal", "residual", False), ("fusion", "margin", 1.0), ("outer", "momentum_warmup", 0),
+               ("global", "combine", "factors"), ("federation", "on_short_round", "abort"),
+               ("federation", "round_timeout_factor", 2.0)]
+
+
 def config_hash(cfg) -> str:
-    """sha256 of the settings a checkpoint depends on: everything but where the run is written
-    and how often it is checkpointed."""
+    """sha256 of the settings a checkpoint depends on: everything but where the run is written,
+    how often it is checkpointed, and what is only observed (logging, the hang watchdog)."""
     d = cfg.to_dict()
     for k in ("output_dir", "checkpoint"):
         d.pop(k, None)
-    d["log"].pop("digests", None)  # what is logged, not computed (and added after checkpoints existed)
-    if d.get("privacy") is None:  # added after checkpoints existed: off hashes as before it was
+    d["log"].pop("digests", None)
+    d["federation"].pop("hang_timeout_s", None)  # a watchdog changes nothing computed: a resume may set it
+    for section, key, default in ADDED_LATER:
+        if d[section].get(key) == default:
+            d[section].pop(key)
+    if d.get("privacy") is None:  # added later too: off hashes as before the section existed
         d.pop("privacy", None)
-    # keys added later, at their defaults, leave the hash as it was (older checkpoints still resume)
-    if d["global"].get("combine") == "factors":
-        d["global"].pop("combine")
-    for o in d.get("client_overrides", {}).values():
+    for o in d.get("client_overrides", {}).values():  # a per-client rank, added later
         if o.get("lora") == {"global": {"r": None, "alpha": None}}:
             o.pop("lora")
-    d["federation"].pop("hang_timeout_s", None)  # a watchdog changes nothing computed: a resume may set it
-    # added after checkpoints existed: hashed only when set away from their defaults, so that the
-    # checkpoints of runs that did not set them still resume
-    for key, default in (("on_short_round", "abort"), ("round_timeout_factor", 2.0)):
-        if d["federation"].get(key) == default:
-            d["federation"].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -50,6 +50,7 @@ class Client:
                          if cfg.global_.combine == "frozen_a" else None)
         self.message_layout = self.layout.only(b_keys(full)) if self.frozen_a is not None else self.layout
         self.fusion_weights: tuple[float, float] | None = None  # set by `fuse` (means over modules)
+        self.fusion_choice: dict | None = None  # set by a searching `fuse`: how the weights were chosen
         self.first = True  # no round has run yet in this job (Ditto's start); kept in checkpoints
         self.results: dict = {}  # adapter -> test metrics, set by `evaluate`
         self.instance_weights: dict | None = None  # FedDPA's dynamic per-row global weights (stats)
@@ -255,7 +256,8 @@ class Client:
             if not rows:
                 raise ValueError(f"client {self.id}: the fusion search needs few-shot rows; set data.fewshot_rows > 0")
             cands = self.headline_candidates() if f.objective != "loss" else None
-            if f.objective != "loss" and not cands:
+            cands = cands or None  # `candidates` without any: every row counts its token loss
+            if f.objective in ("accuracy", "mix") and not cands:
                 raise ValueError(f"client {self.id}: fusion.objective = {f.objective!r} scores accuracy, but this "
                                  "client's rows have no candidate responses (labelled rows with few distinct "
                                  "responses); use fusion.objective: loss")
@@ -277,7 +279,8 @@ class Client:
 
                 result = search_weights(score_everywhere, len(groups), f.optimizer, f.budget, f.bounds, f.l1,
                                         seed=self.cfg.seed * 1009 + self.id, objective=f.objective,
-                                        mix=f.mix, folds=f.folds)
+                                        mix=f.mix, folds=f.folds, margin=f.margin,
+                                        progress=self.fusion_progress(len(groups)))
                 comm.bcast(None, root=0)  # the search is over
                 for c in result.curve:
                     self.record("fusion_step", None, **c)
@@ -300,13 +303,43 @@ class Client:
         extra = {}
         if result is not None:
             extra = {"objective": result.objective, "loss": result.loss, "accuracy": result.accuracy,
-                     "chosen_by": result.chosen_by, "cv": result.cv, "search_objective": f.objective}
+                     "chosen_by": result.chosen_by, "cv": result.cv, "search_objective": f.objective,
+                     "data_objective": result.data_objective, "center": result.center.tolist(),
+                     "left_anchors": result.left_anchors, "evaluations": result.evaluations}
+            self.fusion_choice = {"chosen_by": result.chosen_by, "left_anchors": result.left_anchors,
+                                  "objective": f.objective, "data_objective": result.data_objective,
+                                  "evaluations": result.evaluations}
         self.record("fusion", None, w_personal=mean_p, w_global=mean_g, weights=by_group, merge=f.merge,
                     rows=f.rows, granularity=f.granularity, **extra)
         if self.is_leader:
-            how = f" chosen by {result.chosen_by}, few-shot {f.objective} objective {result.objective:.4f}" if result else ""
+            how = (f" chosen by {result.chosen_by}, few-shot {f.objective} objective {result.objective:.4f} "
+                   f"after {result.evaluations} evaluations" if result else "")
             self.log.info(f"fusion weights w_personal={mean_p:.3f} w_global={mean_g:.3f} "
                           f"(merge {f.merge}, {len(groups)} weight group(s) by {f.granularity}){how}")
+
+    def fusion_progress(self, n_groups: int, console_every_s: float = 30.0):
+        """The leader's progress line while the search runs: evaluations done (distinct weights scored,
+        each a pass over the search rows) of at most how many, and the best objective so far, about
+        ten times per search in the log file, and on the console at most every `console_every_s`
+        seconds, so a long fusion says what it is doing and a short one adds no lines (issue 18)."""
+        from .fusion import ANCHORS, search_evaluations
+
+        f = self.cfg.fusion
+        folds = f.folds if f.folds > 1 else 0
+        most = len(ANCHORS) + search_evaluations(f.budget, n_groups) * (1 + folds)
+        every = max(1, most // 10)
+        said, shown = [0], [time.monotonic()]
+
+        def progress(done: int, best: float) -> None:
+            if done >= said[0] + every or done == most:
+                said[0] = done
+                now = time.monotonic()
+                on_console = now - shown[0] >= console_every_s
+                if on_console:
+                    shown[0] = now
+                self.log.info(f"fusion: {done}/{most} evaluations, best objective so far {best:.4f}",
+                              extra=None if on_console else FILE_ONLY)
+        return progress
 
     # ---------------------------------------------------------------- evaluation and saving
 

@@ -89,9 +89,10 @@ def sequence_nll(engine, rows: list[Example]) -> tuple[torch.Tensor, torch.Tenso
 @torch.no_grad()
 def scored_batches(engine, rows: list[Example], stripes: Stripes, candidate_lists: list[list[str]], weigh=None):
     """This rank's rows scored batch by batch, with the adapters now active: per batch (indices,
-    nll, tokens, right) for its real rows, `nll` and `tokens` as `sequence_nll` gives them and
+    nll, tokens, right, cand_nll) for its real rows, `nll` and `tokens` as `sequence_nll` gives them,
     `right` one list per candidate list, 1.0 where the row's best-scored candidate is its own
-    response. Every distinct response of all the lists is scored once per row, and each list
+    response, and `cand_nll` one [rows, candidates] tensor per list (each candidate response's
+    summed NLL, in the list's order: the fusion's candidate cross-entropy). Every distinct response of all the lists is scored once per row, and each list
     picks among its own. `weigh(indices, repeat)` is called before each forward whose batch is
     each of those rows `repeat` times in a row (FedDPA sets its per-row weights there)."""
     engine.engine.eval()
@@ -102,7 +103,7 @@ def scored_batches(engine, rows: list[Example], stripes: Stripes, candidate_list
         if weigh is not None:
             weigh(idx, 1)
         nll, toks = sequence_nll(engine, chunk)
-        right = []
+        right, cand_nll = [], []
         if union:
             if weigh is not None:
                 weigh(idx, len(union))
@@ -111,7 +112,8 @@ def scored_batches(engine, rows: list[Example], stripes: Stripes, candidate_list
             for cands, cols in zip(candidate_lists, columns):
                 best = cn[:, cols].argmin(-1)
                 right.append([float(cands[int(best[i])] == chunk[i].response) for i in range(real)])
-        yield idx[:real], nll[:real], toks[:real], right
+                cand_nll.append(cn[:real, cols])
+        yield idx[:real], nll[:real], toks[:real], right, cand_nll
 
 
 def score_rows(engine, rows: list[Example], active, scales: dict | None = None,
@@ -121,10 +123,16 @@ def score_rows(engine, rows: list[Example], active, scales: dict | None = None,
     set_active(engine.model, active, scales)
     stripes = Stripes(engine, len(rows))
     mine = []
-    for idx, nll, toks, right in scored_batches(engine, rows, stripes, [candidates] if candidates else []):
-        mine += zip(nll.tolist(), toks.tolist(), right[0] if right else [0.0] * len(idx))
-    every = np.array(stripes.gather(mine), dtype=np.float64).reshape(len(rows), 3)
-    return RowScores(every[:, 0], every[:, 1], every[:, 2] if candidates else None)
+    width = len(candidates) if candidates else 0
+    for idx, nll, toks, right, cand_nll in scored_batches(engine, rows, stripes, [candidates] if candidates else []):
+        for i in range(len(idx)):
+            mine.append([float(nll[i]), float(toks[i]), right[0][i] if right else 0.0,
+                         *(cand_nll[0][i].tolist() if cand_nll else [])])
+    every = np.array(stripes.gather(mine), dtype=np.float64).reshape(len(rows), 3 + width)
+    if not candidates:
+        return RowScores(every[:, 0], every[:, 1])
+    label = np.array([candidates.index(r.response) if r.response in candidates else -1 for r in rows])
+    return RowScores(every[:, 0], every[:, 1], every[:, 2], every[:, 3:], label)
 
 
 def evaluate(engine, rows: list[Example], active, scales: dict | None = None,
@@ -139,7 +147,7 @@ def evaluate(engine, rows: list[Example], active, scales: dict | None = None,
     set_active(engine.model, active, scales)
     lists = [c for c in (candidates, candidates_all) if c]
     nll, toks, right = [], [], [[] for _ in lists]
-    for _, n, t, r in scored_batches(engine, rows, Stripes(engine, len(rows)), lists):
+    for _, n, t, r, _ in scored_batches(engine, rows, Stripes(engine, len(rows)), lists):
         nll += n.tolist()
         toks += t.tolist()
         for j, rj in enumerate(r):
@@ -288,8 +296,8 @@ def evaluate_instance_weighted(engine, rows: list[Example], w_global: torch.Tens
     nll_sum = tok_sum = correct = n = 0.0
     gen = {}
     with row_weighted_branches(engine.model, current):
-        for idx, nll, toks, right in scored_batches(engine, rows, Stripes(engine, len(rows)), [cands] if cands else [],
-                                                    weigh):
+        for idx, nll, toks, right, _ in scored_batches(engine, rows, Stripes(engine, len(rows)),
+                                                       [cands] if cands else [], weigh):
             nll_sum += float(nll.sum())
             tok_sum += float(toks.sum())
             n += len(idx)

@@ -276,15 +276,30 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
     client.save(fused_config)
     client.summary = {"client": topo.client_id, "method": strategy.name, "ranks": topo.client_size,
                       "train_rows": len(data.train), "fewshot_rows": len(data.fewshot), "test_rows": len(data.test),
-                      "zero_stage": engine.zero_stage, "inner_steps": K, "metrics": client.results}
+                      "zero_stage": engine.zero_stage, "inner_steps": K, "metrics": client.results,
+                      "optimizer_steps": optimizer_steps(run_dir.records, topo.client_id)}
     if client.fusion_weights:
         client.summary["fusion_weights"] = {"personal": client.fusion_weights[0], "global": client.fusion_weights[1]}
+    if client.fusion_choice:
+        client.summary["fusion"] = client.fusion_choice
     if client.instance_weights:
         client.summary["instance_global_weight"] = client.instance_weights
     if transport is not None:
         client.summary["bytes"] = transport.total.snapshot()
     run_dir.summary = client.summary if topo.is_leader else None
     return client
+
+
+def optimizer_steps(records: list, client: int) -> dict:
+    """The optimizer steps each of the client's adapters took in the whole run, from its `train`
+    records (a resumed job restores them, so it counts what an uninterrupted one does). The
+    fused adapter takes none (it is a weighted sum of the other two). Comparisons of methods read
+    it: a method that wins with more steps has not won on method alone."""
+    steps = {PERSONAL: 0, GLOBAL: 0}
+    for r in records:
+        if r.get("event") == "train" and r.get("client") == client:
+            steps[r["adapter"]] += int(r["steps"])
+    return steps
 
 
 def trained(stats: dict) -> str:

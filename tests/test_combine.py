@@ -217,7 +217,7 @@ def test_a_client_of_its_own_rank_keeps_the_scaling():
     (["global.combine=frozen_a", "global.init=personal_mean"], r"frozen_a keeps .*use global\.init: seed"),
     (["global.combine=products"], r"global\.combine = 'products' is not valid; expected one of 'factors', 'product', 'frozen_a'"),
     (["global.aggregation=work"], r"global\.aggregation = 'work' is not valid; expected one of 'samples', 'uniform', 'steps'"),
-    (HET + ["personal.sync_every=1"], r"same r and target_modules \(now r 4 vs 8"),
+    (HET + ["personal.sync_every=1"], r"same r, alpha and target_modules \(now r 4 vs 8"),
 ])
 def test_combine_and_rank_errors_name_the_key(sets, match):
     with pytest.raises(ConfigError, match=match):

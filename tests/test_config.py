@@ -189,7 +189,7 @@ def test_adapter_copies_need_equal_layouts():
     raw = demo_raw()
     raw["lora"]["global"]["r"] = 8
     raw["global"] = {"init": "personal_mean"}
-    with pytest.raises(ConfigError, match=r"need the same r and target_modules \(now r 4 vs 8"):
+    with pytest.raises(ConfigError, match=r"need the same r, alpha and target_modules \(now r 4 vs 8"):
         config_from_dict(raw)
     raw = demo_raw()
     raw["strategy"] = "fdlora"
@@ -341,7 +341,7 @@ def test_an_explicit_outer_section_wins_key_by_key():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("fusion.objective=f1", r"fusion.objective = 'f1' is not valid; expected one of 'loss', 'accuracy', 'mix'"),
+    ("fusion.objective=f1", r"fusion.objective = 'f1' is not valid; expected one of 'candidates', 'loss', 'accuracy', 'mix'"),
     ("fusion.granularity=row", r"fusion.granularity = 'row' is not valid; expected one of 'adapter', 'layer', 'module'"),
     ("fusion.mix=1.5", r"fusion.mix = 1.5 must be in \[0, 1\]"),
     ("fusion.folds=0", r"fusion.folds = 0 must be >= 1"),
@@ -370,3 +370,44 @@ def test_federation_reliability_options_name_the_bad_value():
     ]:
         with pytest.raises(ConfigError, match=match):
             load_config(CONFIGS / "demo.yaml", [item])
+
+
+# ---------------------------------------------------------------- settings a strategy would ignore (issue 18, item 1)
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("fedavg.yaml", ["personal.steps_per_round=5"],
+     r"strategy fedavg has no per-round personal phase, so personal.steps_per_round = 5 would be ignored"),
+    ("diloco.yaml", ["personal.steps_per_round=5"], r"strategy diloco has no per-round personal phase"),
+    ("feddpa_f.yaml", ["personal.steps_per_round=5", "feddpa.finetune_steps=20"],
+     r"strategy feddpa has no per-round personal phase"),
+    ("local.yaml", ["personal.sync_every=2"], r"strategy local trains no global adapter, so personal.sync_every = 2"),
+    ("ditto.yaml", ["personal.sync_every=1"], r"strategy ditto .* personal.sync_every = 1 would overwrite v"),
+    ("feddpa.yaml", ["personal.sync_every=3"], r"strategy feddpa .* personal.sync_every = 3 would overwrite it"),
+    ("fedavg.yaml", ["personal.residual=true"], r"personal.residual is fdlora's stage-2 option; strategy fedavg"),
+    ("fdlora.yaml", ["personal.residual=true"], r"strategy fdlora: personal.residual .* needs personal.steps_per_round > 0"),
+    ("fdlora.yaml", ["personal.residual=true", "personal.steps_per_round=4", "personal.sync_every=2"],
+     r"personal.sync_every = 2 would overwrite it"),
+    ("fdlora.yaml", ["fusion.bounds=[0.5, 1.5]"], r"fusion.bounds = \[0.5, 1.5\] excludes; .* low <= 0 <= 1 <= high"),
+    ("fdlora.yaml", ["fusion.bounds=[-1, 0.9]"], r"fusion.bounds = \[-1.0, 0.9\] excludes"),
+    ("diloco.yaml", ["global.combine=product", "outer.momentum_warmup=3"],
+     r"outer.momentum_warmup\s+\(= 3\) does not ramp"),
+    ("fdlora.yaml", ["personal.sync_every=2", "lora.global.alpha=32"],
+     r"personal.sync_every copy weights .* same r, alpha and target_modules .* alpha 8.0 vs 32.0"),
+])
+def test_a_setting_the_strategy_ignores_is_an_error_naming_it(config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / config, overrides)
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("fdlora.yaml", ["personal.steps_per_round=5", "personal.residual=true"]),  # fdlora's stage 2
+    ("fdlora.yaml", ["personal.steps_per_round=5", "personal.sync_every=2"]),
+    ("local.yaml", ["personal.steps_per_round=5"]),
+    ("ditto.yaml", ["personal.steps_per_round=5"]),
+    ("feddpa.yaml", ["personal.steps_per_round=5"]),
+    ("feddpa_f.yaml", ["personal.steps_per_round=5"]),  # sizes the fine-tune when finetune_steps is left out
+    ("fedavg.yaml", ["personal.sync_every=1"]),  # copies, so the privacy test sees them not travel
+])
+def test_settings_a_strategy_uses_load(config, overrides):
+    load_config(CONFIGS / config, overrides)

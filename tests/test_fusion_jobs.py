@@ -31,6 +31,43 @@ def fewshot_loss_of_saved(cfg, client: int, path) -> float:
     return float((nll * mask).sum() / mask.sum())
 
 
+def fewshot_candidate_ce_of_saved(cfg, client: int, path) -> float:
+    """The candidate objective of the saved PEFT adapter on the client's search rows, recomputed
+    with plain PEFT: per row, -log of the own response's share of the candidates' likelihoods
+    (rows whose response is no candidate: their mean token loss), averaged over rows."""
+    import numpy as np
+    from peft import PeftModel
+
+    from fdlora_cluster.data import Example, collate, get_tokenizer, load_clients
+    from fdlora_cluster.model import build_base
+
+    tok = get_tokenizer(cfg.model.path)
+    data = load_clients(cfg.data, len(cfg.client_sizes()), cfg.seed)[client]
+    rows = data.fewshot if cfg.fusion.rows == "heldout" else data.train[: cfg.data.fewshot_rows]
+    cands = data.candidates_all if cfg.eval.headline == "accuracy_all" else data.candidates
+    model = PeftModel.from_pretrained(build_base(cfg.model, cfg.seed, tok.vocab_size), str(path)).eval()
+
+    def nll(examples):
+        b = collate(tok, examples, cfg.train.max_seq_len)
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        labels = b["labels"][:, 1:]
+        mask = labels != -100
+        tok_nll = -torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        return tok_nll.sum(-1).double().numpy(), mask.sum(-1).double().numpy()
+
+    per_row = []
+    for ex in rows:
+        if ex.response in cands:
+            cn, _ = nll([Example(ex.prompt, c) for c in cands])
+            z = -cn
+            per_row.append(float(np.log(np.exp(z - z.max()).sum()) + z.max() - z[cands.index(ex.response)]))
+        else:
+            n, t = nll([ex])
+            per_row.append(float(n[0] / t[0]))
+    return float(np.mean(per_row))
+
+
 def accuracies_of_saved(cfg, client: int, path) -> tuple[float, float]:
     """(accuracy over the client's own labels, accuracy over every client's) of a saved adapter on
     the client's test rows, recomputed with plain PEFT."""
@@ -71,7 +108,7 @@ def label_files(tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("merge,granularity,objective,folds,own_labels", [
-    ("exact", "layer", "loss", 1, False),
+    ("exact", "layer", "candidates", 1, False),
     ("params", "adapter", "mix", 2, True),
 ])
 def test_recorded_choice_is_the_saved_adapter_and_never_worse_than_its_anchors(tmp_path, merge, granularity,
@@ -94,8 +131,21 @@ def test_recorded_choice_is_the_saved_adapter_and_never_worse_than_its_anchors(t
         assert chosen["granularity"] == granularity and len(chosen["weights"]) == (2 if granularity == "layer" else 1)
         assert (chosen["cv"] is not None) == (folds > 1)
         # the loss the search recorded for its choice is the saved fused adapter's, reloaded with PEFT
-        saved = fewshot_loss_of_saved(cfg, c, run_dir / "adapters" / f"client-{c}" / "fused")
+        fused = run_dir / "adapters" / f"client-{c}" / "fused"
+        saved = fewshot_loss_of_saved(cfg, c, fused)
         assert saved == pytest.approx(chosen["loss"], rel=1e-4, abs=1e-6)
+        if objective == "candidates":
+            # done-when of issue 18 item 3: the fusion's objective (without its pull to the anchor)
+            # is the candidate cross-entropy of the saved fused adapter
+            assert fewshot_candidate_ce_of_saved(cfg, c, fused) == pytest.approx(chosen["data_objective"],
+                                                                                rel=1e-4, abs=1e-6)
+        left = any(tuple(w) not in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0)) for w in chosen["weights"].values())
+        choice = next(s for s in summary["clients"] if s["client"] == c)["fusion"]
+        assert choice["left_anchors"] == chosen["left_anchors"] == left
+        assert choice["chosen_by"] == chosen["chosen_by"] and choice["objective"] == objective
+        # issue 18 item 1: the steps each adapter took (stage 1 on personal, rounds x K on global)
+        assert next(s for s in summary["clients"] if s["client"] == c)["optimizer_steps"] == {
+            "personal": cfg.train.personal_steps, "global": cfg.train.rounds * cfg.train.inner_steps}
         fw = next(s for s in summary["clients"] if s["client"] == c)["fusion_weights"]
         assert fw["personal"] == pytest.approx(chosen["w_personal"])
         metrics_c = next(s for s in summary["clients"] if s["client"] == c)["metrics"]

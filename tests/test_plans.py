@@ -35,6 +35,26 @@ def test_fdlora_sync_every_h_copies_the_trained_global_into_personal_after_sendi
     assert s.round_plan(4, K, first=False)[-1] == sync
 
 
+def test_fdlora_stage_2_trains_personal_each_round_before_the_global_steps(tmp_path):
+    """personal.steps_per_round > 0: the personal adapter keeps learning in the rounds; first, so
+    that (residual) the active global adapter is the server's aggregate just received."""
+    s = strategy("fdlora", tmp_path, **{"train.personal_steps": 30, "personal.steps_per_round": 4})
+    assert s.before_rounds(K) == [Train(PERSONAL, 30), JoinFederation()]
+    assert s.round_plan(1, K, first=True) == [Train(PERSONAL, 4), Train(GLOBAL, K), SendUpdate()]
+    assert s.after_rounds(K) == [Fuse("search"), Evaluate((PERSONAL, GLOBAL, FUSED))]
+
+
+def test_fdlora_residual_trains_personal_with_the_global_active_and_frozen(tmp_path):
+    s = strategy("fdlora", tmp_path, **{"personal.steps_per_round": 4, "personal.residual": True})
+    assert s.round_plan(3, K, first=False) == [Train(PERSONAL, 4, frozen={GLOBAL: 1.0}), Train(GLOBAL, K), SendUpdate()]
+
+
+def test_fdlora_stage_2_with_sync_copies_after_the_personal_and_global_steps(tmp_path):
+    s = strategy("fdlora", tmp_path, **{"personal.steps_per_round": 4, "personal.sync_every": 1})
+    assert s.round_plan(2, K, first=False) == [Train(PERSONAL, 4), Train(GLOBAL, K), SendUpdate(),
+                                               Copy(GLOBAL, PERSONAL, "personal_sync")]
+
+
 def test_no_personal_stage_without_personal_steps(tmp_path):
     assert strategy("fdlora", tmp_path, **{"train.personal_steps": 0}).before_rounds(K) == [JoinFederation()]
 

@@ -138,6 +138,9 @@ class Config(Section):
         require(not (combine == "product" and self.outer.optimizer == "adam"),
                  "global.combine = product steps the outer optimizer on the product B A in factored form; "
                  "outer.optimizer = adam's elementwise moments have none: use sgd or nesterov")
+        require(not (combine == "product" and self.outer.momentum_warmup),
+                 "global.combine = product keeps its own momentum on the product B A, which outer.momentum_warmup "
+                 f"(= {self.outer.momentum_warmup}) does not ramp: leave outer.momentum_warmup at 0 with product")
         require(not (combine == "frozen_a" and self.global_.init == "personal_mean"),
                  "global.combine = frozen_a keeps the global adapter's A at its seeded init, but global.init = "
                  "personal_mean starts it from the personal adapters' mean: use global.init: seed")
@@ -159,6 +162,9 @@ class Config(Section):
         if self.strategy == "fdlora":
             require(few >= 1, "strategy fdlora searches its fusion weights on data.fewshot_rows rows per client; "
                      "data.fewshot_rows = 0 leaves it none: set it >= 1")
+            lo, hi = f.bounds
+            require(lo <= 0 and hi >= 1, f"strategy fdlora starts its fusion search at the anchors (weights 0 and 1), "
+                     f"which fusion.bounds = {f.bounds} excludes; the bounds need low <= 0 <= 1 <= high")
             require(f.folds <= few, f"fusion.folds = {f.folds} needs at least one search row per fold, "
                      f"but data.fewshot_rows = {few}; set fusion.folds <= {few}")
             # that nevergrad has fusion.optimizer: environment.check_environment
@@ -167,10 +173,14 @@ class Config(Section):
                      "fusion.merge = 'params' weights A and B separately into one adapter of one scale, so "
                      "lora.personal and lora.global need the same r, alpha and target_modules; use merge: exact otherwise")
         if self.global_.init == "personal_mean" or self.personal.sync_every:
-            require(p.r == g.r and p.target_modules == g.target_modules,
+            # alpha too: a copied adapter keeps its A and B, so with another alpha / r it would act scaled
+            require(p.r == g.r and p.alpha == g.alpha and p.target_modules == g.target_modules,
                      "global.init = personal_mean and personal.sync_every copy weights between the two adapters, "
-                     "so lora.personal and lora.global need the same r and target_modules "
-                     f"(now r {p.r} vs {g.r}, targets {p.target_modules} vs {g.target_modules})")
+                     "so lora.personal and lora.global need the same r, alpha and target_modules "
+                     f"(now r {p.r} vs {g.r}, alpha {p.alpha} vs {g.alpha}, targets {p.target_modules} vs "
+                     f"{g.target_modules})")
+        problems = STRATEGIES[self.strategy].ignored(self)
+        require(not problems, "; ".join(problems))
         if self.strategy in ("fdlora", "feddpa"):
             require(p.target_modules == g.target_modules,
                      f"strategy {self.strategy} fuses the two adapters layer by layer, so lora.personal.target_modules "

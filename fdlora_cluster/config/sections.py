@@ -205,6 +205,10 @@ class OuterConfig(Section):
     """Outer learning rate. Left out: the optimizer's default (sgd 1.0, nesterov 0.7, adam 1.0)."""
     momentum: Optional[float] = Field(None, ge=0, lt=1)
     """Momentum for `nesterov`. Left out: 0.9 (DiLoCo's)."""
+    momentum_warmup: int = Field(0, ge=0, json_schema_extra=_why("0 = none"))
+    """nesterov: the momentum grows linearly from 0 to `momentum` over this many rounds (a short
+    run's steps then stay near the averaged pseudo-gradient; docs/ALGORITHMS.md, "Outer step for
+    short runs"). 0 = the full momentum from the first round."""
     betas: list[float] = [0.9, 0.99]
     """Adam betas for `adam`."""
     eps: float = Field(1e-8, gt=0)
@@ -233,7 +237,7 @@ def resolve_outer(cfg) -> OuterConfig:
     d = OUTER_OPTIMIZER_DEFAULTS[opt]
     return OuterConfig(optimizer=opt, lr=d["lr"] if o.lr is None else o.lr,
                        momentum=d["momentum"] if o.momentum is None else o.momentum,
-                       betas=list(o.betas), eps=o.eps)
+                       momentum_warmup=o.momentum_warmup, betas=list(o.betas), eps=o.eps)
 
 
 class GlobalConfig(Section):
@@ -345,7 +349,13 @@ class PersonalConfig(Section):
     """H: every H rounds the client overwrites its personal adapter with its local copy of the
     global one (0 = never)."""
     steps_per_round: int = Field(0, ge=0)
-    """Personal-adapter steps per round, for strategies that train it during the rounds (ditto)."""
+    """Personal-adapter steps per round (0: K for local, ditto and feddpa -T, none for fdlora).
+    fdlora: > 0 turns on its stage-2 personal phase, these steps every round before the global
+    steps. A strategy with no per-round personal phase (fedavg, fedprox, diloco) refuses it."""
+    residual: bool = False
+    """fdlora only, with steps_per_round > 0: the personal adapter trains with the received global
+    adapter active and frozen, so it learns what the global one lacks and the pair's sum is what
+    is optimised (FedDPA's mechanism, local and global at full weight)."""
 
 
 class FusionConfig(Section):
@@ -357,7 +367,8 @@ class FusionConfig(Section):
     bounds: list[float] = [-1.5, 1.5]
     """Search box for each weight."""
     l1: float = Field(0.05, ge=0)
-    """L1 penalty on the weights, added to the few-shot loss."""
+    """L1 pull of the weights towards the best anchor on the search rows (l1 * mean |w - anchor|),
+    added to the few-shot objective; towards the anchor the rows prefer, not towards w = 0."""
     rows: Literal["heldout", "train"] = "heldout"
     """Few-shot rows for the search: the client's few-shot split, or (paper) its training rows."""
     merge: Literal["exact", "params"] = "exact"
@@ -377,19 +388,27 @@ class FusionConfig(Section):
     def _two_weights(cls, v):
         require(len(v) == 2, "fusion.fixed_weights needs (w_personal, w_global)")
         return v
-    objective: Literal[OBJECTIVES] = "loss"
-    """What the search minimises on its rows (plus l1): `loss` (mean token loss), `accuracy` (the
-    error rate under eval.headline's label set, loss breaking ties), or `mix` (mix * error rate +
-    (1 - mix) * loss). docs/ALGORITHMS.md gives the measurements behind the default."""
+    objective: Literal[OBJECTIVES] = "candidates"
+    """What the search minimises on its rows (plus l1 * mean |w - best anchor|): `candidates` (the
+    cross-entropy over eval.headline's label set, from each candidate response's likelihood: what
+    the accuracy decides on; rows whose response is no candidate count their token loss), `loss`
+    (mean token loss), `accuracy` (the error rate, loss breaking ties), or `mix` (mix * error rate
+    + (1 - mix) * loss). docs/ALGORITHMS.md gives the measurements behind the default."""
+    margin: float = Field(1.0, ge=0)
+    """The fusion leaves personal only when a choice beats it by this many standard errors of the
+    paired per-row difference of the objective: out of fold with folds > 1, else on the search rows
+    (0: any improvement of the mean)."""
     mix: float = Field(0.5, ge=0, le=1)
     """Weight of the error rate in `objective: mix`, in [0, 1]."""
     granularity: Literal[GRANULARITIES] = "adapter"
     """One (w_p, w_g) pair for the whole adapter (the paper's AdaFusion), one per transformer
     layer, or one per target module (2 x groups weights for nevergrad to search)."""
     folds: int = Field(4, ge=1, json_schema_extra=_why("1 = no k-fold check"))
-    """k of a k-fold check over the search rows (1 = off): the search is rerun on every k-1 folds;
-    when its picks do worse on the held-out folds than the best anchor's, the best anchor is
-    chosen (the search fitted noise). Each fold costs another `budget` - 3 evaluations. Default 4:
+    """k of a k-fold check over the search rows (1 = off): the search is rerun on every k-1 folds,
+    and so is picking the best anchor; each procedure's picks are scored on the held-out fold, and
+    the fusion leaves personal only for the better of them only when its out-of-fold objective
+    beats personal only's by `margin` (else personal only: the search, or the anchor, fitted
+    noise). Each fold costs another search (`budget` - 3 asks, at least 4 per weight pair). Default 4:
     on a development run (docs/ALGORITHMS.md) every unchecked search did worse on new rows than
     the personal adapter alone, and the check caught it."""
 

@@ -32,7 +32,7 @@ class Strategy:
         if self.combine == "product":  # the outer step on the product B A (strategies/combine.py)
             self.outer = ProductOuter(o.optimizer, o.lr, o.momentum, rank=max(cfg.global_ranks()))
         else:
-            self.outer = OuterOptimizer(o.optimizer, o.lr, o.momentum, o.betas, o.eps)
+            self.outer = OuterOptimizer(o.optimizer, o.lr, o.momentum, o.betas, o.eps, warmup=o.momentum_warmup)
 
     # ---------------------------------------------------------------- the client's plans
 
@@ -105,6 +105,29 @@ class Strategy:
     def describe(self) -> str:
         return (self.__doc__ or self.name).strip().splitlines()[0]
 
+    # ---------------------------------------------------------------- settings it would ignore
+
+    @classmethod
+    def ignored(cls, cfg) -> list[str]:
+        """The settings of `cfg` this strategy would ignore or that would undo what it trains, each
+        as a sentence naming the strategy, the key and the fix: Config refuses them on load, so a
+        run never quietly differs from what its config says (issue 18: budgets that match)."""
+        out = []
+        p = cfg.personal
+        if p.steps_per_round and not cls.personal_phase(cfg):
+            out.append(f"strategy {cls.name} has no per-round personal phase, so personal.steps_per_round = "
+                       f"{p.steps_per_round} would be ignored; set it to 0 (it is used by fdlora, local, ditto, "
+                       "feddpa -T, and feddpa -F without feddpa.finetune_steps)")
+        if p.residual and cls.name != "fdlora":
+            out.append(f"personal.residual is fdlora's stage-2 option; strategy {cls.name} ignores it "
+                       "(feddpa always trains its local adapter with the global one active): set it to false")
+        return out
+
+    @classmethod
+    def personal_phase(cls, cfg) -> bool:
+        """Whether personal.steps_per_round sets how long some personal training of this strategy is."""
+        return False
+
 
 class FedAvg(Strategy):
     """FedAvg of one LoRA adapter, as in FedIT (Zhang et al., "Towards Building the Federated GPT",
@@ -148,6 +171,18 @@ class Local(Strategy):
     def after_rounds(self, inner_steps: int) -> list[Step]:
         return [Evaluate((PERSONAL,))]
 
+    @classmethod
+    def personal_phase(cls, cfg) -> bool:
+        return True
+
+    @classmethod
+    def ignored(cls, cfg) -> list[str]:
+        out = super().ignored(cfg)
+        if cfg.personal.sync_every:
+            out.append(f"strategy local trains no global adapter, so personal.sync_every = {cfg.personal.sync_every} "
+                       "would be ignored; set it to 0")
+        return out
+
 
 class FDLoRA(Strategy):
     """FDLoRA (Qi et al., "FDLoRA: Personalized Federated Learning of Large Language Model via Dual
@@ -159,6 +194,36 @@ class FDLoRA(Strategy):
 
     def before_rounds(self, inner_steps: int) -> list[Step]:
         return self.personal_stage() + [JoinFederation()]
+
+    def round_plan(self, t: int, inner_steps: int, first: bool) -> list[Step]:
+        """Stage 2: with personal.steps_per_round = P > 0 the personal adapter trains P steps every
+        round before the global steps, with the just-received global adapter (the server's
+        aggregate, not this client's half-trained copy) active and frozen when personal.residual,
+        so that it learns what the global one lacks and the pair's sum is what is optimised."""
+        return self.personal_round() + self.global_steps(inner_steps) + self.sync(t)
+
+    def personal_round(self) -> list[Step]:
+        steps = self.cfg.personal.steps_per_round
+        if not steps:
+            return []
+        return [Train(PERSONAL, steps, frozen={GLOBAL: 1.0} if self.cfg.personal.residual else {})]
+
+    @classmethod
+    def personal_phase(cls, cfg) -> bool:
+        return True
+
+    @classmethod
+    def ignored(cls, cfg) -> list[str]:
+        out = super().ignored(cfg)
+        p = cfg.personal
+        if p.residual and not p.steps_per_round:
+            out.append("strategy fdlora: personal.residual trains the personal adapter in the rounds, which needs "
+                       "personal.steps_per_round > 0 (now 0); set both, or residual: false")
+        if p.residual and p.sync_every:
+            out.append(f"strategy fdlora: personal.residual makes the personal adapter a residual on top of the "
+                       f"global one, and personal.sync_every = {p.sync_every} would overwrite it with a copy of the "
+                       "global (the pair's sum would count the global twice); use one of them")
+        return out
 
     def after_rounds(self, inner_steps: int) -> list[Step]:
         return [Fuse("search"), Evaluate((PERSONAL, GLOBAL, FUSED))]
@@ -205,6 +270,18 @@ class FedDPA(Strategy):
             return plan + [Evaluate((PERSONAL, GLOBAL), instance_weighted=True)]
         return plan + [Fuse("fixed"), Evaluate((PERSONAL, GLOBAL, FUSED))]
 
+    @classmethod
+    def personal_phase(cls, cfg) -> bool:
+        return cfg.feddpa.variant == "T" or cfg.feddpa.finetune_steps is None
+
+    @classmethod
+    def ignored(cls, cfg) -> list[str]:
+        out = super().ignored(cfg)
+        if cfg.personal.sync_every:
+            out.append(f"strategy feddpa trains its local (personal) adapter as a complement of the global one; "
+                       f"personal.sync_every = {cfg.personal.sync_every} would overwrite it with the global; set it to 0")
+        return out
+
 
 class Ditto(Strategy):
     """Ditto (Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through
@@ -223,6 +300,19 @@ class Ditto(Strategy):
 
     def after_rounds(self, inner_steps: int) -> list[Step]:
         return [Evaluate((PERSONAL, GLOBAL))]
+
+    @classmethod
+    def personal_phase(cls, cfg) -> bool:
+        return True
+
+    @classmethod
+    def ignored(cls, cfg) -> list[str]:
+        out = super().ignored(cfg)
+        if cfg.personal.sync_every:
+            out.append(f"strategy ditto trains its personal adapter v apart from the global one (pulled to it by "
+                       f"ditto.lambda); personal.sync_every = {cfg.personal.sync_every} would overwrite v with the "
+                       "global; set it to 0")
+        return out
 
 
 STRATEGIES = {s.name: s for s in (FDLoRA, FedAvg, FedProx, DiLoCo, Local, FedDPA, Ditto)}
