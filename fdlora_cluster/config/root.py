@@ -20,9 +20,10 @@ from ..strategies import STRATEGIES
 from .deepspeed import deepspeed_dict
 from .errors import config_error, describe, require
 from .loading import apply_override, read_yaml
-from .sections import (AdapterConfig, CheckpointConfig, ClientOverride, DataConfig, DittoConfig, EvalConfig, FedDPAConfig,
-                       FederationConfig, FusionConfig, GlobalConfig, LogConfig, LoraConfig, ModelConfig, OuterConfig,
-                       PersonalConfig, PrivacyConfig, Section, TopologyConfig, TrainConfig, resolve_outer, section)
+from .federation import (FederationConfig, GlobalConfig, OuterConfig, PrivacyConfig, resolve_outer)
+from .sections import (AdapterConfig, CheckpointConfig, ClientOverride, DataConfig, DittoConfig, EvalConfig,
+                       FedDPAConfig, FusionConfig, LogConfig, LoraConfig, ModelConfig, PersonalConfig, Section,
+                       TopologyConfig, TrainConfig, section)
 
 
 class Config(Section):
