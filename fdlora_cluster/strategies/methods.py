@@ -24,6 +24,9 @@ class Strategy:
 
     name = "base"
     federated = True
+    sync_refused = ""
+    """Why personal.sync_every (= {H}) cannot be used with this strategy, as the rest of a sentence
+    that starts with its name; empty: the sync is allowed."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -121,6 +124,8 @@ class Strategy:
         if p.residual and cls.name != "fdlora":
             out.append(f"personal.residual is fdlora's stage-2 option; strategy {cls.name} ignores it "
                        "(feddpa always trains its local adapter with the global one active): set it to false")
+        if p.sync_every and cls.sync_refused:
+            out.append(f"strategy {cls.name} " + cls.sync_refused.format(H=p.sync_every))
         return out
 
     @classmethod
@@ -160,6 +165,7 @@ class Local(Strategy):
     stage, then K steps every round) and nothing is communicated."""
 
     name = "local"
+    sync_refused = "trains no global adapter, so personal.sync_every = {H} would be ignored; set it to 0"
     federated = False
 
     def before_rounds(self, inner_steps: int) -> list[Step]:
@@ -174,14 +180,6 @@ class Local(Strategy):
     @classmethod
     def personal_phase(cls, cfg) -> bool:
         return True
-
-    @classmethod
-    def ignored(cls, cfg) -> list[str]:
-        out = super().ignored(cfg)
-        if cfg.personal.sync_every:
-            out.append(f"strategy local trains no global adapter, so personal.sync_every = {cfg.personal.sync_every} "
-                       "would be ignored; set it to 0")
-        return out
 
 
 class FDLoRA(Strategy):
@@ -244,6 +242,8 @@ class FedDPA(Strategy):
     fusion.fixed_weights instead. docs/ALGORITHMS.md lists what is confirmed and what is not."""
 
     name = "feddpa"
+    sync_refused = ("trains its local (personal) adapter as a complement of the global one; "
+                    "personal.sync_every = {H} would overwrite it with the global; set it to 0")
 
     def _local(self, steps: int) -> Train:
         w = self.cfg.feddpa.local_weight
@@ -274,14 +274,6 @@ class FedDPA(Strategy):
     def personal_phase(cls, cfg) -> bool:
         return cfg.feddpa.variant == "T" or cfg.feddpa.finetune_steps is None
 
-    @classmethod
-    def ignored(cls, cfg) -> list[str]:
-        out = super().ignored(cfg)
-        if cfg.personal.sync_every:
-            out.append(f"strategy feddpa trains its local (personal) adapter as a complement of the global one; "
-                       f"personal.sync_every = {cfg.personal.sync_every} would overwrite it with the global; set it to 0")
-        return out
-
 
 class Ditto(Strategy):
     """Ditto (Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through
@@ -292,6 +284,8 @@ class Ditto(Strategy):
     (Ditto's personalised model) and the global adapter are evaluated."""
 
     name = "ditto"
+    sync_refused = ("trains its personal adapter v apart from the global one (pulled to it by ditto.lambda); "
+                    "personal.sync_every = {H} would overwrite v with the global; set it to 0")
 
     def round_plan(self, t: int, inner_steps: int, first: bool) -> list[Step]:
         start = [Copy(GLOBAL, PERSONAL, "personal_init")] if first else []  # v starts as the global model
@@ -304,15 +298,6 @@ class Ditto(Strategy):
     @classmethod
     def personal_phase(cls, cfg) -> bool:
         return True
-
-    @classmethod
-    def ignored(cls, cfg) -> list[str]:
-        out = super().ignored(cfg)
-        if cfg.personal.sync_every:
-            out.append(f"strategy ditto trains its personal adapter v apart from the global one (pulled to it by "
-                       f"ditto.lambda); personal.sync_every = {cfg.personal.sync_every} would overwrite v with the "
-                       "global; set it to 0")
-        return out
 
 
 STRATEGIES = {s.name: s for s in (FDLoRA, FedAvg, FedProx, DiLoCo, Local, FedDPA, Ditto)}
