@@ -266,14 +266,14 @@ class Server:
         """The final global adapter (the leaders answer with their bye: `collect_byes`)."""
         self._send(GlobalAdapter(self.cfg.train.rounds + 1, self.global_state, final=True, used=self.used))
 
-    def final_adapter(self) -> tuple[dict, int]:
-        """The global adapter to save and its rank: the whole adapter (frozen_a: the shared A with
-        the final B), at the largest client rank."""
+    def final_adapter(self) -> dict:
+        """The global adapter to save: the whole adapter (frozen_a: the shared A with the final B),
+        at the largest client rank."""
         state = self.global_state
         if self.frozen_a is not None:
             merged = {**self.frozen_a, **state}
             state = {k: merged[k] for m in modules(merged) for k in (m + A_SUFFIX, m + B_SUFFIX)}
-        return state, self.rank
+        return state
 
     def collect_byes(self) -> None:
         """Every leader's remaining messages until its bye (a late update still in flight is

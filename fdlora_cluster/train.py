@@ -187,7 +187,7 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
     checkpoint(cfg.train.rounds, before_send())
     server.send_final()
     server.collect_byes()
-    final, _ = server.final_adapter()  # at the largest client rank (client_overrides.<i>.lora.global.r)
+    final = server.final_adapter()  # at the largest client rank (client_overrides.<i>.lora.global.r)
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), final,
                  lora_config(cfg.global_adapter(cfg.global_init_client())), cfg.model.path)
     return {"bytes_total": transport.total.snapshot()}
