@@ -18,11 +18,10 @@ trusted with and what the neighbouring relation is.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 
-from .state import State
+from .state import State, l2_distance
 
 # dp_accounting's Renyi-DP accountant (the default: milliseconds, the bound Opacus and TF Privacy
 # report) and its privacy-loss-distribution one (tighter, about 8% lower epsilon at the same noise,
@@ -30,20 +29,11 @@ from .state import State
 ACCOUNTANTS = ("rdp", "pld")
 
 
-def change_norm(state: State, reference: State) -> float:
-    """||state - reference||, summed over every tensor in float64."""
-    total = 0.0
-    for k, ref in reference.items():
-        d = state[k].to(torch.float64) - ref.to(torch.float64)
-        total += float((d * d).sum())
-    return math.sqrt(total)
-
-
 def clip(state: State, reference: State, clip_norm: float) -> tuple[State, float]:
     """`state` moved back towards `reference` so that its change has L2 norm at most `clip_norm`:
     reference + change * min(1, clip_norm / ||change||). Returns (the clipped state, ||change||
     before the clip). A change already within the bound is returned as it is, bit for bit."""
-    norm = change_norm(state, reference)
+    norm = l2_distance(state, reference)
     if not norm > clip_norm:  # NaN too: the server's check rejects a non-finite update
         return state, norm
     scale = clip_norm / norm

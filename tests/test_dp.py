@@ -14,7 +14,7 @@ import torch
 
 from fdlora_cluster import dp
 from fdlora_cluster.config import ConfigError, check_environment, load_config
-from fdlora_cluster.state import GLOBAL, PERSONAL
+from fdlora_cluster.state import GLOBAL, PERSONAL, l2_distance
 from fdlora_cluster.transport import HEADER
 
 from conftest import CONFIGS, TINY, assert_ok, read_metrics, read_summary, run_ranks, tapped_run, write_config
@@ -42,11 +42,11 @@ def state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
 def test_clip_brings_a_large_change_to_exactly_clip_norm_and_leaves_a_small_one_alone():
     ref = state(0)
     far = {k: v + d for (k, v), d in zip(ref.items(), state(1, 3.0).values())}
-    norm = dp.change_norm(far, ref)
+    norm = l2_distance(far, ref)
     assert norm > 1.0
     clipped, before = dp.clip(far, ref, 1.0)
     assert before == pytest.approx(norm, rel=1e-12)
-    assert dp.change_norm(clipped, ref) == pytest.approx(1.0, rel=1e-6)
+    assert l2_distance(clipped, ref) == pytest.approx(1.0, rel=1e-6)
     # the direction is kept: the clipped change is the change scaled
     for k in ref:
         assert torch.allclose(clipped[k] - ref[k], (far[k] - ref[k]) / norm, atol=1e-6)
@@ -199,7 +199,7 @@ def test_dp_job_clips_updates_reports_the_accountants_epsilon_and_keeps_personal
         assert [t for t, _ in updates] == list(range(1, ROUNDS + 1))
         for t, s in updates:
             norm = clips[(client, t)]["norm"]
-            assert dp.change_norm(s, sent[t]) == pytest.approx(min(norm, C), rel=1e-5), (client, t)
+            assert l2_distance(s, sent[t]) == pytest.approx(min(norm, C), rel=1e-5), (client, t)
 
         # outside the mechanism: no message carries a personal value; the client fused its own
         # personal adapter with the (noised) global the server saved, on its own rows
