@@ -149,6 +149,18 @@ def test_missing_file_and_duplicate_keys(tmp_path):
         load_config(p)
 
 
+def test_an_exponent_without_a_dot_is_a_number_in_a_file_and_in_set(tmp_path):
+    # YAML 1.1 (PyYAML) reads `1e-4` as a string; the trainer's loader reads it as YAML 1.2 does
+    p = tmp_path / "lr.yaml"
+    p.write_text(f"include: {CONFIGS / 'demo.yaml'}\ntrain: {{lr: 1e-4}}\nglobal: {{aggregation: uniform}}\nprivacy: {{clip_norm: 1, noise_multiplier: 1, delta: 1e-5}}\n")
+    cfg = load_config(p)
+    assert cfg.train.lr == 1e-4 and cfg.privacy.delta == 1e-5
+    assert load_config(CONFIGS / "demo.yaml", ["train.lr=2E-3"]).train.lr == 2e-3
+    assert load_config(CONFIGS / "demo.yaml", ["output_dir=runs/1e5"]).output_dir == "runs/1e5"  # a path stays one
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(CONFIGS / "demo.yaml", ["train.lr=1e-"])
+
+
 def test_include_merges_sections(tmp_path):
     p = tmp_path / "child.yaml"
     p.write_text(f"include: {CONFIGS / 'demo.yaml'}\ntrain: {{rounds: 9}}\n")

@@ -154,14 +154,3 @@ class PrivacyConfig(Section):
     accountant: Literal[ACCOUNTANTS] = "rdp"
     """dp-accounting's accountant: `rdp` (Renyi DP, milliseconds) or `pld` (privacy loss
     distributions: a tighter epsilon, seconds per call)."""
-
-    @field_validator("delta", mode="before")
-    @classmethod
-    def _exponent_without_dot(cls, v):
-        # YAML 1.1 (PyYAML) reads `1e-5` as the string '1e-5'; a delta is written that way often
-        if isinstance(v, str):
-            try:
-                return float(v)
-            except ValueError:
-                return v
-        return v

@@ -9,14 +9,33 @@ key.path=value` overrides, and the recursive merge that both use (the DeepSpeed 
 from __future__ import annotations
 
 import os
+import re
 
 import yaml
 
 from .errors import ConfigError
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-5` as a float, as YAML 1.2 does. PyYAML follows YAML 1.1, whose
+    float needs a dot (`1.0e-5`), and returns the string '1e-5', which the typed config then refuses
+    as "not a number": the way most people write a learning rate or a delta."""
+
+
+# YAML 1.1's float pattern (PyYAML's resolver) with the dot made optional before an exponent
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+class _StrictLoader(_Loader):
+    """Also refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
 
 
 def _no_duplicates(loader, node, deep=False):
@@ -113,7 +132,7 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"--set {item!r}: {p!r} is not a section")
         node = nxt
-    node[parts[-1]] = _parse_yaml(value, f"--set {item!r}", yaml.SafeLoader) if value != "" else None
+    node[parts[-1]] = _parse_yaml(value, f"--set {item!r}", _Loader) if value != "" else None
 
 
 def merge(a: dict, b: dict) -> dict:
