@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 
 from fdlora_cluster.config import ConfigError, load_config, merge, read_yaml  # noqa: E402
 from fdlora_cluster.pretrain import ensure_pretrained  # noqa: E402
-from fdlora_cluster.report import ReportError, comparison_table, load_run, write_report  # noqa: E402
+from fdlora_cluster.report import ReportError, comparison_table, load_run, steps_of, write_report  # noqa: E402
 
 DEFAULT = ["fdlora", "local", "fedavg", "diloco", "feddpa", "ditto"]
 
@@ -109,17 +109,6 @@ def accuracies_table(runs) -> str:
             lines.append(f"| {run.method} | mean | {adapter} | {_fmt(mean['accuracy'])} | "
                          f"{_fmt(mean['accuracy_all'])} | {mean['loss']:.4f} | |")
     return "\n".join(lines)
-
-
-def steps_of(client_summary: dict, adapter: str) -> str:
-    """The optimizer steps behind an adapter (summary.json's optimizer_steps): its own, or for the
-    fused one none of its own and its parts' (personal + global)."""
-    steps = client_summary.get("optimizer_steps")
-    if not steps:
-        return "-"  # a run made before the steps were recorded
-    if adapter == "fused":
-        return f"0 ({steps['personal']} + {steps['global']})"
-    return str(steps.get(adapter, "-"))
 
 
 def fusion_choices(runs) -> str:

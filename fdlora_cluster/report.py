@@ -2,7 +2,8 @@
 
 One run directory gives `RUN_DIR/report/REPORT.md` with:
   - the per-client table (every evaluated adapter: accuracy, loss, perplexity, and with
-    eval.generate exact match and ROUGE-L) and the means;
+    eval.generate exact match and ROUGE-L; the optimizer steps behind it) and the means;
+  - per run, the client-level differential privacy spent (epsilon at delta) when privacy was on;
   - `loss_per_round.png`: each client's mean training loss per round (round 0 = personal stage);
   - `fusion_weights.png`: each client's (w_personal, w_global), for strategies with a fusion phase.
 Several run directories (e.g. one per strategy on the same scenario) add the comparison:
@@ -100,12 +101,33 @@ def generation_columns(runs: list[Run]) -> list[str]:
             if any(k in m for r in runs for s in r.summary["clients"] for m in s["metrics"].values())]
 
 
+def steps_of(client_summary: dict, adapter: str) -> str:
+    """The optimizer steps behind an adapter (summary.json's optimizer_steps): its own, or for the
+    fused one none of its own and its parts' (personal + global). Two methods compared at different
+    step counts have not been compared on method alone."""
+    steps = client_summary.get("optimizer_steps")
+    if not steps:
+        return "-"  # a run made before the steps were recorded
+    if adapter == "fused":
+        return f"0 ({steps['personal']} + {steps['global']})"
+    return str(steps.get(adapter, "-"))
+
+
+def privacy_of(summary: dict) -> str:
+    """What a run spent of client-level differential privacy (summary.json's `privacy`), or ''."""
+    p = summary.get("privacy")
+    if not p:
+        return ""
+    return (f", client-level DP epsilon {p['epsilon']:.4g} at delta {p['delta']:g} after {p['rounds']} rounds "
+            f"(clip {p['clip_norm']:g}, noise multiplier {p['noise_multiplier']:g})")
+
+
 def per_client_rows(run: Run, gen: tuple = ()) -> list[tuple]:
     rows = []
     for s in sorted(run.summary["clients"], key=lambda s: s["client"]):
         for adapter, m in s["metrics"].items():
             rows.append((run.method, s["client"], adapter, _fmt(m.get("accuracy")), *(_fmt(m.get(k)) for k in gen),
-                         _fmt(m["loss"], 4), _fmt(m.get("perplexity"), 3), m.get("rows", "-")))
+                         _fmt(m["loss"], 4), _fmt(m.get("perplexity"), 3), m.get("rows", "-"), steps_of(s, adapter)))
     return rows
 
 
@@ -123,13 +145,13 @@ def mean_rows(run: Run, gen: tuple = ()) -> list[tuple]:
     rows = []
     for adapter, ms in by.items():
         rows.append((run.method, "mean", adapter, mean(ms, "accuracy"), *(mean(ms, k) for k in gen),
-                     _fmt(sum(m["loss"] for m in ms) / len(ms), 4), "-", "-"))
+                     _fmt(sum(m["loss"] for m in ms) / len(ms), 4), "-", "-", "-"))
     return rows
 
 
 def per_client_table(runs: list[Run]) -> str:
     gen = tuple(generation_columns(runs))
-    head = ("method", "client", "adapter", "accuracy", *gen, "loss", "perplexity", "test rows")
+    head = ("method", "client", "adapter", "accuracy", *gen, "loss", "perplexity", "test rows", "optimizer steps")
     rows = []
     for r in runs:
         rows += per_client_rows(r, gen) + mean_rows(r, gen)
@@ -277,7 +299,7 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, title: str | N
         parts.append(f"- `{r.dir}`: strategy **{r.method}**, {s.get('rounds')} rounds, world size "
                      f"{s.get('world_size')}, seed {r.config.get('seed')}, "
                      f"{_fmt(s.get('bytes_per_round'), 0)} B per round at the server, "
-                     f"{_fmt(s.get('seconds_per_round'), 2)} s per round")
+                     f"{_fmt(s.get('seconds_per_round'), 2)} s per round{privacy_of(s)}")
     parts.append("")
     if len(runs) > 1:
         parts += ["## Comparison (test accuracy of each method's headline adapter)", "",
@@ -290,7 +312,8 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, title: str | N
     parts += ["## Per client", "", per_client_table(runs), "",
               "Accuracy: each candidate response is scored by its summed log-likelihood and the best one is "
               "the prediction (`ClientEngine.evaluate`); loss: mean NLL per response token on the client's "
-              "test split." + (" exact_match / rouge_l (eval.generate): the greedy answer to each test prompt "
+              "test split; optimizer steps: the steps the adapter took in the whole run (a fused adapter "
+              "takes none of its own: its parts', personal + global)." + (" exact_match / rouge_l (eval.generate): the greedy answer to each test prompt "
                                "against its response, equal after whitespace normalisation / ROUGE-L F1 on "
                                "whitespace tokens (`fdlora_cluster/generation.py`)." if generation_columns(runs) else ""), ""]
     plots = [("loss_per_round.png", plot_loss, "Training loss per round per client"),

@@ -23,6 +23,7 @@ def fake_run(path, strategy, accs, fusion=None):
     for c, acc in enumerate(accs):
         s = {"client": c, "method": strategy, "ranks": 2,
              "metrics": {a: {"loss": 0.1 + c, "perplexity": 1.1, "rows": 10, "accuracy": acc} for a in adapters}}
+        s["optimizer_steps"] = {"personal": 100 * ("personal" in adapters), "global": 50 * ("global" in adapters)}
         if fusion:
             s["fusion_weights"] = {"personal": fusion[c][0], "global": fusion[c][1]}
         clients.append(s)
@@ -44,6 +45,15 @@ def test_report_of_several_runs_has_comparison_and_plots(tmp_path):
     text = open(md).read()
     assert "| client | fdlora (fused) | fedavg (global) | local (personal) |" in text
     assert "| 0 | 0.900 | 0.700 | 0.850 |" in text and "| mean | 0.850 | 0.650 | 0.800 |" in text
+    # the steps behind each adapter, a fused one's as its parts'
+    assert "| fdlora | 0 | fused | 0.900 | 0.1000 | 1.100 | 10 | 0 (100 + 50) |" in text
+    assert "| local | 1 | personal | 0.750 | 1.1000 | 1.100 | 10 | 100 |" in text
+    assert "epsilon" not in text
+    summary = json.loads(open(f"{b}/summary.json").read())
+    summary["privacy"] = {"epsilon": 7.91, "delta": 1e-5, "rounds": 2, "clip_norm": 0.5, "noise_multiplier": 1.1}
+    open(f"{b}/summary.json", "w").write(json.dumps(summary))
+    private = open(write_report([b], out_dir=str(tmp_path / "rep-b"))).read()
+    assert "client-level DP epsilon 7.91 at delta 1e-05 after 2 rounds (clip 0.5, noise multiplier 1.1)" in private
     for png in ("loss_per_round.png", "accuracy_by_method.png", "fusion_weights.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
         assert f"]({png})" in text
