@@ -139,8 +139,9 @@ class Server:
                 self.sent = {c: one for c in self.clients}
             else:
                 by_rank = {r: cut(r) for r in sorted(set(self.ranks.values()))}
-                self.sent = {c: by_rank[self.ranks[c]] for c in self.clients}
-                self.transport.send_global(message, self.clients, states=self.sent)
+                # with federation.compress each client holds its own stream's decoding; so does `sent`
+                self.sent = self.transport.send_global(message, self.clients,
+                                                       states={c: by_rank[self.ranks[c]] for c in self.clients})
             return
         # with federation.compress the leaders hold the decoded adapter; so does the server
         self.global_state = self.transport.send_global(message, self.clients)

@@ -38,7 +38,8 @@ With `federation.compress` (bf16, int8: compress.py) a global adapter after the 
 its change to the previous one (`global_c`, `final_c`) and an update as its change to the round's
 global adapter (`update_c`), encoded, with error feedback; both ends keep the global adapter as
 the leaders decode it (`reference`), so the server and every rank hold the same one bit for bit.
-A leader's residual after an update is kept only once the next global adapter says that update
+Clients of different global ranks each get their own stream (`references`, `residuals` per client
+at the server). A leader's residual after an update is kept only once the next global adapter says that update
 was averaged (`_settle`): a dropped update's rounding error is dropped with it, never added to the
 next, unrelated update (and a non-finite one cannot poison every later update of its client).
 
@@ -176,6 +177,10 @@ class Transport:
     leaders decode it), `residual` this end's error feedback (what its last encoding lost)."""
     reference: dict | None = None
     residual: dict | None = None
+    references: dict = field(default_factory=dict)
+    residuals: dict = field(default_factory=dict)
+    """Server, when clients hold global adapters of different ranks (each its own top-r_k part):
+    client -> `reference` and `residual` of that client's stream, as above."""
     pending: tuple | None = None
     """A leader: (round, residual) of its last update until the next global adapter says whether
     that update was averaged; only then does its residual replace `residual` (`_settle`)."""
@@ -183,13 +188,20 @@ class Transport:
     @property
     def wire_layout(self) -> Layout:
         """The layout of a compressed message (the codec's tensors for the global adapter's)."""
-        return Layout(self.codec.wire_entries(self.layout.entries))
+        return self.wire_layout_of(self.layout)
 
-    def _encode_change(self, change: dict) -> tuple[dict, dict, dict]:
-        """(wire tensors, their decoding, the new residual) of `change` plus the residual; the new
-        residual is what encoding lost (the caller decides when it replaces `residual`)."""
-        if self.residual is not None:
-            change = add(change, self.residual)
+    def wire_layout_of(self, layout: Layout) -> Layout:
+        return Layout(self.codec.wire_entries(layout.entries))
+
+    def reference_of(self, client: int) -> dict | None:
+        """The global adapter `client` holds as both ends decode it (server side)."""
+        return self.references.get(client, self.reference)
+
+    def _encode_change(self, change: dict, residual: dict | None) -> tuple[dict, dict, dict]:
+        """(wire tensors, their decoding, the new residual) of `change` plus `residual`; the new
+        residual is what encoding lost (the caller decides when it replaces the old one)."""
+        if residual is not None:
+            change = add(change, residual)
         wire = self.codec.encode(change)
         decoded = self.codec.decode(wire, change)
         return wire, decoded, sub(change, decoded)
@@ -204,10 +216,10 @@ class Transport:
                 self.residual = self.pending[1]
             self.pending = None
 
-    def _decode_change(self, body: torch.Tensor) -> dict:
-        """The reference adapter with the change in `body` applied (it becomes the new reference
-        when a global adapter came; an update's is the server's own reference plus the change)."""
-        return add(self.reference, self.codec.decode(self.wire_layout.unpack(body), self.reference))
+    def _decode_change(self, body: torch.Tensor, reference: dict, layout: Layout) -> dict:
+        """`reference` with the change in `body` applied (it becomes the new reference when a global
+        adapter came; an update's is the server's reference of that client plus the change)."""
+        return add(reference, self.codec.decode(self.wire_layout_of(layout).unpack(body), reference))
 
     def codec_state(self) -> dict | None:
         """What compression carries from round to round at this end (a checkpoint's part): the
@@ -216,7 +228,8 @@ class Transport:
         `pending` residual (its last update's, not yet known to count) goes with them."""
         if self.codec is None:
             return None
-        return {"reference": self.reference, "residual": self.residual, "pending": self.pending}
+        return {"reference": self.reference, "residual": self.residual, "pending": self.pending,
+                "references": dict(self.references), "residuals": dict(self.residuals)}
 
     def load_codec_state(self, state: dict | None) -> None:
         """A resumed end goes on with the checkpoint's reference and residual, so that what it
@@ -225,6 +238,7 @@ class Transport:
         if self.codec is not None and state is not None:
             self.reference, self.residual = state["reference"], state["residual"]
             self.pending = state.get("pending")  # absent in checkpoints made before it was kept
+            self.references, self.residuals = dict(state.get("references", {})), dict(state.get("residuals", {}))
 
     def new_round(self) -> None:
         self.round = Counters()
@@ -296,12 +310,13 @@ class Transport:
             raise TransportError(f"{peer}: unknown message kind {kind_i}")
         kind, body = KINDS[kind_i], buf[HEADER.size:n]
         if kind.endswith("_c"):
-            if self.codec is None or self.reference is None:
+            if self.codec is None or (self.reference is None and not self.references):
                 raise TransportError(f"{peer}: a compressed {kind} message, but this end "
                                      + ("has compression off" if self.codec is None else "holds no global adapter yet"))
-            if body.numel() != self.wire_layout.nbytes:
+            wire = self.wire_layout_of(layout)
+            if body.numel() != wire.nbytes:
                 raise TransportError(f"{peer}: a {kind} message of {body.numel()} bytes, but the compressed layout "
-                                     f"holds {self.wire_layout.nbytes}")
+                                     f"holds {wire.nbytes}")
         elif kind not in ("abort", "bye") and body.numel() != layout.nbytes:
             raise TransportError(f"{peer}: a {kind} message of {body.numel()} bytes, but the agreed layout of the "
                                  f"global adapter holds {layout.nbytes}")
@@ -328,7 +343,7 @@ class Transport:
         """The update, or with compression its change to the round's global adapter, encoded."""
         kind, state, layout = "update", update.state, None
         if self.codec is not None and self.reference is not None:
-            wire, _, residual = self._encode_change(sub(update.state, self.reference))
+            wire, _, residual = self._encode_change(sub(update.state, self.reference), self.residual)
             self.pending = (update.round, residual)  # kept once the server says the update counted
             kind, state, layout = "update_c", wire, self.wire_layout
         request, _buf = self._send(kind, 0, TAG_TO_SERVER, state, round=update.round, client=update.client,
@@ -342,7 +357,7 @@ class Transport:
         if kind not in ("global", "final", "global_c", "final_c"):
             raise TransportError(f"the server sent a {kind} message where a global adapter was due")
         if kind.endswith("_c"):
-            self.reference = self._decode_change(body)
+            self.reference = self._decode_change(body, self.reference, self.layout)
             state = {k: v.clone() for k, v in self.reference.items()}
         else:
             state = self.layout.unpack(body)
@@ -443,39 +458,58 @@ class Transport:
         if kind == "bye":
             del self.inbox[client]
             return client
-        state = self._decode_change(body) if kind == "update_c" else self.layout_of(client).unpack(body)
+        layout = self.layout_of(client)
+        state = self._decode_change(body, self.reference_of(client), layout) if kind == "update_c" else layout.unpack(body)
         self._post(client)
         return ClientUpdate(round, client, num_samples, state, loss)
 
-    def send_global(self, message: GlobalAdapter, clients: list[int],
-                    states: dict | None = None) -> dict[str, torch.Tensor]:
-        """Send the global adapter to every leader; returns the adapter they will hold: `message.state`
+    def _encode_global(self, kind: str, state: dict, reference: dict | None, residual: dict | None,
+                       layout: Layout | None) -> tuple:
+        """(kind, what travels, its layout, the reference both ends then hold, the new residual) of
+        one global adapter on one stream. Without compression the adapter itself. With it, a stream's
+        first global adapter travels whole and becomes the reference; every later one travels as
+        its change to the reference, encoded, with the stream's error feedback."""
+        if self.codec is None:
+            return kind, state, layout, None, None
+        if reference is None:
+            return kind, state, layout, {k: v.clone() for k, v in state.items()}, residual
+        wire, decoded, residual = self._encode_change(sub(state, reference), residual)
+        return kind + "_c", wire, self.wire_layout_of(layout or self.layout), add(reference, decoded), residual
+
+    def send_global(self, message: GlobalAdapter, clients: list[int], states: dict | None = None):
+        """Send the global adapter to every leader; returns what they will hold: `message.state`
         itself, or with compression the previous one plus the decoded change (the server keeps that,
         so that every rank holds the same global adapter bit for bit). `states`: client -> its own
-        adapter instead (clients of different ranks; without compression, which config refuses then)."""
-        kind, state, layout, held = ("final" if message.final else "global"), message.state, None, message.state
-        if states is not None:
-            if self.codec is not None:
-                raise TransportError("per-client global adapters with federation.compress: one reference cannot "
-                                     "serve clients of different ranks")
-            per_client = {c: (states[c], self.layout_of(c)) for c in clients}
-        else:
-            per_client = None
-        if per_client is None and self.codec is not None:
-            if self.reference is None:  # the first global adapter travels whole: the leaders' reference
-                self.reference = {k: v.clone() for k, v in message.state.items()}
+        adapter instead (clients of different ranks); the return is then client -> what it holds,
+        and with compression each client's stream keeps its own reference and residual."""
+        kind = "final" if message.final else "global"
+        if states is None:  # one adapter, one stream for all
+            k, wire, layout, reference, residual = self._encode_global(kind, message.state, self.reference,
+                                                                       self.residual, None)
+            outgoing = {c: (k, wire, layout) for c in clients}
+            if self.codec is None:
+                held = message.state
             else:
-                wire, decoded, self.residual = self._encode_change(sub(message.state, self.reference))
-                self.reference = add(self.reference, decoded)
-                kind, state, layout = kind + "_c", wire, self.wire_layout
-            held = {k: v.clone() for k, v in self.reference.items()}
+                self.reference, self.residual = reference, residual
+                held = {key: v.clone() for key, v in reference.items()}
+        else:
+            outgoing, held = {}, {}
+            for c in clients:
+                k, wire, layout, reference, residual = self._encode_global(
+                    kind, states[c], self.references.get(c), self.residuals.get(c), self.layout_of(c))
+                outgoing[c] = (k, wire, layout)
+                if self.codec is None:
+                    held[c] = states[c]
+                else:
+                    self.references[c], self.residuals[c] = reference, residual
+                    held[c] = {key: v.clone() for key, v in reference.items()}
         # started, not waited for: the round's deadline runs while a leader still in an earlier
         # round has not taken its copy (it takes the newest waiting when it gets there)
         self.outbox = [(r, b) for r, b in self.outbox if not r.Test()]
         for c in clients:
-            s, lay = per_client[c] if per_client is not None else (state, layout)
-            self.outbox.append(self._send(kind, self.plan.federation_rank(c), TAG_TO_LEADER, state=s, round=message.round,
-                                          layout=lay, num_samples=1.0 if c in message.used else 0.0))
+            k, wire, layout = outgoing[c]
+            self.outbox.append(self._send(k, self.plan.federation_rank(c), TAG_TO_LEADER, state=wire, round=message.round,
+                                          layout=layout, num_samples=1.0 if c in message.used else 0.0))
         return held
 
     def flush(self) -> None:

@@ -132,8 +132,6 @@ class Config(Section):
             why = f"clients' global ranks differ ({ranks}, client_overrides.<i>.lora.global.r)"
             require(combine != "frozen_a", f"{why}, but global.combine = frozen_a averages B against one shared A: "
                      "use global.combine: product (or factors, the zero-padding baseline)")
-            require(self.federation.compress == "none", f"{why}; federation.compress = {self.federation.compress} "
-                     "keeps one reference adapter for all clients: use compress: none with per-client ranks")
             require(self.global_.init == "seed", f"{why}; global.init = personal_mean averages the personal "
                      "adapters parameter by parameter: use global.init: seed")
         require(not (combine == "product" and self.outer.optimizer == "adam"),
