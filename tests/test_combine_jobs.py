@@ -114,13 +114,14 @@ def test_factors_log_how_far_they_are_from_the_product(finished_run):
 
 @pytest.mark.job
 def test_product_with_two_ranks_resumes_bit_identical(tmp_path):
-    """global.combine = product, clients of ranks 4 and 8, Nesterov: the server's residual and
-    momentum (products in factored form) are in its checkpoint, so a copy of the run cut back to its
+    """global.combine = product, clients of ranks 4 and 8, Nesterov, int8 compression: the server's
+    residual and momentum (products in factored form) and each client's compression stream
+    (reference, error feedback) are in the checkpoints, so a copy of the run cut back to its
     round-2 checkpoint and resumed ends bit-identical to the uninterrupted run."""
     from test_resume import KILLED_IN, assert_same_end, copy_up_to
 
     sets = {**checkpointed("fedavg", 2), "global.combine": "product", "outer.optimizer": "nesterov",
-            "outer.lr": 0.7, "client_overrides.1.lora.global.r": 8}
+            "outer.lr": 0.7, "client_overrides.1.lora.global.r": 8, "federation.compress": "int8"}
     (tmp_path / "whole").mkdir()
     config = write_config(tmp_path / "whole", **sets)
     assert_ok(run_ranks(4, ["run", str(config)]))
