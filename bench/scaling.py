@@ -1,7 +1,7 @@
 """Server scaling and waiting ranks (issue 11, items 3 and 4). Prints Markdown tables.
 
     python bench/scaling.py aggregate [--clients 8 32 128 512 1024] [--stacked-max 128]
-    python bench/scaling.py waiting [--rounds 3] [--ref main]
+    python bench/scaling.py waiting [--rounds 3] [--ref main] [--fault slow@client=1,round=2,seconds=12]
     python bench/scaling.py waits            # what a rank burns while it waits, per kind of wait
     python bench/scaling.py rounds [--topologies 1 1,1 1,1,1,1 ...]   # round time against clients
 
@@ -16,7 +16,9 @@ than it needs. Each method and N runs in its own process, so its peak RSS is its
 
 waiting: the demo job (configs/demo.yaml, fedavg, 1 server + 2 clients x 2 ranks) run twice, with
 the package of `--ref` (unpacked from git into a temporary directory) and with this tree, each
-rank's CPU seconds against its wall seconds (bench/rank_cpu.py).
+rank's CPU seconds against its wall seconds (bench/rank_cpu.py). `--fault slow@client=1,round=2,seconds=12`
+makes client 1's leader a straggler the other ranks wait for (faults.py), so the rounds' columns
+are mostly waiting.
 
 waits: two ranks; rank 1 waits ~3 s for rank 0 in MPI's blocking bcast, in MPI_Ibarrier tested
 with transport.wait_for's backoff, and in a torch.distributed (gloo) broadcast; its CPU seconds
@@ -188,7 +190,7 @@ def cmd_aggregate(args) -> None:
 # ------------------------------------------------------------------ waiting
 
 
-def run_job(pkg_root: Path, out: Path, rounds: int) -> dict:
+def run_job(pkg_root: Path, out: Path, rounds: int, fault: str = "") -> dict:
     from fdlora_cluster.config import apply_override, read_yaml
 
     raw = read_yaml(str(ROOT / "configs" / "demo.yaml"))
@@ -204,7 +206,7 @@ def run_job(pkg_root: Path, out: Path, rounds: int) -> dict:
     from fdlora_cluster.cli import find_mpiexec
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK_CPU_DIR": str(out / "cpu"),
-           "PYTHONPATH": str(pkg_root)}
+           "PYTHONPATH": str(pkg_root), "FDLORA_FAULT": fault}
     cmd = [find_mpiexec(), "-n", "5", sys.executable, str(ROOT / "bench" / "rank_cpu.py"), "run", str(cfg_path)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -247,12 +249,12 @@ def cmd_waiting(args) -> None:
         results = {}
         for name, pkg in ((f"before ({args.ref} {ref_sha})", ref), (f"after (this tree, HEAD {head_sha})", ROOT)):
             (tmp / name.split()[0]).mkdir()
-            results[name] = run_job(pkg, tmp / name.split()[0], args.rounds)
+            results[name] = run_job(pkg, tmp / name.split()[0], args.rounds, args.fault)
             got = {r["package"] for r in results[name]["ranks"]}
             assert got == {str(pkg / "fdlora_cluster")}, f"{name} ran {got}"
             print(f"  {name}: done", file=sys.stderr, flush=True)
     print(f"fedavg on configs/demo.yaml, {args.rounds} rounds, K = 10, 60 rows per client, 1 server + 2 clients x 2 "
-          "ranks, OMP_NUM_THREADS=1\n")
+          "ranks, OMP_NUM_THREADS=1" + (f", FDLORA_FAULT={args.fault}" if args.fault else "") + "\n")
     print("| run | rank | role | whole rank: CPU s / wall s | during the rounds: CPU s / wall s | CPU / wall in the rounds |")
     print("|---|---|---|---|---|---|")
     for name, res in results.items():
@@ -370,6 +372,8 @@ def main() -> None:
     w = sub.add_parser("waiting")
     w.add_argument("--rounds", type=int, default=3)
     w.add_argument("--ref", default="main")
+    w.add_argument("--fault", default="", help="FDLORA_FAULT for both jobs, e.g. slow@client=1,round=2,seconds=12: "
+                   "a straggler every other rank waits for")
     rs = sub.add_parser("rounds")
     rs.add_argument("--rounds", type=int, default=2)
     rs.add_argument("--topologies", nargs="+", default=["1", "1,1", "1,1,1,1", "1,1,1,1,1,1,1,1", "2,2"],
