@@ -118,7 +118,7 @@ def test_a_client_slower_than_the_deadline_in_two_rounds_misses_those_only_and_n
     its round-3 update 7 s late (after starting round 3 6 s late), round_timeout_s = 10, a
     checkpoint after every round (the default). Client 1 misses rounds 2 and 3 only, each late
     update is recognised (and dropped) in the next round, and client 1 rejoins in round 4 with
-    the newest global adapter. No round lasts past its deadline, and round 3 ends one deadline
+    the newest global adapter. No round short of client 1 lasts past its deadline, and round 3 ends one deadline
     after round 2 (a round's global adapter goes out without waiting for client 1 to take it, and
     each rank writes its part of a checkpoint when it gets there, the last one completing it):
     were round 3's send held for client 1's part of the checkpoint of round 2, as before the
@@ -138,7 +138,9 @@ def test_a_client_slower_than_the_deadline_in_two_rounds_misses_those_only_and_n
         assert f"round {t + 1}: late update of client 1 (round {t}) dropped" in out
     assert rounds[1]["clients"] == [0, 1] and rounds[1]["late"] == [], rounds[1]
     assert rounds[4]["clients"] == [0, 1], rounds[4]  # back in step
-    assert all(r["seconds"] < timeout + 2.5 for r in rounds.values()), {t: r["seconds"] for t, r in rounds.items()}
+    # a round short of client 1 ends at its deadline (a round with both clients in has no deadline
+    # to keep: round 1 took 13.9 s with the load average at 25, its first steps and aggregation)
+    assert all(r["seconds"] < timeout + 2.5 for r in rounds.values() if r["missing"]), {t: r["seconds"] for t, r in rounds.items()}
     # round 3 went out as round 2 ended: it ended one deadline after, not after client 1's round-2 work
     assert rounds[3]["time"] - rounds[2]["time"] < timeout + 2.5, rounds[3]["time"] - rounds[2]["time"]
     summary = read_summary(tmp_path / "run")
