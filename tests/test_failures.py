@@ -124,7 +124,7 @@ def test_a_client_slower_than_the_deadline_in_two_rounds_misses_those_only_and_n
     were round 3's send held for client 1's part of the checkpoint of round 2, as before the
     `rel` merge, round 3 would end 16 s + its deadline after round 2's send, and client 1's
     round-3 update would be in time for it. Every checkpoint client 1 took part in is complete.
-    (Without a checkpoint: tests/test_chaos.py's late faults.)"""
+    (Late updates among the other faults: tests/test_chaos.py.)"""
     from fdlora_cluster.checkpoint import complete_checkpoints
 
     timeout = 10  # round 1 (both clients) took 8 s with the load average at 19
