@@ -171,7 +171,9 @@ class Client:
                 self.record("update_clip", round, norm=norm, clip_norm=C, clipped=norm > C)
             update = ClientUpdate(round, self.id, float(len(self.engine.data.train)), state,
                                   float("nan") if loss is None else float(loss))
-            what, args = fault(("nan_update", "nan_samples", "slow"), client=self.id, round=round)  # tests only
+            what, args = fault(("nan_update", "nan_samples", "slow", "drop"), client=self.id, round=round)  # tests only
+            if what == "drop":  # the update is lost: the server must go on without it
+                return
             if what == "slow":
                 time.sleep(args["seconds"])
             if what == "nan_update":
