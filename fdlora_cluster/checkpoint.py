@@ -19,9 +19,10 @@ thread (`Writer`), then goes on training. The writer does the rest: the files, t
 part list, and, on the last rank to get there, the manifest. At most one write is in flight per
 rank: the next snapshot waits for the previous write (memory stays bounded at one snapshot), and
 a failed write is raised in the main thread at the next boundary, or when the job ends
-(`Checkpointer.close`, which waits for the last write), naming the checkpoint. The writer beats the
-hang watchdog per file written, and waiting for it is not progress: a write stuck longer than
-`hang_timeout_s` still ends the job.
+(`Checkpointer.close`, which waits for the last write), naming the checkpoint. A main thread
+waiting for its writer beats the hang watchdog per file the writer wrote, so a long write is not a
+hang, a write stuck longer than `hang_timeout_s` is; the writer never beats on its own (a rank whose
+main thread hung must not look alive because its writer is still at work).
 
 Atomic: each rank writes its files into round-<k>.partial/ (each written, fsynced, renamed), then
 its part list; the rank that finds every rank's part list there (the last to write; a `claimed`
@@ -185,10 +186,15 @@ class Writer:
     `submit(where, job)` waits for the previous write (raising its error), then runs `job()` on
     the thread; `wait()` waits for the write in flight and raises its error, as a
     CheckpointWriteError naming `where`. The thread is a daemon: a job that ends without waiting
-    (it failed elsewhere, or was killed) leaves a torn checkpoint, which resume ignores."""
+    (it failed elsewhere, or was killed) leaves a torn checkpoint, which resume ignores.
+
+    Heartbeats (watchdog.py): the job calls `progressed()` per file, and only a main thread
+    waiting in `wait()` turns that into a beat. The writer never beats itself: its files would
+    keep a rank whose main thread hangs looking alive (and name a peer blocked behind it first)."""
 
     def __init__(self):
         self._idle = threading.Condition()
+        self._progress = 0  # files written so far (progressed())
         self._job = None  # (where, job) handed over and not yet done
         self._error: tuple[str, BaseException] | None = None
         self._thread: threading.Thread | None = None
@@ -202,11 +208,23 @@ class Writer:
                 self._thread.start()
             self._idle.notify_all()
 
-    def wait(self) -> None:
-        """Block until no write is in flight (no heartbeat meanwhile: a stuck write is a hang the
-        watchdog reports); raise the failure of the last one, if it failed."""
+    def progressed(self) -> None:
+        """The job wrote a file (called on the writer thread)."""
         with self._idle:
-            self._idle.wait_for(lambda: self._job is None)
+            self._progress += 1
+            self._idle.notify_all()
+
+    def wait(self) -> None:
+        """Block until no write is in flight, beating the watchdog each time the writer wrote a
+        file (a stuck write is a hang the watchdog reports); raise the failure of the last write,
+        if it failed."""
+        with self._idle:
+            seen = self._progress
+            while self._job is not None:
+                self._idle.wait(0.5)
+                if self._progress != seen:
+                    seen = self._progress
+                    beat()
             error, self._error = self._error, None
         if error is not None:
             where, e = error
@@ -277,7 +295,7 @@ class Checkpointer:
         digests = {}
         for rel, obj in files.items():
             digests[rel] = save_atomic(obj, os.path.join(part, rel))
-            beat()  # a file is written (watchdog.py)
+            self.writer.progressed()  # a heartbeat, should the main thread be waiting (Writer)
         for rel in written:
             digests[rel] = sha256_file(os.path.join(part, rel), fsync=True)
         lists = os.path.join(part, PARTS)

@@ -106,3 +106,25 @@ def test_complete_only_with_every_part_and_the_manifest(tmp_path):
     manifest = validate(round_dir(str(tmp_path), 1), first.cfg)
     assert sorted(manifest["files"]) == ["client-0/rank-0.pt", "server.pt"]
     assert os.path.isfile(os.path.join(round_dir(str(tmp_path), 1), MANIFEST))
+
+
+def test_the_writer_beats_only_through_a_waiting_main_thread(tmp_path, monkeypatch):
+    """A file written while the main thread trains (or hangs) is no heartbeat of the rank; while
+    the main thread waits for the writer, each file written is one (watchdog.py)."""
+    beats, second, save = [], threading.Event(), checkpoint.save_atomic
+    monkeypatch.setattr(checkpoint, "beat", lambda: beats.append(threading.current_thread().name))
+
+    def held_save(obj, path):
+        if path.endswith("b.pt"):
+            second.wait(10)
+            time.sleep(0.6)  # written while the main thread waits below
+        return save(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save_atomic", held_save)
+    ckpt = checkpointer(tmp_path)
+    ckpt.write(1, {"a.pt": {"x": 1}, "b.pt": {"x": 2}})
+    time.sleep(0.6)  # a.pt is written meanwhile, nobody waiting
+    assert os.path.isfile(os.path.join(ckpt.partial(1), "a.pt")) and beats == []
+    second.set()
+    ckpt.close()
+    assert beats and set(beats) == {threading.main_thread().name}
