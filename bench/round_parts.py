@@ -9,6 +9,13 @@ steps. The rest, round - slowest train, is the federation part: the server's sen
 each leader's receive, the broadcast inside the client, writing the global into the model,
 reading the trained adapter back, packing, sending, checking and aggregating. Round 1 pays
 start-up (first forward, allocations) and is left out. Prints a markdown table, one row per run.
+
+    python bench/round_parts.py --group /tmp/rp-e100-1 /tmp/rp-e1-1 /tmp/rp-e100-2 /tmp/rp-e1-2
+
+`--group`: runs repeated to see through a loaded machine's noise are grouped by their directory
+name less a trailing `-<n>` (rp-e100-1, rp-e100-2 -> rp-e100); a second table gives each group's
+mean seconds per round, its spread (min-max over its runs) and how much longer its rounds are
+than the first group's.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 
 
@@ -39,13 +47,32 @@ def round_parts(run_dir: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    ap.add_argument("--group", action="store_true", help="also a table per group of repeated runs (NAME-<n>)")
     args = ap.parse_args()
     print("| run | rounds | s per round | slowest client's training s | federation s | federation share |")
     print("|---|---|---|---|---|---|")
-    for d in args.runs:
-        p = round_parts(d)
+    parts = [round_parts(d) for d in args.runs]
+    for p in parts:
         print(f"| {p['run']} | {p['rounds']} | {p['round_s']:.3f} | {p['train_s']:.3f} | "
               f"{p['federation_s']:.3f} | {p['fraction']:.1%} |")
+    if args.group:
+        print()
+        print(group_table(parts))
+
+
+def group_table(parts: list[dict]) -> str:
+    """Mean s per round of each group of runs (NAME-<n>), its min-max, and its rounds' length
+    against the first group's."""
+    groups: dict[str, list[float]] = {}
+    for p in parts:
+        name = re.sub(r"-\d+$", "", os.path.basename(os.path.normpath(p["run"])))
+        groups.setdefault(name, []).append(p["round_s"])
+    base = statistics.mean(next(iter(groups.values())))
+    lines = ["| group | runs | mean s per round | min-max | vs the first group |", "|---|---|---|---|---|"]
+    for name, xs in groups.items():
+        m = statistics.mean(xs)
+        lines.append(f"| {name} | {len(xs)} | {m:.3f} | {min(xs):.3f}-{max(xs):.3f} | {m / base - 1:+.1%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,23 @@ A checkpoint is RUN_DIR/checkpoints/round-<k>/, written by every rank at the end
                                scaler; every ZeRO stage), by DeepSpeed's own save_checkpoint
     parts/rank-<r>.json        rank r's files and their sha256, written after them
 
+Off the critical path: at its round boundary a rank only takes a snapshot (every tensor copied
+to the CPU, every container copied, so the next round cannot change what is written; DeepSpeed's
+engine state is caught the same way, ClientEngine.save_engine) and hands it to its one writer
+thread (`Writer`), then goes on training. The writer does the rest: the files, their sha256, the
+part list, and, on the last rank to get there, the manifest. At most one write is in flight per
+rank: the next snapshot waits for the previous write (memory stays bounded at one snapshot), and
+a failed write is raised in the main thread at the next boundary, or when the job ends
+(`Checkpointer.close`, which waits for the last write), naming the checkpoint. A main thread
+waiting for its writer beats the hang watchdog per file the writer wrote, so a long write is not a
+hang, a write stuck longer than `hang_timeout_s` is; the writer never beats on its own (a rank whose
+main thread hung must not look alive because its writer is still at work).
+
 Atomic: each rank writes its files into round-<k>.partial/ (each written, fsynced, renamed), then
 its part list; the rank that finds every rank's part list there (the last to write; a `claimed`
 directory, made with one atomic mkdir, makes sure only one does it) writes the manifest last and
-renames the directory. A directory without a manifest is torn and never used; a checksum that does
-not match refuses the resume. A client that skipped round k (it fell behind, federation.
+renames the directory. A directory without a manifest is torn and never used (a job killed while
+a writer was at work leaves one); a checksum that does not match refuses the resume. A client that skipped round k (it fell behind, federation.
 round_timeout_s) writes no part of it: that checkpoint never completes, and its directory is
 removed once a later one is complete.
 
@@ -33,6 +45,7 @@ import json
 import os
 import random
 import shutil
+import threading
 
 import numpy as np
 import torch
@@ -49,6 +62,10 @@ CLAIMED = "claimed"  # made (atomically) by the one rank that completes the chec
 
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message says which and why."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint this rank could not write; the message names its directory and the cause."""
 
 
 # Settings added after checkpoints existed, as (section, key, default): left out of the hash at
@@ -132,15 +149,115 @@ def save_atomic(obj, path: str) -> str:
     return sha256_file(path)
 
 
+def snapshot(obj):
+    """A copy of `obj` that nothing the job does next can change: every tensor copied to the CPU
+    (a tensor met twice is copied once), dicts, lists and tuples rebuilt, other values deep-copied
+    (numbers and strings as they are). What the writer thread saves while training goes on."""
+    memo: dict[int, object] = {}
+
+    def copy(x):
+        if isinstance(x, (str, int, float, bool, type(None))):
+            return x
+        if id(x) in memo:
+            return memo[id(x)]
+        if isinstance(x, torch.Tensor):
+            out = x.detach().to("cpu", copy=True)
+        elif isinstance(x, dict):
+            out = type(x)((k, copy(v)) for k, v in x.items()) if type(x) is dict else _deepcopy(x)
+        elif type(x) in (list, tuple):
+            out = type(x)(copy(v) for v in x)
+        else:
+            out = _deepcopy(x)
+        memo[id(x)] = out
+        return out
+
+    return copy(obj)
+
+
+def _deepcopy(x):
+    import copy
+
+    return copy.deepcopy(x)
+
+
+class Writer:
+    """This rank's one checkpoint writer thread; at most one write in flight.
+
+    `submit(where, job)` waits for the previous write (raising its error), then runs `job()` on
+    the thread; `wait()` waits for the write in flight and raises its error, as a
+    CheckpointWriteError naming `where`. The thread is a daemon: a job that ends without waiting
+    (it failed elsewhere, or was killed) leaves a torn checkpoint, which resume ignores.
+
+    Heartbeats (watchdog.py): the job calls `progressed()` per file, and only a main thread
+    waiting in `wait()` turns that into a beat. The writer never beats itself: its files would
+    keep a rank whose main thread hangs looking alive (and name a peer blocked behind it first)."""
+
+    def __init__(self):
+        self._idle = threading.Condition()
+        self._progress = 0  # files written so far (progressed())
+        self._job = None  # (where, job) handed over and not yet done
+        self._error: tuple[str, BaseException] | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, where: str, job) -> None:
+        self.wait()
+        with self._idle:
+            self._job = (where, job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="fdlora-checkpoint-writer", daemon=True)
+                self._thread.start()
+            self._idle.notify_all()
+
+    def progressed(self) -> None:
+        """The job wrote a file (called on the writer thread)."""
+        with self._idle:
+            self._progress += 1
+            self._idle.notify_all()
+
+    def wait(self) -> None:
+        """Block until no write is in flight, beating the watchdog each time the writer wrote a
+        file (a stuck write is a hang the watchdog reports); raise the failure of the last write,
+        if it failed."""
+        with self._idle:
+            seen = self._progress
+            while self._job is not None:
+                self._idle.wait(0.5)
+                if self._progress != seen:
+                    seen = self._progress
+                    beat()
+            error, self._error = self._error, None
+        if error is not None:
+            where, e = error
+            raise CheckpointWriteError(f"checkpoint {where}: writing it failed: {type(e).__name__}: {e}") from e
+
+    def _loop(self) -> None:
+        while True:
+            with self._idle:
+                self._idle.wait_for(lambda: self._job is not None)
+                where, job = self._job
+            try:
+                job()
+            except BaseException as e:  # handed to the main thread, which fails the job with it
+                error = (where, e)
+            else:
+                error = None
+            with self._idle:
+                self._error, self._job = error, None
+                self._idle.notify_all()
+
+
 class Checkpointer:
-    """One rank's side of writing and reading checkpoints. Every rank writes the files it owns at
-    its own round boundary (`write`); no rank waits for another."""
+    """One rank's side of writing and reading checkpoints. Every rank snapshots the files it owns
+    at its own round boundary and its writer thread writes them (`write`); no rank waits for
+    another. `close()` at the job's end waits for the last write."""
 
     def __init__(self, cfg, topo, run_dir: str):
         self.cfg, self.topo, self.run_dir = cfg, topo, run_dir
         self.every = cfg.checkpoint.every
         self.resumed: str | None = None  # the checkpoint directory this job resumed from
         self.resumed_round = 0
+        self.world_size = topo.world.Get_size()  # read here: the writer thread makes no MPI call
+        self.writer = Writer()
 
     def due(self, k: int) -> bool:
         """Is a checkpoint written at the end of round k (not again for the round resumed from)?"""
@@ -151,18 +268,40 @@ class Checkpointer:
     def partial(self, k: int) -> str:
         return round_dir(self.run_dir, k) + PARTIAL
 
-    def write(self, k: int, files: dict[str, object], extra_digests: dict[str, str] | None = None) -> None:
-        """Save this rank's `files` ({path relative to the checkpoint: object}) for round k, then
-        its part list; the rank that finds every part list there completes the checkpoint.
-        `extra_digests` are files this rank wrote itself (DeepSpeed's)."""
+    def write(self, k: int, files: dict[str, object], written: list[str] = (), done=None) -> None:
+        """Snapshot this rank's `files` ({path relative to the checkpoint: object}) for round k and
+        hand them to the writer thread, which saves them, then the part list with their sha256 and
+        those of `written` (files this rank already put there: DeepSpeed's recovery scripts);
+        the rank that finds every part list there completes the checkpoint; then `done()` (the
+        leader's log line), on the writer thread. Waits first for this rank's previous write (and
+        raises its failure)."""
+        self.writer.wait()
+        files, written = snapshot(files), list(written)
+
+        def job():
+            self._write(k, files, written)
+            if done is not None:
+                done()
+
+        self.writer.submit(self.partial(k), job)
+
+    def close(self) -> None:
+        """Wait for the last write (the job's end); raise its failure."""
+        self.writer.wait()
+
+    def _write(self, k: int, files: dict[str, object], written: list[str]) -> None:
+        """The writer thread's part of `write`."""
         part = self.partial(k)
-        digests = {rel: save_atomic(obj, os.path.join(part, rel)) for rel, obj in files.items()}
-        digests.update(extra_digests or {})
-        beat()  # the files are written (watchdog.py)
+        digests = {}
+        for rel, obj in files.items():
+            digests[rel] = save_atomic(obj, os.path.join(part, rel))
+            self.writer.progressed()  # a heartbeat, should the main thread be waiting (Writer)
+        for rel in written:
+            digests[rel] = sha256_file(os.path.join(part, rel), fsync=True)
         lists = os.path.join(part, PARTS)
         _write_json_atomic(digests, os.path.join(lists, f"rank-{self.topo.rank}.json"))
         try:
-            if sum(n.endswith(".json") for n in os.listdir(lists)) < self.topo.world.Get_size():
+            if sum(n.endswith(".json") for n in os.listdir(lists)) < self.world_size:
                 return  # a rank still to write completes it
         except FileNotFoundError:
             return  # another rank, which wrote its list just after this one, completed it already
@@ -199,15 +338,6 @@ class Checkpointer:
         faults.maybe_fail)."""
         if self.due(k):
             wait_for(lambda: os.path.isfile(os.path.join(round_dir(self.run_dir, k), MANIFEST)))
-
-    def digest_tree(self, root: str, rel_to: str) -> dict[str, str]:
-        """sha256 (after fsync) of every file under `root`, keyed by its path relative to `rel_to`."""
-        out = {}
-        for dirpath, _, names in os.walk(root):
-            for n in sorted(names):
-                p = os.path.join(dirpath, n)
-                out[os.path.relpath(p, rel_to)] = sha256_file(p, fsync=True)
-        return out
 
     def load(self, rel: str):
         return torch.load(os.path.join(self.resumed, rel), map_location="cpu", weights_only=False)

@@ -191,19 +191,17 @@ class Client:
         (before the next global arrived)."""
         personal, glob = self.engine.read(PERSONAL), self.engine.read(GLOBAL)  # collective under ZeRO-3
         rel = f"client-{self.id}"
-        ds_dir = os.path.join(ckpt.partial(k), rel, "deepspeed")
-        self.engine.save_engine(ds_dir)
-        self.topo.client_comm.Barrier()  # every rank's DeepSpeed files are written
-        files = {f"{rel}/rank-{self.topo.local_rank_in_client}.pt": {"rng": rng_state(), **self.engine.state()}}
-        extra = {}
+        ds_rel = os.path.join(rel, "deepspeed")
+        # DeepSpeed's state dicts, kept, not written (each rank lists its own: no barrier needed)
+        states, written = self.engine.save_engine(os.path.join(ckpt.partial(k), ds_rel))
+        files = {os.path.join(ds_rel, p): s for p, s in states.items()}
+        files[f"{rel}/rank-{self.topo.local_rank_in_client}.pt"] = {"rng": rng_state(), **self.engine.state()}
         if self.is_leader:
             files[f"{rel}/leader.pt"] = {
                 "round": k, "personal": personal, "global": glob, "first": self.first, "records": self.run.records,
                 "bytes": counters, "codec": codec}
-            extra = ckpt.digest_tree(ds_dir, ckpt.partial(k))
-        ckpt.write(k, files, extra)
-        if self.is_leader:
-            self.log.info(f"  checkpoint of round {k} written", extra=FILE_ONLY)
+        done = (lambda: self.log.info(f"  checkpoint of round {k} written", extra=FILE_ONLY)) if self.is_leader else None
+        ckpt.write(k, files, [os.path.join(ds_rel, p) for p in written], done)
 
     def resume(self, ckpt) -> None:
         """Restore this client from `ckpt.resumed`, then redo the layout handshake (the server has

@@ -12,6 +12,7 @@ must re-check).
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 
@@ -86,6 +87,37 @@ class BatchStream:
         return out
 
 
+class _Kept:
+    """A DeepSpeed checkpoint engine that keeps what `save_checkpoint` hands it instead of writing
+    it (DeepSpeed 0.19.8 writes every state dict through `checkpoint_engine.save`; on its rank 0 it
+    also copies its zero_to_fp32 recovery scripts beside them, which `commit`, called after them
+    and before the closing barrier, lists as `written`). Anything else goes to the engine it
+    stands in for. A DeepSpeed upgrade must re-check this, as zero_phases.py."""
+
+    def __init__(self, inner, directory: str, lists_written: bool):
+        self.inner, self.directory, self.lists_written = inner, directory, lists_written
+        self.states: dict[str, object] = {}
+        self.written: list[str] = []
+
+    def create(self, info) -> None:
+        pass
+
+    def save(self, state_dict, path: str) -> None:
+        self.states[os.path.relpath(path, self.directory)] = state_dict
+
+    def commit(self, info) -> bool:
+        if self.lists_written:  # only rank 0 writes files itself; another rank could list them half-copied
+            self.written = sorted(os.path.relpath(os.path.join(d, n), self.directory)
+                                  for d, _, names in os.walk(self.directory) for n in names)
+        return True
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 class ClientEngine:
     """DeepSpeed over one client's ranks, training and evaluating the named adapters."""
 
@@ -131,11 +163,23 @@ class ClientEngine:
             self.streams[a].load_state(st)
         self.global_step = state["global_step"]
 
-    def save_engine(self, directory: str) -> None:
+    def save_engine(self, directory: str) -> tuple[dict[str, object], list[str]]:
         """DeepSpeed's own checkpoint of the engine (collective on the client's ranks): inner
-        optimizer state, fp32 masters and loss scaler on every ZeRO stage; the frozen base is left out."""
-        self.engine.save_checkpoint(directory, tag="engine", client_state={}, save_latest=False,
-                                    exclude_frozen_parameters=True)
+        optimizer state, fp32 masters and loss scaler on every ZeRO stage; the frozen base is left
+        out. Nothing is written here but what DeepSpeed copies itself (the recovery scripts, on the
+        client's rank 0): DeepSpeed's `save_checkpoint` runs with a checkpoint engine that keeps each
+        state dict it is given instead of saving it (`_Kept`), so the checkpoint's writer thread can
+        save them off the training path (checkpoint.py). Returns ({path: state dict}, [paths of the
+        files DeepSpeed wrote itself]), the paths under `directory`; the state dicts still hold live
+        tensors (checkpoint.snapshot copies them)."""
+        kept = _Kept(self.engine.checkpoint_engine, directory, self.local_rank == 0)
+        self.engine.checkpoint_engine = kept
+        try:
+            self.engine.save_checkpoint(directory, tag="engine", client_state={}, save_latest=False,
+                                        exclude_frozen_parameters=True)
+        finally:
+            self.engine.checkpoint_engine = kept.inner
+        return kept.states, kept.written
 
     def load_engine(self, directory: str) -> None:
         # strict=False: the checkpoint holds the adapters only (exclude_frozen_parameters)

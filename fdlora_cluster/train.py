@@ -138,6 +138,7 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
         for k in range(first_round, cfg.train.rounds + 1):  # the clients' checkpoints are collective
             if ckpt.due(k):
                 save(k)
+        ckpt.close()  # the last checkpoint is written before the job ends (and its failure fails it)
         return {"bytes_total": transport.total.snapshot()}
     server = Server(cfg, topo, strategy, transport, run_dir)
 
@@ -187,6 +188,7 @@ def server_schedule(cfg, topo, strategy, transport, run_dir, ckpt) -> dict:
     checkpoint(cfg.train.rounds, before_send())
     server.send_final()
     server.collect_byes()
+    ckpt.close()  # the last checkpoint is written before the job ends (and its failure fails it)
     final = server.final_adapter()  # at the largest client rank (client_overrides.<i>.lora.global.r)
     save_adapter(os.path.join(run_dir.dir, "adapters", GLOBAL), final,
                  lora_config(cfg.global_adapter(cfg.global_init_client())), cfg.model.path)
@@ -287,6 +289,7 @@ def client_schedule(cfg, topo, strategy, transport, run_dir, ckpt):
     if transport is not None:
         client.summary["bytes"] = transport.total.snapshot()
     run_dir.summary = client.summary if topo.is_leader else None
+    ckpt.close()  # the last checkpoint, written while the client fused and evaluated, is on disk
     return client
 
 
