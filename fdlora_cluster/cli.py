@@ -293,11 +293,12 @@ def _before_start(args, rank: int):
 def _user_errors() -> tuple[type, ...]:
     from .data import DataError
     from .rendezvous import RendezvousError
-    from .checkpoint import ResumeError
+    from .checkpoint import CheckpointWriteError, ResumeError
     from .server import FederationError
     from .transport import FederationAborted
 
-    return (DataError, RendezvousError, ConfigError, FederationError, FederationAborted, ResumeError)
+    return (DataError, RendezvousError, ConfigError, FederationError, FederationAborted, ResumeError,
+            CheckpointWriteError)
 
 
 def find_mpiexec(explicit: str | None = None) -> str:

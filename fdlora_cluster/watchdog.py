@@ -2,7 +2,8 @@
 
 Progress is a heartbeat, `beat()`, that the rank's main thread gives where it works or waits:
 every poll of a wait on MPI (`transport.wait_for`, so a rank that waits on a peer counts as
-alive), every training step, every evaluation batch, every checkpoint file. A daemon thread per
+alive), every training step, every evaluation batch, every checkpoint file written while the main
+thread waits for its writer thread (checkpoint.Writer). A daemon thread per
 rank (`start`) watches it; after `hang_timeout_s` seconds without one it prints on the console
 which rank it is (the server, or client c's leader or rank r), for how long it made no progress,
 and every thread's Python stack (faulthandler), then ends the job: MPI_Abort, and should that not
