@@ -4,6 +4,7 @@
     python bench/combine.py [--clients 8] [--ranks 8 16 32 64] [--modules 64] [--reps 2] [--threads 1]
     python bench/combine.py --rss [--ranks 64]            # peak memory, one process per method
     python bench/combine.py --dense [--dense-modules 1]   # the dense reference, timed on a few modules
+    python bench/combine.py --precision [--ranks 64] [--modules 4]   # product in float32 against float64
 
 Inputs (not timed): the global adapter in SVD form (B = U S, A = V^T, float32) and each client's
 update, the global plus seeded float32 noise; both methods get the same ones, and sgd lr 1.
@@ -116,6 +117,33 @@ def run_dense(updates, weights, r: int, modules: int) -> dict:
     return {"dense": time.perf_counter() - t}
 
 
+def precision_row(clients: int, r: int, modules: int) -> dict:
+    """product's step on float32 inputs (worked in float32) and on the same values as float64 (worked
+    in float64): the time of each and ||dW_32 - dW_64|| / ||dW_64|| over all modules."""
+    import torch
+
+    from fdlora_cluster.strategies.combine import A_SUFFIX, B_SUFFIX, ProductOuter, ProductSum, modules as names, svd_of_sum
+
+    glob, updates, weights = inputs(clients, r, modules)
+    new, secs = {}, {}
+    for dt in (torch.float64, torch.float32):
+        g = {k: v.to(dt) for k, v in glob.items()}
+        total = ProductSum(range(clients))
+        for c, (u, w) in enumerate(zip(updates, weights)):
+            total.add(c, {k: v.to(dt) for k, v in u.items()}, w)
+        total.close()
+        t = time.perf_counter()
+        new[dt], _ = ProductOuter("sgd", 1.0, rank=r).step(g, {c: g for c in range(clients)}, total)
+        secs[str(dt)] = time.perf_counter() - t
+    num = den = 0.0
+    for m in names(glob):
+        hi, lo = new[torch.float64], new[torch.float32]
+        _, d, _ = svd_of_sum([(1.0, hi[m + B_SUFFIX], hi[m + A_SUFFIX]), (-1.0, lo[m + B_SUFFIX].double(), lo[m + A_SUFFIX].double())])
+        _, s, _ = svd_of_sum([(1.0, hi[m + B_SUFFIX], hi[m + A_SUFFIX])])
+        num, den = num + float((d * d).sum()), den + float((s * s).sum())
+    return {"rank": r, **secs, "relative": (num / den) ** 0.5, "load": os.getloadavg()[0]}
+
+
 def warm_up(threads: int) -> None:
     """First calls pay one-off costs (torch.optim's and LAPACK's set-up): not the method's."""
     glob, updates, weights = inputs(2, 2, 1)
@@ -171,6 +199,7 @@ def main() -> None:
     ap.add_argument("--dense-modules", type=int, default=1)
     ap.add_argument("--rss", action="store_true", help="peak RSS of each method, each in its own process")
     ap.add_argument("--dense", action="store_true", help="time the dense reference on --dense-modules modules")
+    ap.add_argument("--precision", action="store_true", help="product in float32 against float64")
     ap.add_argument("--time", type=int, help=argparse.SUPPRESS)  # rank: a timing child
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # method rank: an RSS child
     a = ap.parse_args()
@@ -187,6 +216,14 @@ def main() -> None:
         return
     print(f"{a.clients} clients, {a.modules} modules of 4096 x 4096 (7B q,v), float32 adapters, "
           f"{a.threads} torch thread(s)\n")
+    if a.precision:
+        warm_up(a.threads)
+        print("| rank | float64 s | float32 s | relative difference | load |\n|---|---|---|---|---|")
+        for r in a.ranks:
+            got = precision_row(a.clients, r, a.modules)
+            print(f"| {r} | {got['torch.float64']:.2f} | {got['torch.float32']:.2f} | {got['relative']:.1e} | "
+                  f"{got['load']:.1f} |", flush=True)
+        return
     if a.rss or a.dense:
         methods = ["dense"] if a.dense else ["factors", "product"]
         print("| rank | method | seconds | RSS with the inputs MiB | peak RSS MiB | load |")

@@ -77,8 +77,8 @@ def svd_of_sum(terms: list[Term], keep: int | None = None) -> SVD:
 def work_dtype(terms: list[Term]) -> torch.dtype:
     """float64 when any factor is float64 (the tests' dense references, a float64 momentum), else
     float32: the adapters travel in float32 or narrower, and on 8 clients of a 7B q,v at rank 64
-    the float32 step is 2.5x faster and 1.6e-6 (relative, Frobenius) from the float64 one
-    (docs/BENCHMARKS.md, combine section), below what the clients' own float32 training moves."""
+    the float32 step was 1.2-2.5x faster (two runs on a loaded machine) and 1.6e-6 (relative,
+    Frobenius) from the float64 one (`bench/combine.py --precision`, docs/BENCHMARKS.md)."""
     return torch.float64 if any(t.dtype == torch.float64 for _, b, a in terms for t in (b, a)) else torch.float32
 
 
