@@ -8,7 +8,7 @@ from fdlora_cluster.state import Layout
 from fdlora_cluster.strategies import make_strategy
 from fdlora_cluster.strategies.combine import (FactorsGap, ProductOuter, ProductSum, dense, first, held_energy,
                                                in_svd_form, mean_of_products, pad, rank_of, svd_of_sum,
-                                               truncate)
+                                               svd_of_sums, truncate)
 
 from conftest import CONFIGS
 
@@ -40,6 +40,51 @@ def test_svd_of_sum_is_the_dense_weighted_sum_of_products():
         want = sum(w * dense(st)[m] for w, st in zip(p, states))
         assert torch.allclose(u @ torch.diag(s) @ v.T, want, atol=1e-10)
         assert torch.all(s[:-1] >= s[1:])  # largest first
+
+
+def test_svd_of_sums_batches_by_shape_and_forms_only_the_kept_columns():
+    """Modules of two stack shapes (3 and 5 columns, 6 x 7 and 12 x 10) in one call: each result is
+    its own sum's SVD, `keep` columns of U and V, all of S; float32 factors are worked in float32."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(12, 10, 3), (6, 7, 5), (12, 10, 3), (6, 7, 5), (12, 10, 3)]
+    sums = [[(0.5, torch.randn(m, q - 1, generator=g, dtype=torch.float64), torch.randn(q - 1, n, generator=g, dtype=torch.float64)),
+             (-2.0, torch.randn(m, 1, generator=g, dtype=torch.float64), torch.randn(1, n, generator=g, dtype=torch.float64))]
+            for m, n, q in shapes]
+    for (m, n, q), terms, (u, s, v) in zip(shapes, sums, svd_of_sums(sums, keep=2)):
+        want = sum(c * b @ a for c, b, a in terms)
+        assert u.shape == (m, 2) and v.shape == (n, 2) and s.shape == (q,)
+        assert torch.allclose(s, torch.linalg.svdvals(want)[:q], atol=1e-10)
+        assert torch.allclose(u @ torch.diag(s[:2]) @ v.T, _best(want, 2), atol=1e-10)  # Eckart-Young
+    low = [[(c, b.float(), a.float()) for c, b, a in terms] for terms in sums]
+    for terms, (u, s, v) in zip(sums, svd_of_sums(low)):
+        want = sum(c * b @ a for c, b, a in terms)
+        assert u.dtype == torch.float32
+        assert torch.allclose((u @ torch.diag(s) @ v.T).double(), want, atol=1e-5 * float(want.abs().max()))
+
+
+def _best(x: torch.Tensor, r: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(x)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+
+
+def test_a_float32_product_step_is_the_float64_one_to_float32_precision():
+    """The server's adapters are float32: ProductOuter then works in float32 (`work_dtype`), and stays
+    within 1e-5 (relative) of the same step in float64, with the same energies."""
+    ranks, weights = [2, 4, 4], [1.0, 2.0, 3.0]
+    g64 = in_svd_form(lora(4, 60), rank=4)
+    updates = [{k: v + 0.1 * lora(r, 61 + i)[k] for k, v in truncate(g64, r).items()} for i, r in enumerate(ranks)]
+    outs = {}
+    for dt in (torch.float64, torch.float32):
+        g = {k: v.to(dt) for k, v in g64.items()}
+        sent = {k: truncate(g, r) for k, r in enumerate(ranks)}
+        ups = [{k: v.to(dt) for k, v in u.items()} for u in updates]
+        outs[dt] = ProductOuter("nesterov", 0.7, 0.9, rank=3).step(g, sent, sum_of(ups, weights))
+    (new64, info64), (new32, info32) = outs[torch.float64], outs[torch.float32]
+    assert all(v.dtype == torch.float32 for v in new32.values())
+    for m in MODS:
+        ref = dense(new64)[m]
+        assert float((dense(new32)[m] - ref).norm() / ref.norm()) < 1e-5
+    assert info32["cut"] == pytest.approx(info64["cut"], rel=1e-4) and info32["lost"] == pytest.approx(info64["lost"], rel=1e-3)
 
 
 def test_truncate_is_the_best_rank_r_part_and_reports_what_it_cannot_hold():
@@ -184,6 +229,13 @@ def test_factors_gap_measures_the_cross_term():
     for w in weights:
         same.add(updates[0], w)
     assert same.relative(updates[0]) == pytest.approx(0.0, abs=1e-12)  # equal clients: no gap
+    low = FactorsGap(sketch=4)  # n = 10 > 4: the Gaussian sketch, in float32 for float32 updates
+    high = FactorsGap(sketch=4)
+    for u, w in zip(updates, weights):
+        low.add({k: v.float() for k, v in u.items()}, w)
+        high.add(u, w)
+    assert all(a.dtype == torch.float64 for a in low.acc.values())  # summed in float64
+    assert low.relative(mean) == pytest.approx(high.relative(mean), rel=1e-5)
 
 
 def test_layouts_of_clients_of_different_ranks_differ_only_in_rank():

@@ -17,7 +17,8 @@ of the clients' changes sum p_k B_k A_k; the difference is -sum p_k (B_k - B)(A_
     frozen_a  every client keeps the global adapter's A at its seeded init and trains B alone
               (FFA-LoRA, ICLR 2024): B A averages exactly, and only B travels.
 
-Torch only; float64 inside, results in the inputs' dtype.
+Torch only; float64 inside when any input is float64, else float32 (`work_dtype`); results in
+the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -58,18 +59,77 @@ def rank_of(shapes: dict) -> int:
 # ---------------------------------------------------------------- factored sums
 
 Term = tuple[float, torch.Tensor, torch.Tensor]  # (coefficient c, B m x q, A q x n): c * B @ A
+SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (m x k), S (all, descending), V (n x k)
+
+# How many bytes of stacked factors one batched call may hold: a chunk of same-shape modules goes
+# through geqrf/svd/ormqr at once (one call each, not one per module), and this bounds the copies.
+CHUNK_BYTES = 256 << 20
 
 
-def svd_of_sum(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_of_sum(terms: list[Term], keep: int | None = None) -> SVD:
     """U, S, V with sum_i c_i B_i A_i = U diag(S) V^T, S descending, without the m x n matrix:
     B = [c_1 B_1 | c_2 B_2 | ...] = Qb Rb and A^T = [A_1; A_2; ...]^T = Qa Ra (thin QR), so the sum
-    is Qb (Rb Ra^T) Qa^T and the SVD of the small q x q core does the rest."""
-    b = torch.cat([c * bi.to(torch.float64) for c, bi, _ in terms], dim=1)
-    a = torch.cat([ai.to(torch.float64) for _, _, ai in terms], dim=0)
-    qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.T)
-    uc, s, vch = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    return qb @ uc, s, qa @ vch.T
+    is Qb (Rb Ra^T) Qa^T and the SVD of the small q x q core does the rest. `keep`: how many
+    columns of U and V to form (all of S is returned either way: the energies need it)."""
+    return svd_of_sums([terms], keep)[0]
+
+
+def work_dtype(terms: list[Term]) -> torch.dtype:
+    """float64 when any factor is float64 (the tests' dense references, a float64 momentum), else
+    float32: the adapters travel in float32 or narrower, and on 8 clients of a 7B q,v at rank 64
+    the float32 step was 1.2-2.5x faster (two runs on a loaded machine) and 1.6e-6 (relative,
+    Frobenius) from the float64 one (`bench/combine.py --precision`, docs/BENCHMARKS.md)."""
+    return torch.float64 if any(t.dtype == torch.float64 for _, b, a in terms for t in (b, a)) else torch.float32
+
+
+def svd_of_sums(sums: list[list[Term]], keep: int | None = None) -> list[SVD]:
+    """`svd_of_sum` of each list of terms (one per module), batched: modules whose stacks have the
+    same shape go through one geqrf, one svd and one ormqr call per chunk."""
+    out: list[SVD | None] = [None] * len(sums)
+    groups: dict[tuple, list[int]] = {}
+    for i, terms in enumerate(sums):
+        if not terms:
+            raise ValueError(f"sum {i} has no terms")
+        m, n = terms[0][1].shape[0], terms[0][2].shape[1]
+        q = sum(b.shape[1] for _, b, _ in terms)
+        groups.setdefault((m, n, q, work_dtype(terms)), []).append(i)
+    for (m, n, q, dtype), idx in groups.items():
+        per = max(1, CHUNK_BYTES // ((m + n) * q * dtype.itemsize))
+        for lo in range(0, len(idx), per):
+            part = idx[lo:lo + per]
+            stacks = [_stacked(sums[i], dtype) for i in part]
+            u, s, v = _factored_svd(torch.stack([b for b, _ in stacks]), torch.stack([a for _, a in stacks]), keep)
+            for j, i in enumerate(part):
+                out[i] = (u[j], s[j], v[j])
+    return out
+
+
+def _stacked(terms: list[Term], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[c_1 B_1 | c_2 B_2 | ...] (m x q) and [A_1; A_2; ...]^T (n x q), in `dtype`."""
+    b = torch.cat([bi.to(dtype) for _, bi, _ in terms], dim=1)
+    b *= torch.cat([torch.full((bi.shape[1],), float(c), dtype=dtype) for c, bi, _ in terms])
+    return b, torch.cat([ai.to(dtype) for _, _, ai in terms], dim=0).T
+
+
+def _factored_svd(b: torch.Tensor, at: torch.Tensor, keep: int | None) -> SVD:
+    """Batched: b (.., m, q), at (.., n, q); the SVD of b @ at^T. Householder QR (geqrf) of both,
+    the SVD of Rb Ra^T, and only the `keep` wanted columns of Qb Uc and Qa Vc, applied as
+    reflectors (ormqr): forming the whole Q (orgqr) and multiplying it out cost twice the QR."""
+    m, n, q = b.shape[-2], at.shape[-2], b.shape[-1]
+    kb, ka = min(m, q), min(n, q)
+    hb, tb = torch.geqrf(b)
+    ha, ta = torch.geqrf(at)
+    uc, s, vch = torch.linalg.svd(hb[..., :kb, :].triu() @ ha[..., :ka, :].triu().mT, full_matrices=False)
+    k = s.shape[-1] if keep is None else min(keep, s.shape[-1])
+    if k == 0:
+        return b.new_zeros(*b.shape[:-2], m, 0), s, b.new_zeros(*b.shape[:-2], n, 0)
+
+    def apply_q(h, tau, small, rows):  # Q @ [small; 0]: Q's first columns only, never Q itself
+        full = small.new_zeros(*small.shape[:-2], rows, k)
+        full[..., :small.shape[-2], :] = small
+        return torch.ormqr(h[..., :small.shape[-2]], tau, full)
+
+    return apply_q(hb, tb, uc[..., :k], m), s, apply_q(ha, ta, vch[..., :k, :].mT, n)
 
 
 def split(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,20 +187,17 @@ def held_energy(global_state: State, r: int) -> float:
 def in_svd_form(state: State, rank: int) -> State:
     """`state` rewritten as B = U S, A = V^T of the same product, at most `rank` components (the
     server's start for `product`)."""
-    out = {}
-    for m in modules(state):
-        u, s, v = svd_of_sum([(1.0, state[m + B_SUFFIX], state[m + A_SUFFIX])])
-        b, a = split(u, s, v, 0, min(rank, s.numel()))
-        out[m + B_SUFFIX], out[m + A_SUFFIX] = b.to(state[m + B_SUFFIX].dtype), a.to(state[m + A_SUFFIX].dtype)
-    return {k: out[k] for k in state}
+    return mean_of_products([state], [1.0], rank)
 
 
 def mean_of_products(states: list[State], weights: list[float], rank: int) -> State:
     """sum_k w_k B_k A_k as B = U S, A = V^T with at most `rank` components (global.init =
     personal_mean under product: the average of the personal adapters' products)."""
+    names = modules(states[0])
+    svds = svd_of_sums([[(w, st[m + B_SUFFIX], st[m + A_SUFFIX]) for w, st in zip(weights, states)] for m in names],
+                       keep=rank)
     out = {}
-    for m in modules(states[0]):
-        u, s, v = svd_of_sum([(w, st[m + B_SUFFIX], st[m + A_SUFFIX]) for w, st in zip(weights, states)])
+    for m, (u, s, v) in zip(names, svds):
         b, a = split(u, s, v, 0, min(rank, s.numel()))
         out[m + B_SUFFIX], out[m + A_SUFFIX] = b.to(states[0][m + B_SUFFIX].dtype), a.to(states[0][m + A_SUFFIX].dtype)
     return {k: out[k] for k in states[0]}
@@ -222,44 +279,42 @@ class ProductOuter:
     def step(self, g: State, sent: dict[int, State], total: ProductSum) -> tuple[State, dict]:
         """The next global adapter (B = U S, A = V^T, at most `rank` components) and the round's
         energies: `cut`, the share of the new product the cut to `rank` moved to the residual;
-        `lost`, what fell off the residual and the momentum (beyond `rank` each)."""
+        `lost`, what fell off the residual and the momentum (beyond `rank` each). Every module's
+        sum goes through one batched `svd_of_sums` (two for nesterov: the momentum first)."""
         if not total.factors or total.weight <= 0:
             raise ValueError(f"no update to combine (clients added: {total.added})")
-        mu, lr = self.momentum, self.lr
-        new, residual, buffer = {}, {}, {}
-        e_new = e_cut = e_lost = 0.0
-        for m in modules(g):
-            delta: list[Term] = []
-            gb, ga = g[m + B_SUFFIX], g[m + A_SUFFIX]
-            # What the clients held: when each is the first r_k components of G (no compression),
-            # sum_k p_k T_k = B diag(c) A with c_i = sum of p_k over clients holding component i:
-            # one term of G's rank instead of one per client (the stack, and the QR, stay small).
-            mask = torch.zeros(ga.shape[0], dtype=torch.float64)
-            for client, w, state in total.factors:
-                p = w / total.weight
-                held_b, held_a = sent[client][m + B_SUFFIX], sent[client][m + A_SUFFIX]
-                r = held_a.shape[0]
-                if mask is not None and r <= ga.shape[0] and torch.equal(held_a, ga[:r]) and torch.equal(held_b, gb[:, :r]):
-                    mask[:r] += p
-                else:
-                    mask = None
-                delta.append((-p, state[m + B_SUFFIX], state[m + A_SUFFIX]))
-            if mask is not None:
-                delta.append((1.0, gb.to(torch.float64) * mask, ga))
-            else:
-                delta += [(w / total.weight, sent[c][m + B_SUFFIX], sent[c][m + A_SUFFIX]) for c, w, _ in total.factors]
-            step = delta
-            if self.name == "nesterov":
-                held = [(mu, self.buffer[m + B_SUFFIX], self.buffer[m + A_SUFFIX])] if self.buffer else []
-                u, s, v = svd_of_sum(held + delta)
+        mu, lr, names = self.momentum, self.lr, modules(g)
+        held = {m: self._held(g, m, sent, total) for m in names}
+        delta = {m: held[m][1] + [(-w / total.weight, st[m + B_SUFFIX], st[m + A_SUFFIX]) for _, w, st in total.factors]
+                 for m in names}
+        steps = dict(delta)
+        buffer, e_lost = {}, 0.0
+        if self.name == "nesterov":
+            prior = {m: [(mu, self.buffer[m + B_SUFFIX], self.buffer[m + A_SUFFIX])] if self.buffer else [] for m in names}
+            for m, (u, s, v) in zip(names, svd_of_sums([prior[m] + delta[m] for m in names], keep=self.rank)):
                 k = min(self.rank, s.numel())
                 buffer[m + B_SUFFIX], buffer[m + A_SUFFIX] = split(u, s, v, 0, k)
                 e_lost += energy(s[k:])
-                step = delta + [(mu, buffer[m + B_SUFFIX], buffer[m + A_SUFFIX])]
-            terms = [(1.0, g[m + B_SUFFIX], g[m + A_SUFFIX])] + [(-lr * c, b, a) for c, b, a in step]
+                steps[m] = delta[m] + [(mu, buffer[m + B_SUFFIX], buffer[m + A_SUFFIX])]
+        sums = []
+        for m in names:
+            gb, ga = g[m + B_SUFFIX], g[m + A_SUFFIX]
+            mask, held_terms = held[m]
+            rest = steps[m][len(held_terms):]
+            if mask is not None:
+                # G - lr * G diag(c) is one term G diag(1 - lr c), not two: the stack loses r columns,
+                # and none at all when every client held all of G and lr is 1 (the column scale is 0).
+                scale = 1.0 - lr * mask
+                terms = [(1.0, gb * scale.to(gb.dtype), ga)] if bool(scale.any()) else []
+            else:
+                terms, rest = [(1.0, gb, ga)], steps[m]
+            terms += [(-lr * c, b, a) for c, b, a in rest]
             if self.residual:
                 terms.append((1.0, self.residual[m + B_SUFFIX], self.residual[m + A_SUFFIX]))
-            u, s, v = svd_of_sum(terms)
+            sums.append(terms)
+        new, residual = {}, {}
+        e_new = e_cut = 0.0
+        for m, (u, s, v) in zip(names, svd_of_sums(sums, keep=2 * self.rank)):
             k = min(self.rank, s.numel())
             dtype_b, dtype_a = g[m + B_SUFFIX].dtype, g[m + A_SUFFIX].dtype
             b, a = split(u, s, v, 0, k)
@@ -273,6 +328,22 @@ class ProductOuter:
         self.buffer = {k: buffer[k] for k in order} if buffer else None
         info = {"cut": e_cut / e_new if e_new > 0 else 0.0, "lost": e_lost / e_new if e_new > 0 else 0.0}
         return {k: new[k] for k in order}, info
+
+    @staticmethod
+    def _held(g: State, m: str, sent: dict[int, State], total: ProductSum) -> tuple[torch.Tensor | None, list[Term]]:
+        """sum_k p_k T_k of module m (what the clients held) as terms. When each T_k is the first r_k
+        components of G (no compression), it is B diag(c) A with c_i = the sum of p_k over the
+        clients holding component i: one term of G's rank instead of one per client (the stack, and
+        the QR, stay small); then c is returned too, else None and one term per client."""
+        gb, ga = g[m + B_SUFFIX], g[m + A_SUFFIX]
+        mask = torch.zeros(ga.shape[0], dtype=torch.float64)
+        for client, w, _ in total.factors:
+            held_b, held_a = sent[client][m + B_SUFFIX], sent[client][m + A_SUFFIX]
+            r = held_a.shape[0]
+            if not (r <= ga.shape[0] and torch.equal(held_a, ga[:r]) and torch.equal(held_b, gb[:, :r])):
+                return None, [(w / total.weight, sent[c][m + B_SUFFIX], sent[c][m + A_SUFFIX]) for c, w, _ in total.factors]
+            mask[:r] += w / total.weight
+        return mask, [(1.0, gb * mask.to(gb.dtype), ga)]
 
 
 def dense(state: State) -> dict[str, torch.Tensor]:
@@ -293,6 +364,7 @@ class FactorsGap:
         self.sketch, self.seed = sketch, seed
         self.acc: dict[str, torch.Tensor] = {}
         self.omega: dict[str, torch.Tensor] = {}
+        self.cast: dict[str, torch.Tensor] = {}  # omega in float32, for float32 updates
         self.weight = 0.0
 
     def _omega(self, m: str, n: int) -> torch.Tensor:
@@ -305,10 +377,19 @@ class FactorsGap:
         return self.omega[m]
 
     def add(self, state: State, w: float) -> None:
+        # The sketch products in the update's own precision (float32 for float32 adapters, no float64
+        # copies: this was most of FedAvg's server time at 7B q,v), summed in float64.
         for m in modules(state):
-            a, b = state[m + A_SUFFIX].to(torch.float64), state[m + B_SUFFIX].to(torch.float64)
-            term = w * (b @ (a @ self._omega(m, a.shape[1])))
-            self.acc[m] = self.acc[m] + term if m in self.acc else term
+            a, b = state[m + A_SUFFIX], state[m + B_SUFFIX]
+            dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+            omega = self._omega(m, a.shape[1])
+            if omega.dtype != dtype:
+                omega = self.cast.setdefault(m, omega.to(dtype))
+            term = b.to(dtype) @ (a.to(dtype) @ omega)
+            if m in self.acc:
+                self.acc[m].add_(term, alpha=w)
+            else:
+                self.acc[m] = term.to(torch.float64) * w
         self.weight += w
 
     def relative(self, mean: State) -> float:
