@@ -29,7 +29,7 @@ import math
 import numpy as np
 import torch
 
-from .data import Example, collate
+from .data import IGNORE_INDEX, Example, collate, encode_example
 from .fusion import RowScores
 from .generation import METRICS, cached_forward, exact_match, greedy_decode, prompt_ids, rouge_l
 from .model import set_active
@@ -86,29 +86,87 @@ def sequence_nll(engine, rows: list[Example]) -> tuple[torch.Tensor, torch.Tenso
     return tok_nll.sum(-1).cpu(), mask.sum(-1).cpu()
 
 
+def prefix_groups(enc: list[tuple[list[int], list[int]]]) -> list[tuple[int, list[int]]]:
+    """One row's candidate encodings (`encode_example`'s (ids, labels), the full-row tokens, which
+    are the truth however the tokenizer splits the prompt from the candidate) grouped by the tokens
+    they share before their first scored one: (prefix length P, the candidates' indices) per group,
+    in order of first appearance. Usually one group (the prompt); more when the prompt is cut from
+    the left by `max_seq_len`, which cuts it differently for candidates of different lengths. P >= 1
+    (the first token is never scored: nothing predicts it), so a group's suffixes are ids[P:]."""
+    groups: dict[tuple, list[int]] = {}
+    for j, (ids, labels) in enumerate(enc):
+        first = next((t for t, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+        groups.setdefault(tuple(ids[:max(first, 1)]), []).append(j)
+    return [(len(key), members) for key, members in groups.items()]
+
+
+@torch.no_grad()
+def candidate_nll(engine, rows: list[Example], idx: list[int], candidates: list[str], weigh=None) -> torch.Tensor:
+    """[len(rows), len(candidates)] summed NLL of each candidate as the response to each row's
+    prompt: what `sequence_nll` gives for the full rows Example(row.prompt, candidate), with each
+    row's prompt run once. Two forwards whatever the rows: the prefixes (`prefix_groups`, right-
+    padded), then every candidate's remaining tokens batched, attending to its prefix's keys and
+    values (the cache, indexed per candidate) at positions that continue the prefix's, so each
+    token sees what it sees in the full row. `weigh(indices)` is called before each forward with
+    the row index (from `idx`) of each sequence in its batch."""
+    tok, max_len, dev = engine.tok, engine.cfg.train.max_seq_len, engine.device
+    pre, suf, owner = [], [], []  # prefixes; (prefix number, candidate, ids, labels) per candidate
+    for r, ex in enumerate(rows):
+        enc = [encode_example(tok, Example(ex.prompt, c), max_len) for c in candidates]
+        for p, members in prefix_groups(enc):
+            for j in members:
+                suf.append((len(pre), j, enc[j][0][p:], enc[j][1][p:]))
+            pre.append(enc[members[0]][0][:p])
+            owner.append(r)
+    forward = cached_forward(engine.engine, engine.model)
+    width = max(len(p) for p in pre)
+    ids = torch.tensor([p + [tok.pad_id] * (width - len(p)) for p in pre], dtype=torch.long)
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in pre], dtype=torch.long)
+    if weigh is not None:
+        weigh([idx[r] for r in owner])
+    logits, cache = forward(ids.to(dev), mask.to(dev), torch.arange(width).expand(len(pre), -1).to(dev), None)
+    lengths = torch.tensor([len(p) for p in pre])
+    last = logits[torch.arange(len(pre)), lengths - 1].float()  # predicts each suffix's first token
+    group = torch.tensor([g for g, _, _, _ in suf])
+    cache.batch_select_indices(group.to(dev))
+    s_width = max(1, max(len(t) for _, _, t, _ in suf))  # an empty suffix (a lone eos row) scores 0
+    s_ids = torch.tensor([t + [tok.pad_id] * (s_width - len(t)) for _, _, t, _ in suf], dtype=torch.long)
+    s_labels = torch.tensor([lab + [IGNORE_INDEX] * (s_width - len(lab)) for _, _, _, lab in suf], dtype=torch.long)
+    s_mask = torch.tensor([[1] * len(t) + [0] * (s_width - len(t)) for _, _, t, _ in suf], dtype=torch.long)
+    position = lengths[group][:, None] + torch.arange(s_width)
+    if weigh is not None:
+        weigh([idx[owner[g]] for g, _, _, _ in suf])
+    s_logits, _ = forward(s_ids.to(dev), torch.cat([mask[group], s_mask], dim=1).to(dev), position.to(dev), cache)
+    logp = torch.log_softmax(torch.cat([last[group.to(dev)][:, None], s_logits[:, :-1].float()], dim=1), dim=-1)
+    scored = (s_labels != IGNORE_INDEX).to(dev)
+    tok_nll = -logp.gather(-1, s_labels.clamp(min=0).to(dev).unsqueeze(-1)).squeeze(-1) * scored
+    out = torch.zeros(len(rows), len(candidates))
+    for (g, j, _, _), v in zip(suf, tok_nll.sum(-1).cpu()):
+        out[owner[g], j] = v
+    return out
+
+
 @torch.no_grad()
 def scored_batches(engine, rows: list[Example], stripes: Stripes, candidate_lists: list[list[str]], weigh=None):
     """This rank's rows scored batch by batch, with the adapters now active: per batch (indices,
     nll, tokens, right, cand_nll) for its real rows, `nll` and `tokens` as `sequence_nll` gives them,
     `right` one list per candidate list, 1.0 where the row's best-scored candidate is its own
     response, and `cand_nll` one [rows, candidates] tensor per list (each candidate response's
-    summed NLL, in the list's order: the fusion's candidate cross-entropy). Every distinct response of all the lists is scored once per row, and each list
-    picks among its own. `weigh(indices, repeat)` is called before each forward whose batch is
-    each of those rows `repeat` times in a row (FedDPA sets its per-row weights there)."""
+    summed NLL, in the list's order: the fusion's candidate cross-entropy). Every distinct response
+    of all the lists is scored once per row (`candidate_nll`: three forwards a batch in all, the
+    same on every rank), and each list picks among its own. `weigh(indices)` is called before each
+    forward with the row index of each sequence in its batch (FedDPA sets its per-row weights there)."""
     engine.engine.eval()
     union = sorted({c for cands in candidate_lists for c in cands})
     columns = [[union.index(c) for c in cands] for cands in candidate_lists]
     for idx, real in stripes.batches(engine.cfg.train.eval_batch_size):
         chunk = [rows[i] for i in idx]
         if weigh is not None:
-            weigh(idx, 1)
+            weigh(idx)
         nll, toks = sequence_nll(engine, chunk)
         right, cand_nll = [], []
         if union:
-            if weigh is not None:
-                weigh(idx, len(union))
-            cn, _ = sequence_nll(engine, [Example(ex.prompt, c) for ex in chunk for c in union])
-            cn = cn.view(len(chunk), len(union))
+            cn = candidate_nll(engine, chunk, idx, union, weigh)
             for cands, cols in zip(candidate_lists, columns):
                 best = cn[:, cols].argmin(-1)
                 right.append([float(cands[int(best[i])] == chunk[i].response) for i in range(real)])
@@ -285,10 +343,8 @@ def evaluate_instance_weighted(engine, rows: list[Example], w_global: torch.Tens
     cands = candidates or []
     current = {GLOBAL: [None], PERSONAL: [None]}
 
-    def weigh(idx, repeat: int = 1):  # the batch's rows, each `repeat` times in a row, keep their weights
-        w = w_global[idx].float()
-        if repeat > 1:
-            w = w.repeat_interleave(repeat)
+    def weigh(idx):  # each sequence of the next forward takes its row's weights
+        w = w_global[list(idx)].float()
         current[GLOBAL][0], current[PERSONAL][0] = w, 1.0 - w
 
     # Sums per batch in float32, where `evaluate` sums the rows in float64: kept as it was, so the
