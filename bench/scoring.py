@@ -1,4 +1,4 @@
-"""Candidate scoring, full rows against each prompt run once (evaluation.candidate_nll), on one process:
+"""Candidate scoring, full rows against each prompt run once (evaluation.score_batch), on one process:
 the same NLLs and picks, and the time of each, on a config's own model, tokenizer and rows.
 
     python bench/scoring.py --set model.path=runs/smollm2-135m          # configs/real-smollm2.yaml
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from fdlora_cluster.config import load_config
     from fdlora_cluster.data import Example, encode_example, get_tokenizer, load_clients
-    from fdlora_cluster.evaluation import Stripes, candidate_nll, prefix_groups, sequence_nll
+    from fdlora_cluster.evaluation import Stripes, prefix_groups, score_batch, sequence_nll
     from fdlora_cluster.model import adapter_params, add_adapters, build_base, set_active
     from fdlora_cluster.state import GLOBAL, PERSONAL
 
@@ -65,12 +65,16 @@ def main(argv=None) -> int:
         whole = sum(tok.encode(r.prompt + c) != tok.encode(r.prompt) + tok.encode(c) for r in rows for c in cands)
         batches = [idx for idx, _ in Stripes(engine, len(rows)).batches(bs)]
 
-        def full():
-            return torch.cat([sequence_nll(engine, [Example(rows[i].prompt, c) for i in idx for c in cands])[0]
-                              .view(len(idx), len(cands)) for idx in batches])
+        def full():  # what scored_batches ran before: the rows, then one full row per row and candidate
+            out = []
+            for idx in batches:
+                sequence_nll(engine, [rows[i] for i in idx])
+                out.append(sequence_nll(engine, [Example(rows[i].prompt, c) for i in idx for c in cands])[0]
+                           .view(len(idx), len(cands)))
+            return torch.cat(out)
 
-        def shared():
-            return torch.cat([candidate_nll(engine, [rows[i] for i in idx], idx, cands) for idx in batches])
+        def shared():  # scored_batches now: the same two forwards, the second on the candidates' tokens
+            return torch.cat([score_batch(engine, [rows[i] for i in idx], idx, cands)[2] for idx in batches])
 
         times = {}
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Candidate scoring with each row's prompt run once (evaluation.candidate_nll) against the full rows
+"""Candidate scoring with each row's prompt run once (evaluation.score_batch) against the full rows
 it stands for (evaluation.sequence_nll on Example(prompt, candidate)): the summed NLLs, the accuracy
 and candidate cross-entropy built on them, FedDPA's per-row weights, and the forward count that
 keeps a client's ranks in step."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fdlora_cluster.data import Example, encode_example
-from fdlora_cluster.evaluation import (Stripes, candidate_nll, evaluate_instance_weighted, prefix_groups,
+from fdlora_cluster.evaluation import (Stripes, evaluate_instance_weighted, prefix_groups, score_batch,
                                        row_weighted_branches, sequence_nll)
 from fdlora_cluster.fusion import candidate_cross_entropy
 from fdlora_cluster.model import set_active
@@ -60,9 +60,12 @@ def test_candidate_nll_is_the_full_rows_nll(one_rank, active, scales):
     e = one_rank
     rows, cands = hard_rows(e)
     set_active(e.model, active, scales)
-    shared = candidate_nll(e, rows, list(range(len(rows))), cands)
+    nll, toks, shared = score_batch(e, rows, list(range(len(rows))), cands)
     full = full_rows(e, rows, cands)
     assert shared.shape == full.shape
+    own_nll, own_toks = sequence_nll(e, rows)  # the rows' own responses, from the same first forward
+    torch.testing.assert_close(nll, own_nll, rtol=1e-5, atol=1e-4)
+    assert toks.tolist() == own_toks.tolist()
     torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-4)
     prompted = [i for i, r in enumerate(rows) if r.prompt]  # the empty candidate still scores its eos
     assert (full[prompted, cands.index("")] > 0).all() and full[rows.index(rows[5]), cands.index("")] == 0
@@ -101,11 +104,11 @@ def test_feddpa_row_weights_reach_the_prefix_and_the_candidates(one_rank):
 
     set_active(e.model, [PERSONAL, GLOBAL])
     with row_weighted_branches(e.model, current):
-        shared = candidate_nll(e, rows, list(range(len(rows))), cands, weigh)
+        shared = score_batch(e, rows, list(range(len(rows))), cands, weigh)[2]
         weigh([i for i in range(len(rows)) for _ in cands])
         full = full_rows(e, rows, cands)
         weigh([0] * len(rows))
-        unweighted_row0 = candidate_nll(e, rows, [0] * len(rows), cands, weigh)
+        unweighted_row0 = score_batch(e, rows, [0] * len(rows), cands, weigh)[2]
     torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-4)
     assert (shared - unweighted_row0).abs().max() > 1e-3  # the weights matter
     # and through the engine's path: accuracy among candidates as the full rows pick
@@ -120,7 +123,8 @@ def test_feddpa_row_weights_reach_the_prefix_and_the_candidates(one_rank):
 
 def test_every_batch_runs_the_same_forwards_whatever_its_rows(one_rank):
     """Under ZeRO-3 every forward gathers parameters collectively, so a rank's forward count may not
-    depend on its rows: three per batch (the row's own response, the prefixes, the candidates)."""
+    depend on its rows: two per batch with candidates (the rows with any other prefix, then the
+    candidates' tokens), as many as scoring full rows took; one without."""
     from fdlora_cluster.evaluation import scored_batches
 
     e = one_rank
@@ -136,8 +140,9 @@ def test_every_batch_runs_the_same_forwards_whatever_its_rows(one_rank):
     e.engine.eval = model.eval
     try:
         for subset in (rows[:1], rows[-1:], rows):
-            calls.clear()
-            batches = list(scored_batches(e, subset, Stripes(e, len(subset)), [cands]))
-            assert len(calls) == 3 * len(batches)
+            for lists, per_batch in (([cands], 2), ([], 1)):
+                calls.clear()
+                batches = list(scored_batches(e, subset, Stripes(e, len(subset)), lists))
+                assert len(calls) == per_batch * len(batches)
     finally:
         e.engine = model
