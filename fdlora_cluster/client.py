@@ -247,6 +247,7 @@ class Client:
         scaling reproduces, the candidate is merged and written into the `fused` slot, and that
         adapter alone is scored."""
         f = self.cfg.fusion
+        started = time.monotonic()  # the fusion record's `seconds`: its cost against the rounds' (issue 18)
         s_p = adapter_scaling(self.engine.model, PERSONAL)
         s_g = adapter_scaling(self.engine.model, GLOBAL)
         personal, glob = self.engine.read(PERSONAL), self.engine.read(GLOBAL)
@@ -310,7 +311,7 @@ class Client:
                                   "objective": f.objective, "data_objective": result.data_objective,
                                   "evaluations": result.evaluations}
         self.record("fusion", None, w_personal=mean_p, w_global=mean_g, weights=by_group, merge=f.merge,
-                    rows=f.rows, granularity=f.granularity, **extra)
+                    rows=f.rows, granularity=f.granularity, seconds=time.monotonic() - started, **extra)
         if self.is_leader:
             how = (f" chosen by {result.chosen_by}, few-shot {f.objective} objective {result.objective:.4f} "
                    f"after {result.evaluations} evaluations" if result else "")
@@ -346,9 +347,11 @@ class Client:
     def evaluate(self, step: Evaluate) -> None:
         d = self.engine.data
         for name in step.adapters:
+            started = time.monotonic()
             self.results[name] = self.engine.evaluate(d.test, name, candidates=d.candidates,
                                                       candidates_all=d.candidates_all)
-            self.record("eval", None, adapter=name, split="test", **self.results[name])
+            self.record("eval", None, adapter=name, split="test", seconds=time.monotonic() - started,
+                        **self.results[name])
         if step.instance_weighted:
             self.results[FUSED], self.instance_weights = self.evaluate_instance_weighted()
 

@@ -29,7 +29,7 @@ import math
 import numpy as np
 import torch
 
-from .data import Example, collate
+from .data import IGNORE_INDEX, Example, collate, encode_example
 from .fusion import RowScores
 from .generation import METRICS, cached_forward, exact_match, greedy_decode, prompt_ids, rouge_l
 from .model import set_active
@@ -72,18 +72,98 @@ class Stripes:
 # --------------------------------------------------------------------------- scoring
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed NLL of the labelled tokens (each predicted by the logits one position before),
+    and their counts, on the CPU."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits, dim=-1)
+    tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return tok_nll.sum(-1).cpu(), mask.sum(-1).cpu()
+
+
 @torch.no_grad()
 def sequence_nll(engine, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed NLL of the response tokens, and their token counts (one forward)."""
     batch = collate(engine.tok, rows, engine.cfg.train.max_seq_len)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     logits = engine.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    logp = torch.log_softmax(logits, dim=-1)
-    tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    return tok_nll.sum(-1).cpu(), mask.sum(-1).cpu()
+    return token_nll(logits, batch["labels"])
+
+
+def prefix_groups(enc: list[tuple[list[int], list[int]]]) -> list[tuple[int, list[int]]]:
+    """One row's candidate encodings (`encode_example`'s (ids, labels), the full-row tokens, which
+    are the truth however the tokenizer splits the prompt from the candidate) grouped by the tokens
+    they share before their first scored one: (prefix length P, the candidates' indices) per group,
+    in order of first appearance. Usually one group (the prompt); more when the prompt is cut from
+    the left by `max_seq_len`, which cuts it differently for candidates of different lengths. P >= 1
+    (the first token is never scored: nothing predicts it), so a group's suffixes are ids[P:]."""
+    groups: dict[tuple, list[int]] = {}
+    for j, (ids, labels) in enumerate(enc):
+        first = next((t for t, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+        groups.setdefault(tuple(ids[:max(first, 1)]), []).append(j)
+    return [(len(key), members) for key, members in groups.items()]
+
+
+@torch.no_grad()
+def score_batch(engine, rows: list[Example], idx: list[int], candidates: list[str], weigh=None):
+    """(nll, tokens, cand_nll) of a batch: `nll` and `tokens` per row as `sequence_nll` gives them,
+    and `cand_nll` [len(rows), len(candidates)], each candidate's summed NLL as the response to the
+    row's prompt, what `sequence_nll` gives for the full rows Example(row.prompt, candidate), with
+    each prompt run once (None without candidates). Two forwards with candidates, one without,
+    whatever the rows: the rows themselves (with any prefix (`prefix_groups`) that is not the start
+    of its own row), then every candidate's remaining tokens batched, attending to its prefix's
+    keys and values (the first forward's cache, indexed per candidate, masked past the prefix) at
+    positions that continue the prefix's, so each token sees what it sees in the full row: the same
+    forwards as scoring full rows, the second one on the candidates' tokens only.
+    `weigh(indices)` is called before each forward with the row index (from `idx`) of each sequence."""
+    tok, max_len, dev = engine.tok, engine.cfg.train.max_seq_len, engine.device
+    own = [encode_example(tok, ex, max_len) for ex in rows]
+    seqs, owner = [ids for ids, _ in own], list(range(len(rows)))  # the first forward's sequences
+    suf = []  # (sequence, prefix length, candidate, ids, labels) per candidate and row
+    for r, ex in enumerate(rows):
+        enc = [encode_example(tok, Example(ex.prompt, c), max_len) for c in candidates]
+        for p, members in prefix_groups(enc):
+            prefix = enc[members[0]][0][:p]
+            if seqs[r][:p] == prefix:  # its own row starts so: its keys and values up to p serve
+                s = r
+            else:  # a chat row, or a prompt cut otherwise than for the row's own response
+                s = len(seqs)
+                seqs.append(prefix)
+                owner.append(r)
+            suf.extend((s, p, j, enc[j][0][p:], enc[j][1][p:]) for j in members)
+    forward = cached_forward(engine.engine, engine.model)
+    width = max(len(q) for q in seqs)
+    ids = torch.tensor([q + [tok.pad_id] * (width - len(q)) for q in seqs], dtype=torch.long)
+    mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], dtype=torch.long)
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in own], dtype=torch.long)
+    if weigh is not None:
+        weigh([idx[r] for r in owner])
+    logits, cache = forward(ids.to(dev), mask.to(dev), torch.arange(width).expand(len(seqs), -1).to(dev), None)
+    nll, toks = token_nll(logits[:len(rows)], labels.to(dev))
+    if not suf:
+        return nll, toks, None
+    seq = torch.tensor([s for s, _, _, _, _ in suf])
+    plen = torch.tensor([p for _, p, _, _, _ in suf])
+    last = logits[seq.to(dev), (plen - 1).to(dev)].float()  # predicts each suffix's first token
+    cache.batch_select_indices(seq.to(dev))
+    s_width = max(1, max(len(t) for _, _, _, t, _ in suf))  # an empty suffix (a lone eos row) scores 0
+    s_ids = torch.tensor([t + [tok.pad_id] * (s_width - len(t)) for _, _, _, t, _ in suf], dtype=torch.long)
+    s_labels = torch.tensor([lab + [IGNORE_INDEX] * (s_width - len(lab)) for *_, lab in suf], dtype=torch.long)
+    s_mask = torch.tensor([[1] * len(t) + [0] * (s_width - len(t)) for _, _, _, t, _ in suf], dtype=torch.long)
+    prefix_mask = (torch.arange(width) < plen[:, None]).long()  # the own row's tokens past p are not the prefix
+    if weigh is not None:
+        weigh([idx[owner[s]] for s, _, _, _, _ in suf])
+    s_logits, _ = forward(s_ids.to(dev), torch.cat([prefix_mask, s_mask], dim=1).to(dev),
+                          (plen[:, None] + torch.arange(s_width)).to(dev), cache)
+    logp = torch.log_softmax(torch.cat([last[:, None], s_logits[:, :-1].float()], dim=1), dim=-1)
+    scored = (s_labels != IGNORE_INDEX).to(dev)
+    per_token = -logp.gather(-1, s_labels.clamp(min=0).to(dev).unsqueeze(-1)).squeeze(-1) * scored
+    cand = torch.zeros(len(rows), len(candidates))
+    for (s, _, j, _, _), v in zip(suf, per_token.sum(-1).cpu()):
+        cand[owner[s], j] = v
+    return nll, toks, cand
 
 
 @torch.no_grad()
@@ -92,27 +172,21 @@ def scored_batches(engine, rows: list[Example], stripes: Stripes, candidate_list
     nll, tokens, right, cand_nll) for its real rows, `nll` and `tokens` as `sequence_nll` gives them,
     `right` one list per candidate list, 1.0 where the row's best-scored candidate is its own
     response, and `cand_nll` one [rows, candidates] tensor per list (each candidate response's
-    summed NLL, in the list's order: the fusion's candidate cross-entropy). Every distinct response of all the lists is scored once per row, and each list
-    picks among its own. `weigh(indices, repeat)` is called before each forward whose batch is
-    each of those rows `repeat` times in a row (FedDPA sets its per-row weights there)."""
+    summed NLL, in the list's order: the fusion's candidate cross-entropy). Every distinct response
+    of all the lists is scored once per row (`score_batch`: the same forwards on every rank), and
+    each list picks among its own. `weigh(indices)` is called before each forward with the row
+    index of each sequence in its batch (FedDPA sets its per-row weights there)."""
     engine.engine.eval()
     union = sorted({c for cands in candidate_lists for c in cands})
     columns = [[union.index(c) for c in cands] for cands in candidate_lists]
     for idx, real in stripes.batches(engine.cfg.train.eval_batch_size):
         chunk = [rows[i] for i in idx]
-        if weigh is not None:
-            weigh(idx, 1)
-        nll, toks = sequence_nll(engine, chunk)
+        nll, toks, cn = score_batch(engine, chunk, idx, union, weigh)
         right, cand_nll = [], []
-        if union:
-            if weigh is not None:
-                weigh(idx, len(union))
-            cn, _ = sequence_nll(engine, [Example(ex.prompt, c) for ex in chunk for c in union])
-            cn = cn.view(len(chunk), len(union))
-            for cands, cols in zip(candidate_lists, columns):
-                best = cn[:, cols].argmin(-1)
-                right.append([float(cands[int(best[i])] == chunk[i].response) for i in range(real)])
-                cand_nll.append(cn[:real, cols])
+        for cands, cols in zip(candidate_lists, columns):
+            best = cn[:, cols].argmin(-1)
+            right.append([float(cands[int(best[i])] == chunk[i].response) for i in range(real)])
+            cand_nll.append(cn[:real, cols])
         yield idx[:real], nll[:real], toks[:real], right, cand_nll
 
 
@@ -285,10 +359,8 @@ def evaluate_instance_weighted(engine, rows: list[Example], w_global: torch.Tens
     cands = candidates or []
     current = {GLOBAL: [None], PERSONAL: [None]}
 
-    def weigh(idx, repeat: int = 1):  # the batch's rows, each `repeat` times in a row, keep their weights
-        w = w_global[idx].float()
-        if repeat > 1:
-            w = w.repeat_interleave(repeat)
+    def weigh(idx):  # each sequence of the next forward takes its row's weights
+        w = w_global[list(idx)].float()
         current[GLOBAL][0], current[PERSONAL][0] = w, 1.0 - w
 
     # Sums per batch in float32, where `evaluate` sums the rows in float64: kept as it was, so the
