@@ -21,7 +21,7 @@ makes client 1's leader a straggler the other ranks wait for (faults.py), so the
 are mostly waiting.
 
 waits: two ranks; rank 1 waits ~3 s for rank 0 in MPI's blocking bcast, in MPI_Ibarrier tested
-with transport.wait_for's backoff, and in a torch.distributed (gloo) broadcast; its CPU seconds
+with waits.wait_for's backoff, and in a torch.distributed (gloo) broadcast; its CPU seconds
 in each wait.
 """
 
@@ -321,7 +321,7 @@ def waits_probe(seconds: float) -> None:
     import torch
     import torch.distributed as dist
 
-    from fdlora_cluster.transport import yielding_barrier
+    from fdlora_cluster.waits import yielding_barrier
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -329,7 +329,7 @@ def waits_probe(seconds: float) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     waits = {
         "MPI bcast (mpi4py, blocking)": lambda: comm.bcast("x" if rank == 0 else None, root=0),
-        "MPI_Ibarrier + transport.wait_for": lambda: yielding_barrier(comm),
+        "MPI_Ibarrier + waits.wait_for": lambda: yielding_barrier(comm),
         "torch.distributed broadcast (gloo)": lambda: dist.broadcast(torch.zeros(1024), src=0),
         "torch.distributed barrier (gloo)": lambda: dist.barrier(),
     }

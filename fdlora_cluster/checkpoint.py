@@ -50,7 +50,7 @@ import threading
 import numpy as np
 import torch
 
-from .transport import wait_for
+from .waits import wait_for
 from .watchdog import beat
 
 CHECKPOINTS = "checkpoints"

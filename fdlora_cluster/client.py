@@ -25,7 +25,8 @@ from .model import adapter_scaling, lora_config, save_adapter
 from .state import FUSED, GLOBAL, PERSONAL, Layout, digest
 from .strategies.combine import b_keys
 from .strategies.plan import Copy, Evaluate, Fuse, JoinFederation, SendUpdate, Step, Train
-from .transport import ClientUpdate, Counters, Transport, yielding_barrier
+from .transport import ClientUpdate, Counters, Transport
+from .waits import yielding_barrier
 
 class Received(NamedTuple):
     """A global adapter as every rank of the client learns it (the state on the leader only)."""

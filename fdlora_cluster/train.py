@@ -28,7 +28,8 @@ from .model import add_adapters, build_base, freeze_a, lora_config, save_adapter
 from .state import FUSED, GLOBAL, PERSONAL
 from .strategies import Fuse, make_strategy
 from .topology import build_topology
-from .transport import Counters, Transport, yielding_barrier
+from .transport import Counters, Transport
+from .waits import yielding_barrier
 from .watchdog import start as start_watchdog
 
 

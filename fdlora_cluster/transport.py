@@ -43,7 +43,7 @@ at the server). A leader's residual after an update is kept only once the next g
 was averaged (`_settle`): a dropped update's rounding error is dropped with it, never added to the
 next, unrelated update (and a non-finite one cannot poison every later update of its client).
 
-Every wait on the federation yields the CPU (`wait_for`): a non-blocking receive or probe tested
+Every wait on the federation yields the CPU (`waits.wait_for`): a non-blocking receive or probe tested
 with a growing sleep in between, never MPI's blocking receive, which under MPICH spins on a core
 for as long as it waits (the server for a whole round, a leader while the other clients train).
 `yielding_barrier` does the same for the ranks that wait inside a client or at the job's end.
@@ -53,14 +53,13 @@ from __future__ import annotations
 
 import pickle
 import struct
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .state import Layout, add, sub
 from .strategies.combine import b_keys
-from .watchdog import beat
+from .waits import wait_for
 
 TAG_LAYOUT = 10
 TAG_TO_LEADER = 11  # global, final, abort
@@ -69,37 +68,6 @@ TAG_TO_SERVER = 12  # init, update
 KINDS = ("init", "global", "final", "update", "abort", "bye", "global_c", "final_c", "update_c")
 # *_c: a compressed change to the reference adapter instead of the adapter (federation.compress)
 HEADER = struct.Struct("<qqqdd")  # kind, round, client, num_samples, loss (an update's; NaN in the others)
-
-
-# The sleep between two tests of a pending MPI request: from 0.1 ms, doubled after each miss, up to
-# 16 ms. A message is then seen at most ~16 ms after it lands (once per round, not per step), and a
-# rank that waits a whole round wakes ~60 times a second instead of spinning on a core.
-POLL_FIRST_S = 1e-4
-POLL_MOST_S = 0.016
-
-
-def wait_for(ready, deadline: float | None = None) -> bool:
-    """Call `ready()` until it returns True (then True) or `deadline` (time.monotonic()) passes
-    (then False), sleeping between calls with a backoff that starts again at every call."""
-    delay = POLL_FIRST_S
-    while not ready():
-        beat()  # waiting on a peer is not a hang (watchdog.py); the peer's own watchdog names it
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(delay, left))
-        else:
-            time.sleep(delay)
-        delay = min(2 * delay, POLL_MOST_S)
-    return True
-
-
-def yielding_barrier(comm) -> None:
-    """A barrier on `comm` whose wait sleeps (MPI_Ibarrier + wait_for), for ranks that may wait long:
-    a follower for its leader's global adapter, the server for the clients' final phases."""
-    request = comm.Ibarrier()
-    wait_for(request.Test)
 
 
 class TransportError(RuntimeError):

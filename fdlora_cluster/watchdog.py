@@ -1,7 +1,7 @@
 """The hang watchdog (`federation.hang_timeout_s`): a rank that stops making progress ends the job, named.
 
 Progress is a heartbeat, `beat()`, that the rank's main thread gives where it works or waits:
-every poll of a wait on MPI (`transport.wait_for`, so a rank that waits on a peer counts as
+every poll of a wait on MPI (`waits.wait_for`, so a rank that waits on a peer counts as
 alive), every training step, every evaluation batch, every checkpoint file written while the main
 thread waits for its writer thread (checkpoint.Writer). A daemon thread per
 rank (`start`) watches it; after `hang_timeout_s` seconds without one it prints on the console

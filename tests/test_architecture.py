@@ -78,6 +78,7 @@ def test_no_import_cycle():
     ("fdlora_cluster.compress", {"fdlora_cluster.state"}),
     ("fdlora_cluster.dp", {"fdlora_cluster.state"}),
     ("fdlora_cluster.watchdog", set()),
+    ("fdlora_cluster.waits", {"fdlora_cluster.watchdog"}),
 ])
 def test_the_ground_floor_imports_only_what_is_below_it(module, allowed):
     assert imports()[module] <= allowed, imports()[module] - allowed
