@@ -157,11 +157,12 @@ def score_batch(engine, rows: list[Example], idx: list[int], candidates: list[st
         weigh([idx[owner[s]] for s, _, _, _, _ in suf])
     s_logits, _ = forward(s_ids.to(dev), torch.cat([prefix_mask, s_mask], dim=1).to(dev),
                           (plen[:, None] + torch.arange(s_width)).to(dev), cache)
-    logp = torch.log_softmax(torch.cat([last[:, None], s_logits[:, :-1].float()], dim=1), dim=-1)
-    scored = (s_labels != IGNORE_INDEX).to(dev)
-    per_token = -logp.gather(-1, s_labels.clamp(min=0).to(dev).unsqueeze(-1)).squeeze(-1) * scored
+    # `last` in front of the suffixes' logits, an unscored label in front of theirs: token_nll's shift
+    # then pairs each suffix token with the logits that predict it, as in the full row
+    s_nll, _ = token_nll(torch.cat([last[:, None], s_logits.float()], dim=1),
+                         torch.cat([torch.full((len(suf), 1), IGNORE_INDEX), s_labels], dim=1).to(dev))
     cand = torch.zeros(len(rows), len(candidates))
-    for (s, _, j, _, _), v in zip(suf, per_token.sum(-1).cpu()):
+    for (s, _, j, _, _), v in zip(suf, s_nll):
         cand[owner[s], j] = v
     return nll, toks, cand
 
