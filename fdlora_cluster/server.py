@@ -61,6 +61,8 @@ class Server:
         # global.combine and per-client ranks (strategies/combine.py): the server's global adapter
         # has the largest client rank; each client gets and sends its own rank's (`sent`)
         self.combine = cfg.global_.combine
+        # factors: what product would differ by, logged each round (its sketches drawn once, here)
+        self.gap = FactorsGap(seed=cfg.seed) if self.combine == "factors" else None
         self.ranks = dict(zip(self.clients, cfg.global_ranks()))
         self.rank = max(self.ranks.values())
         self.same_ranks = len(set(self.ranks.values())) == 1
@@ -161,7 +163,9 @@ class Server:
         waited_on = False  # on_short_round = wait: the deadline passed short of min_clients
         before = self.global_state
         total = self.strategy.new_sum(self.clients)
-        gap = FactorsGap(seed=self.cfg.seed) if self.combine == "factors" else None
+        gap = self.gap
+        if gap is not None:
+            gap.new_round()
         norms: dict[int, float] = {}
         losses: dict[int, float] = {}  # the leaders' mean training loss of the round
         rejected: dict[int, str] = {}

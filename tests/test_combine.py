@@ -236,6 +236,13 @@ def test_factors_gap_measures_the_cross_term():
         high.add(u, w)
     assert all(a.dtype == torch.float64 for a in low.acc.values())  # summed in float64
     assert low.relative(mean) == pytest.approx(high.relative(mean), rel=1e-5)
+    # a gap kept from round to round (the server's) measures each round as a fresh one would
+    low.new_round()
+    fresh = FactorsGap(sketch=4)
+    for u, w in zip(reversed(updates), weights):
+        low.add(u, w)
+        fresh.add(u, w)
+    assert low.relative(updates[0]) == fresh.relative(updates[0])
 
 
 def test_layouts_of_clients_of_different_ranks_differ_only_in_rank():

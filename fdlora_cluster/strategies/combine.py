@@ -358,13 +358,19 @@ class FactorsGap:
     ||sum p B_k A_k||, over all modules, without keeping the updates or forming m x n matrices:
     both are multiplied by a seeded n x s Gaussian sketch (E||M W||^2 = ||M||^2; W is the identity,
     so the figure is exact, when n <= s), and only sum p_k B_k (A_k W) (m x s) is accumulated.
-    With s = 64 the estimate is within about +-20% (1/sqrt(s/2)): enough to see whether it matters."""
+    With s = 64 the estimate is within about +-20% (1/sqrt(s/2)): enough to see whether it matters.
+    The server keeps one for the whole job and calls `new_round` before each round: the sketches,
+    the same every round (seeded), are drawn once."""
 
     def __init__(self, sketch: int = 64, seed: int = 0):
         self.sketch, self.seed = sketch, seed
-        self.acc: dict[str, torch.Tensor] = {}
         self.omega: dict[str, torch.Tensor] = {}
         self.cast: dict[str, torch.Tensor] = {}  # omega in float32, for float32 updates
+        self.new_round()
+
+    def new_round(self) -> None:
+        """Forget the last round's updates; keep the sketches."""
+        self.acc: dict[str, torch.Tensor] = {}
         self.weight = 0.0
 
     def _omega(self, m: str, n: int) -> torch.Tensor:
