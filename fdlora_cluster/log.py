@@ -165,6 +165,14 @@ def text_table(head, rows) -> str:
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
+def privacy_sentence(p: dict) -> str:
+    """What a run spent of client-level differential privacy, from summary.json's `privacy`: the
+    line under the results table (train.py) and in each run's line of a report (report.py)."""
+    return (f"client-level DP on the global adapter: epsilon = {p['epsilon']:.4g} at delta = {p['delta']:g} after "
+            f"{p['rounds']} rounds (clip {p['clip_norm']:g}, noise multiplier {p['noise_multiplier']:g}, "
+            f"{p['accountant']} accountant); personal and fused adapters never leave their client")
+
+
 def human_bytes(n: float) -> str:
     """999 -> '999 B', 1234567 -> '1.23MB' (tqdm's decimal units above 1000 bytes)."""
     from tqdm import tqdm

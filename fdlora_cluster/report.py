@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from .log import privacy_sentence
+
 
 class ReportError(ValueError):
     """A run directory that cannot be reported on; the message names the directory and file."""
@@ -111,15 +113,6 @@ def steps_of(client_summary: dict, adapter: str) -> str:
     if adapter == "fused":
         return f"0 ({steps['personal']} + {steps['global']})"
     return str(steps.get(adapter, "-"))
-
-
-def privacy_of(summary: dict) -> str:
-    """What a run spent of client-level differential privacy (summary.json's `privacy`), or ''."""
-    p = summary.get("privacy")
-    if not p:
-        return ""
-    return (f", client-level DP epsilon {p['epsilon']:.4g} at delta {p['delta']:g} after {p['rounds']} rounds "
-            f"(clip {p['clip_norm']:g}, noise multiplier {p['noise_multiplier']:g})")
 
 
 def per_client_rows(run: Run, gen: tuple = ()) -> list[tuple]:
@@ -299,7 +292,8 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, title: str | N
         parts.append(f"- `{r.dir}`: strategy **{r.method}**, {s.get('rounds')} rounds, world size "
                      f"{s.get('world_size')}, seed {r.config.get('seed')}, "
                      f"{_fmt(s.get('bytes_per_round'), 0)} B per round at the server, "
-                     f"{_fmt(s.get('seconds_per_round'), 2)} s per round{privacy_of(s)}")
+                     f"{_fmt(s.get('seconds_per_round'), 2)} s per round"
+                     + (f"; {privacy_sentence(s['privacy'])}" if s.get("privacy") else ""))
     parts.append("")
     if len(runs) > 1:
         parts += ["## Comparison (test accuracy of each method's headline adapter)", "",

@@ -23,7 +23,7 @@ from .config import AdapterConfig, Config
 from .data import check_responses_fit, get_tokenizer, load_clients
 from .faults import maybe_fail
 from .fusion import fused_lora_shape
-from .log import FILE_ONLY, RoundProgress, get_logger, human_bytes, setup_logging, text_table
+from .log import FILE_ONLY, RoundProgress, get_logger, human_bytes, privacy_sentence, setup_logging, text_table
 from .model import add_adapters, build_base, freeze_a, lora_config, save_adapter
 from .state import FUSED, GLOBAL, PERSONAL
 from .strategies import Fuse, make_strategy
@@ -373,7 +373,8 @@ def finish(cfg, topo, run_dir, server_summary) -> dict | None:
             if r["client"] is not None:
                 run_dir.tracker.record(r)
         run_dir.tracker.summary(summary)
-    get_logger().info("results per client:\n" + results_table(summary) + privacy_line(summary))
+    get_logger().info("results per client:\n" + results_table(summary)
+                      + ("\n" + privacy_sentence(summary["privacy"]) if summary.get("privacy") else ""))
     return summary
 
 
@@ -384,16 +385,6 @@ def privacy_summary(cfg, rounds: list[dict]) -> dict:
     return {"epsilon": released[-1] if released else 0.0, "delta": p.delta, "rounds": len(released),
             "clip_norm": p.clip_norm, "noise_multiplier": p.noise_multiplier, "accountant": p.accountant,
             "target_epsilon": p.target_epsilon}
-
-
-def privacy_line(summary: dict) -> str:
-    """The line under the results table with privacy on (empty otherwise)."""
-    p = summary.get("privacy")
-    if not p:
-        return ""
-    return (f"\nclient-level DP on the global adapter: epsilon = {p['epsilon']:.4g} at delta = {p['delta']:g} after "
-            f"{p['rounds']} rounds (clip {p['clip_norm']:g}, noise multiplier {p['noise_multiplier']:g}, "
-            f"{p['accountant']} accountant); personal and fused adapters never leave their client")
 
 
 def results_table(summary: dict) -> str:

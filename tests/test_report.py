@@ -50,10 +50,12 @@ def test_report_of_several_runs_has_comparison_and_plots(tmp_path):
     assert "| local | 1 | personal | 0.750 | 1.1000 | 1.100 | 10 | 100 |" in text
     assert "epsilon" not in text
     summary = json.loads(open(f"{b}/summary.json").read())
-    summary["privacy"] = {"epsilon": 7.91, "delta": 1e-5, "rounds": 2, "clip_norm": 0.5, "noise_multiplier": 1.1}
+    summary["privacy"] = {"epsilon": 7.91, "delta": 1e-5, "rounds": 2, "clip_norm": 0.5, "noise_multiplier": 1.1,
+                          "accountant": "rdp"}
     open(f"{b}/summary.json", "w").write(json.dumps(summary))
     private = open(write_report([b], out_dir=str(tmp_path / "rep-b"))).read()
-    assert "client-level DP epsilon 7.91 at delta 1e-05 after 2 rounds (clip 0.5, noise multiplier 1.1)" in private
+    assert ("client-level DP on the global adapter: epsilon = 7.91 at delta = 1e-05 after 2 rounds (clip 0.5, "
+            "noise multiplier 1.1, rdp accountant)") in private
     for png in ("loss_per_round.png", "accuracy_by_method.png", "fusion_weights.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
         assert f"]({png})" in text
