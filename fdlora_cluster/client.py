@@ -281,7 +281,7 @@ class Client:
 
                 result = search_weights(score_everywhere, len(groups), f.optimizer, f.budget, f.bounds, f.l1,
                                         seed=self.cfg.seed * 1009 + self.id, objective=f.objective,
-                                        mix=f.mix, folds=f.folds, margin=f.margin,
+                                        mix=f.mix, folds=f.folds, margin=f.margin, refit=f.fold_search == "refit",
                                         progress=self.fusion_progress(len(groups)))
                 comm.bcast(None, root=0)  # the search is over
                 for c in result.curve:
@@ -327,7 +327,7 @@ class Client:
         from .fusion import ANCHORS, search_evaluations
 
         f = self.cfg.fusion
-        folds = f.folds if f.folds > 1 else 0
+        folds = f.folds if f.folds > 1 and f.fold_search == "refit" else 0  # pool: the folds reuse scores
         most = len(ANCHORS) + search_evaluations(f.budget, n_groups) * (1 + folds)
         every = max(1, most // 10)
         said, shown = [0], [time.monotonic()]

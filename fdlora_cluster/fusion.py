@@ -11,10 +11,11 @@ The weights are searched gradient-free with nevergrad (as LoraHub does). One wei
 
 The search is never worse than its parts on the rows it scores: personal only (1, 0), global only
 (0, 1) and both at full strength (1, 1) are its first candidates, and the choice is the best
-candidate, so its objective is at most each anchor's. With `folds` > 1 the search is also run
-on each k-fold split of the rows; if the weights it picks on k-1 folds do worse on the held-out
-fold than the best anchor picked the same way, the search is judged to fit noise and the best
-anchor is chosen instead (still never worse than the anchors on all rows).
+candidate, so its objective is at most each anchor's. With `folds` > 1 the choice is checked out
+of fold: on each k-fold split of the rows the weights picked on k-1 folds (among those the search
+scored, or, with `refit`, among a new search's on those rows) are scored on the held-out fold,
+and the fusion leaves personal only when that beats it by the margin; else the search is judged
+to fit noise and the best anchor (checked the same way) or personal only is chosen.
 
 Pure functions over state dicts and per-row scores; the search takes a scoring callback and
 knows nothing of MPI or of how a candidate is evaluated.
@@ -254,11 +255,13 @@ def search_evaluations(budget: int, n_groups: int) -> int:
 
 def search_weights(score_fn, n_groups: int, optimizer: str, budget: int, bounds, l1: float, seed: int,
                    objective: str = "candidates", mix: float = 0.5, folds: int = 1, margin: float = 1.0,
-                   progress=None) -> SearchResult:
+                   refit: bool = False, progress=None) -> SearchResult:
     """Search (w_p, w_g) per weight group; `score_fn(weights (n_groups, 2)) -> RowScores`.
 
     Each search scores the three anchors (once, shared) and asks nevergrad `search_evaluations`
-    times. With `folds` > 1 there are `folds` more searches, one per held-out fold. The choice
+    times. With `folds` > 1 each fold picks, on its k-1 folds, among the weights the search scored
+    (`refit` False: no more evaluations) or among a new search's on those rows (`refit`: `folds`
+    more searches), and that pick is scored on the held-out fold. The choice
     leaves personal only when a procedure (the search, or picking the best anchor) beats personal
     only by `margin` standard errors of the paired per-row difference: on held-out folds with
     `folds` > 1, on the search rows otherwise. `progress(done, best)` is called after every
@@ -346,7 +349,10 @@ def search_weights(score_fn, n_groups: int, optimizer: str, budget: int, bounds,
         for j in range(folds):
             fit, held = np.flatnonzero(fold_of != j), np.flatnonzero(fold_of == j)
             center = best_anchor(fit)[0]
-            cands = list(anchors.values()) + run_search(fit, f"fold {j}", seed + 7919 * (j + 1), center)
+            if refit:  # a new search on the fold's rows: its trajectory never saw the held-out rows
+                cands = list(anchors.values()) + run_search(fit, f"fold {j}", seed + 7919 * (j + 1), center)
+            else:  # the weights already scored: choosing among them is what is checked, at no forward
+                cands = pool
             pick = min(cands, key=lambda c: obj(c[1], fit, c[0], center))
             anchor_pick = best_anchor(fit)
             # the held-out rows' terms, each row's term as it is in a mean over all rows

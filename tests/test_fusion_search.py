@@ -29,10 +29,11 @@ def rows_scorer(n_rows=16, seed=0, best=(0.3, 0.4)):
 
 
 @pytest.mark.parametrize("objective", ["loss", "accuracy", "mix"])
-@pytest.mark.parametrize("folds", [1, 4])
-def test_search_is_never_worse_than_its_anchors(objective, folds):
+@pytest.mark.parametrize("folds,refit", [(1, False), (4, False), (4, True)])
+def test_search_is_never_worse_than_its_anchors(objective, folds, refit):
     score, calls = rows_scorer()
-    res = search_weights(score, 1, "NGOpt", 12, (-1.5, 1.5), 0.05, seed=3, objective=objective, folds=folds)
+    res = search_weights(score, 1, "NGOpt", 12, (-1.5, 1.5), 0.05, seed=3, objective=objective, folds=folds,
+                         refit=refit)
     # the anchors are the first three evaluations, in order
     assert [c["phase"] for c in res.curve[:3]] == ["anchor"] * 3
     assert [tuple(c["weights"][0]) for c in res.curve[:3]] == list(ANCHORS.values())
@@ -48,9 +49,13 @@ def test_search_is_never_worse_than_its_anchors(objective, folds):
     assert obj(score(res.weights), np.arange(16), res.weights, res.center) == pytest.approx(res.objective)
     assert res.data_objective == pytest.approx(obj.data(score(res.weights), np.arange(16)))
     assert res.left_anchors and res.chosen_by == "search"
+    # refit: one more search per fold; pool: the folds choose among the search's scores, no evaluation more
     searches = {c["phase"] for c in res.curve}
-    assert searches == ({"anchor", "search"} | ({f"fold {j}" for j in range(folds)} if folds > 1 else set()))
-    assert len(res.curve) == 3 + (1 + (folds if folds > 1 else 0)) * (12 - 3)
+    assert searches == ({"anchor", "search"} | ({f"fold {j}" for j in range(folds)} if refit else set()))
+    assert len(res.curve) == 3 + (1 + (folds if refit else 0)) * (12 - 3)
+    assert res.evaluations == len(calls) - 2  # the two recomputations above are not the search's
+    if folds > 1:
+        assert len(res.cv["folds"]) == folds and res.cv["passed"]
 
 
 def test_search_keeps_an_anchor_when_every_other_point_is_worse():
@@ -64,7 +69,8 @@ def test_search_keeps_an_anchor_when_every_other_point_is_worse():
     assert res.objective == pytest.approx(0.1)
 
 
-def test_kfold_falls_back_to_the_best_anchor_when_the_search_fits_noise():
+@pytest.mark.parametrize("refit", [False, True])
+def test_kfold_falls_back_to_the_best_anchor_when_the_search_fits_noise(refit):
     # Every row's loss depends on w through its own random direction: a point that is good on
     # some rows is bad on others, so what the search gains on k-1 folds it loses on the held-out one.
     rng = np.random.default_rng(1)
@@ -76,7 +82,7 @@ def test_kfold_falls_back_to_the_best_anchor_when_the_search_fits_noise():
         x = np.array([a - 1.0, b])  # all rows agree only at the personal anchor
         return RowScores(0.5 + (dirs @ x) + 2.0 * (x ** 2).sum(), np.ones(n))
 
-    res = search_weights(score, 1, "NGOpt", 15, (-1.5, 1.5), 0.0, seed=0, folds=4)
+    res = search_weights(score, 1, "NGOpt", 15, (-1.5, 1.5), 0.0, seed=0, folds=4, refit=refit)
     assert res.cv is not None and len(res.cv["folds"]) == 4
     assert res.cv["search"] > res.cv["anchor"]
     assert res.chosen_by == "anchor personal"
@@ -171,15 +177,15 @@ def anchor_scorer(personal, glob, both):
     return score
 
 
-@pytest.mark.parametrize("folds", [1, 4])
-def test_a_wrong_anchor_lucky_on_a_few_rows_is_caught(folds):
+@pytest.mark.parametrize("folds,refit", [(1, False), (4, False), (4, True)])
+def test_a_wrong_anchor_lucky_on_a_few_rows_is_caught(folds, refit):
     """The RESULTS case: global only looks best on the search rows thanks to one row, and is worse
     than personal on all the others. Leaving personal only needs a paired margin (folds 1) or an
     out-of-fold win (folds 4); neither holds, so personal only is kept."""
     personal = [1.0] * 8
     glob = [0.01] + [1.05] * 7  # mean 0.92: the best anchor on all rows, by one row
     score = anchor_scorer(personal, glob, [2.0] * 8)
-    res = search_weights(score, 1, "NGOpt", 6, (-1.5, 1.5), 0.0, seed=0, folds=folds)
+    res = search_weights(score, 1, "NGOpt", 6, (-1.5, 1.5), 0.0, seed=0, folds=folds, refit=refit)
     obj = Objective("candidates")
     assert obj.data(score(np.array([[0.0, 1.0]])), np.arange(8)) < obj.data(score(np.array([[1.0, 0.0]])), np.arange(8))
     assert res.chosen_by == "anchor personal" and not res.left_anchors

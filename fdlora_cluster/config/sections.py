@@ -253,13 +253,19 @@ class FusionConfig(Section):
     """One (w_p, w_g) pair for the whole adapter (the paper's AdaFusion), one per transformer
     layer, or one per target module (2 x groups weights for nevergrad to search)."""
     folds: int = Field(4, ge=1, json_schema_extra=_why("1 = no k-fold check"))
-    """k of a k-fold check over the search rows (1 = off): the search is rerun on every k-1 folds,
-    and so is picking the best anchor; each procedure's picks are scored on the held-out fold, and
-    the fusion leaves personal only for the better of them only when its out-of-fold objective
-    beats personal only's by `margin` (else personal only: the search, or the anchor, fitted
-    noise). Each fold costs another search (`budget` - 3 asks, at least 4 per weight pair). Default 4:
-    on a development run (docs/ALGORITHMS.md) every unchecked search did worse on new rows than
-    the personal adapter alone, and the check caught it."""
+    """k of a k-fold check over the search rows (1 = off): on every k-1 folds the search's pick
+    and the best anchor are picked again (`fold_search`), each pick is scored on the held-out
+    fold, and the fusion leaves personal only for the better of them only when its out-of-fold
+    objective beats personal only's by `margin` (else personal only: the search, or the anchor,
+    fitted noise). Default 4: on a development run (docs/ALGORITHMS.md) every unchecked search did
+    worse on new rows than the personal adapter alone, and the check caught it."""
+    fold_search: Literal["pool", "refit"] = "pool"
+    """How a fold of the k-fold check picks the search's weights on its k-1 folds. pool: the best
+    on those rows among every weight the search already scored (no forward more: the check costs
+    nothing, and what it checks is the choice among the scored weights; the search that proposed
+    them saw every row). refit: a new search on those rows (`budget` - 3 asks more per fold, at
+    least 4 per weight pair: the search as a whole is checked on rows it never saw, at k + 1
+    times the cost). docs/ALGORITHMS.md has the measurement behind the default."""
 
 
 class FedDPAConfig(Section):
