@@ -191,6 +191,34 @@ def loss_per_round(run: Run) -> dict:
     return {k: sorted((t, sum(v) / len(v)) for t, v in d.items()) for k, d in acc.items()}
 
 
+def after_rounds(run: Run) -> dict | None:
+    """The time of the rounds and of what follows them, from metrics.jsonl's `seconds`: the rounds'
+    sum, and on the client whose fusion + evaluation took longest (the job waits for it) its
+    fusion's and its adapters' evaluations', with their ratio to the rounds (issue 18's target:
+    under 0.25). None for a run with no timed rounds (or one written before the records had times)."""
+    rounds = sum(float(r.get("seconds") or 0.0) for r in run.metrics if r.get("event") == "round")
+    parts: dict[int, dict] = {}
+    for r in run.metrics:
+        if r.get("event") in ("fusion", "eval") and r.get("seconds") is not None:
+            p = parts.setdefault(r.get("client"), {"fusion": 0.0, "evaluation": 0.0, "evaluations": 0})
+            p["fusion" if r["event"] == "fusion" else "evaluation"] += float(r["seconds"])
+            p["evaluations"] += int(r.get("evaluations") or 0)
+    if rounds <= 0 or not parts:
+        return None
+    client, slowest = max(parts.items(), key=lambda kv: kv[1]["fusion"] + kv[1]["evaluation"])
+    return {"rounds": rounds, "client": client, **slowest,
+            "ratio": (slowest["fusion"] + slowest["evaluation"]) / rounds}
+
+
+def after_rounds_sentence(t: dict) -> str:
+    def sec(x):
+        return f"{x:.0f} s" if x >= 10 else f"{x:.1f} s"
+
+    fusion = f"fusion {sec(t['fusion'])} ({t['evaluations']} evaluations) + " if t["fusion"] else ""
+    return (f"rounds {sec(t['rounds'])}, then {fusion}evaluation {sec(t['evaluation'])} on client "
+            f"{t['client']} (the slowest): {t['ratio']:.2f}x the rounds")
+
+
 def fusion_weights(run: Run) -> dict:
     return {s["client"]: s["fusion_weights"] for s in run.summary["clients"] if s.get("fusion_weights")}
 
@@ -293,6 +321,7 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, title: str | N
                      f"{s.get('world_size')}, seed {r.config.get('seed')}, "
                      f"{_fmt(s.get('bytes_per_round'), 0)} B per round at the server, "
                      f"{_fmt(s.get('seconds_per_round'), 2)} s per round"
+                     + (f"; {after_rounds_sentence(t)}" if (t := after_rounds(r)) else "")
                      + (f"; {privacy_sentence(s['privacy'])}" if s.get("privacy") else ""))
     parts.append("")
     if len(runs) > 1:

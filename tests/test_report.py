@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from fdlora_cluster.cli import main
-from fdlora_cluster.report import ReportError, comparison_table, load_run, write_report
+from fdlora_cluster.report import (ReportError, after_rounds, after_rounds_sentence, comparison_table, load_run,
+                                   write_report)
 
 from conftest import ROOT, assert_ok
 
@@ -96,6 +97,18 @@ def test_report_renders_from_a_finished_run(finished_run, tmp_path):
     assert (run_dir / "report" / "fusion_weights.png").is_file()
     assert "## Fusion weights" in text
     assert "comparison" not in comparison_table([load_run(str(run_dir))]).lower()
+    # what follows the rounds, timed from the records: the rounds' sum, the slowest client's fusion
+    # (its evaluations counted) and its adapters' evaluations (issue 18 item 4)
+    run = load_run(str(run_dir))
+    t = after_rounds(run)
+    recs = run.metrics
+    assert t["rounds"] == pytest.approx(sum(r["seconds"] for r in recs if r["event"] == "round"))
+    mine = [r for r in recs if r.get("client") == t["client"]]
+    assert t["fusion"] == pytest.approx(sum(r["seconds"] for r in mine if r["event"] == "fusion"))
+    assert t["evaluations"] == sum(r["evaluations"] for r in mine if r["event"] == "fusion") > 0
+    assert t["evaluation"] == pytest.approx(sum(r["seconds"] for r in mine if r["event"] == "eval"))
+    assert t["ratio"] == pytest.approx((t["fusion"] + t["evaluation"]) / t["rounds"])
+    assert after_rounds_sentence(t) in text
 
 
 @pytest.mark.unit
