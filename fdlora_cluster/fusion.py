@@ -182,11 +182,11 @@ class Objective:
         if self.kind == "loss":
             return token_rows
         if self.kind == "candidates":
+            own_loss = s.nll[idx] / np.maximum(s.tokens[idx], 1.0)  # a row without candidates: its mean token loss
             if s.cand_nll is None:
-                return s.nll[idx] / np.maximum(s.tokens[idx], 1.0)
+                return own_loss
             label = s.label[idx]
-            ce = candidate_cross_entropy(s.cand_nll[idx], label)
-            return np.where(label >= 0, ce, s.nll[idx] / np.maximum(s.tokens[idx], 1.0))
+            return np.where(label >= 0, candidate_cross_entropy(s.cand_nll[idx], label), own_loss)
         if s.correct is None:
             raise ValueError(f"fusion.objective = {self.kind!r} needs accuracy, but the rows have no candidate "
                              "responses (labelled rows with few distinct responses); use fusion.objective: loss")

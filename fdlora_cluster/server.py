@@ -21,7 +21,7 @@ from .dp import PrivacyBudget, add_noise
 from .log import get_logger
 from .strategies import UpdateError, check_update, weighted_average
 from .strategies.combine import (A_SUFFIX, B_SUFFIX, FactorsGap, b_keys, first, held_energy, in_svd_form,
-                                 mean_of_products, modules, pad, svd_of_sum, truncate)
+                                 mean_of_products, modules, pad, product_distance, truncate)
 from .state import l2_distance
 from .transport import ClientUpdate, GlobalAdapter, Transport
 
@@ -260,12 +260,7 @@ class Server:
         basis turns from round to round)."""
         if self.combine != "product":
             return l2_distance(self.global_state, before)
-        total = 0.0
-        for m in modules(before):
-            _, s, _ = svd_of_sum([(1.0, self.global_state[m + B_SUFFIX], self.global_state[m + A_SUFFIX]),
-                                  (-1.0, before[m + B_SUFFIX], before[m + A_SUFFIX])])
-            total += float((s * s).sum())
-        return math.sqrt(total)
+        return product_distance(self.global_state, before)
 
     def send_final(self) -> None:
         """The final global adapter (the leaders answer with their bye: `collect_byes`)."""

@@ -7,8 +7,8 @@ from fdlora_cluster.config import ConfigError, load_config
 from fdlora_cluster.state import Layout
 from fdlora_cluster.strategies import make_strategy
 from fdlora_cluster.strategies.combine import (FactorsGap, ProductOuter, ProductSum, dense, first, held_energy,
-                                               in_svd_form, mean_of_products, pad, rank_of, svd_of_sum,
-                                               svd_of_sums, truncate)
+                                               in_svd_form, mean_of_products, pad, product_distance, rank_of,
+                                               svd_of_sum, svd_of_sums, truncate)
 
 from conftest import CONFIGS
 
@@ -40,6 +40,15 @@ def test_svd_of_sum_is_the_dense_weighted_sum_of_products():
         want = sum(w * dense(st)[m] for w, st in zip(p, states))
         assert torch.allclose(u @ torch.diag(s) @ v.T, want, atol=1e-10)
         assert torch.all(s[:-1] >= s[1:])  # largest first
+
+
+def test_product_distance_is_the_dense_distance_of_the_products():
+    """The server's global_change under product: adapters of different ranks and bases, compared
+    by their products B A, module by module."""
+    x, y = lora(3, 4), lora(5, 5)
+    want = sum(float(((dense(x)[m] - dense(y)[m]) ** 2).sum()) for m in MODS) ** 0.5
+    assert product_distance(x, y) == pytest.approx(want, rel=1e-10)
+    assert product_distance(x, x) == pytest.approx(0.0, abs=1e-10)
 
 
 def test_svd_of_sums_batches_by_shape_and_forms_only_the_kept_columns():

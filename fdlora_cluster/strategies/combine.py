@@ -142,6 +142,15 @@ def energy(s: torch.Tensor) -> float:
     return float((s * s).sum())
 
 
+def product_distance(x: dict, y: dict) -> float:
+    """sqrt(sum over modules of ||B_x A_x - B_y A_y||_F^2), from the singular values of each
+    difference in factored form (`svd_of_sums`, no U or V formed): the distance of two adapters'
+    products, whatever basis their factors are in."""
+    svds = svd_of_sums([[(1.0, x[m + B_SUFFIX], x[m + A_SUFFIX]), (-1.0, y[m + B_SUFFIX], y[m + A_SUFFIX])]
+                        for m in modules(y)], keep=0)
+    return math.sqrt(sum(energy(s) for _, s, _ in svds))
+
+
 def complete(a: torch.Tensor, r: int, generator: torch.Generator) -> torch.Tensor:
     """`a` (k x n, orthonormal rows) with r - k more orthonormal rows, seeded: a client whose rank
     exceeds what the global adapter holds trains those directions from B = 0, like a fresh LoRA."""
