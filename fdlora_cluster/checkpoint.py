@@ -72,7 +72,8 @@ class CheckpointWriteError(RuntimeError):
 # their default, so that the checkpoints of runs made before them still resume.
 ADDED_LATER = [("personal", "residual", False), ("fusion", "margin", 1.0), ("outer", "momentum_warmup", 0),
                ("global", "combine", "factors"), ("federation", "on_short_round", "abort"),
-               ("federation", "round_timeout_factor", 2.0), ("fusion", "fold_search", "refit")]
+               ("federation", "round_timeout_factor", 2.0), ("fusion", "fold_search", "refit"),
+               ("fusion", "fold_back_steps", 0)]
 
 
 def config_hash(cfg) -> str:

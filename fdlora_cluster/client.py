@@ -52,6 +52,7 @@ class Client:
         self.message_layout = self.layout.only(b_keys(full)) if self.frozen_a is not None else self.layout
         self.fusion_weights: tuple[float, float] | None = None  # set by `fuse` (means over modules)
         self.fusion_choice: dict | None = None  # set by a searching `fuse`: how the weights were chosen
+        self.chosen_weights = None  # (groups, 2) of the last `fuse`, which Fuse("chosen") merges again
         self.first = True  # no round has run yet in this job (Ditto's start); kept in checkpoints
         self.results: dict = {}  # adapter -> test metrics, set by `evaluate`
         self.instance_weights: dict | None = None  # FedDPA's dynamic per-row global weights (stats)
@@ -72,8 +73,9 @@ class Client:
         for step in steps:
             if isinstance(step, Train):
                 stats = self.engine.train(step.adapter, step.steps, round=round, prox_to=anchor, prox_mu=step.prox_mu,
-                                          tag=tag, frozen_active=step.frozen or None, weight=step.weight)
-                self.record("train", round, adapter=step.adapter, **stats)
+                                          tag=tag, frozen_active=step.frozen or None, weight=step.weight,
+                                          fewshot=step.fewshot)
+                self.record("train", round, adapter=step.adapter, **stats, **({"fewshot": True} if step.fewshot else {}))
                 trained.append((step.adapter, stats))
                 if step.adapter == GLOBAL:
                     global_loss = stats["loss"]
@@ -291,12 +293,22 @@ class Client:
                     score(w)
                 result = None
             weights = comm.bcast(result.weights if self.is_leader else None, root=0)
+        elif mode == "chosen":  # the search's weights again, with the personal adapter as it is now
+            weights, result = self.chosen_weights, None
         else:
             weights = [list(f.fixed_weights)] * len(groups)
             result = None
+        self.chosen_weights = weights
         wm = per_module(weights, groups)
         w_p, w_g = {m: p for m, (p, _) in wm.items()}, {m: g for m, (_, g) in wm.items()}
         self.engine.write(FUSED, fuse(personal, glob, w_p, w_g, s_p, s_g, f.merge))
+        if mode == "chosen":
+            self.record("fused_again", None, w_personal=self.fusion_weights[0], w_global=self.fusion_weights[1],
+                        seconds=time.monotonic() - started)
+            if self.is_leader:
+                self.log.info("fused adapter merged again with the chosen weights, after the personal adapter's "
+                              "fold-back steps")
+            return
         mean_p = sum(w_p.values()) / len(w_p)
         mean_g = sum(w_g.values()) / len(w_g)
         by_group = {g: [float(x) for x in w] for g, w in zip(groups, [list(r) for r in weights])}

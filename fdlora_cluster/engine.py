@@ -66,7 +66,8 @@ class BatchStream:
         self._perm = self._permutation()
 
     def _permutation(self):
-        rng = np.random.default_rng([self.seed, self.client, 0 if self.adapter == PERSONAL else 1, self.epoch])
+        which = {PERSONAL: 0, GLOBAL: 1}.get(self.adapter, 2)  # 2: the fold-back stream (fusion.fold_back_steps)
+        rng = np.random.default_rng([self.seed, self.client, which, self.epoch])
         return rng.permutation(len(self.rows))
 
     def state(self) -> tuple[int, int]:
@@ -147,6 +148,9 @@ class ClientEngine:
             model=model, model_parameters=groups, config=self.ds_config)
         self.phases = PhaseSwitch(self.optimizer, self.groups, self.lr)
         self.streams = {a: BatchStream(data.train, cfg.seed, self.client, a) for a in (PERSONAL, GLOBAL)}
+        # the training and few-shot rows together, made when the fusion folds the few-shot rows back
+        # (after the rounds, so no checkpoint holds it: a resumed job makes it afresh, as the first did)
+        self.fold_back_stream: BatchStream | None = None
         self.global_step = 0
         # each training row tokenised once (a plain loop tokenises its batches up front), keyed by
         # the row object: data.train lives as long as the engine
@@ -226,7 +230,7 @@ class ClientEngine:
 
     def train(self, name: str, steps: int, round: int, prox_to: dict[str, torch.Tensor] | None = None,
               prox_mu: float = 0.0, tag: str = "", frozen_active: dict[str, float] | None = None,
-              weight: float = 1.0) -> dict:
+              weight: float = 1.0, fewshot: bool = False) -> dict:
         """`steps` optimizer steps on adapter `name`; returns {"loss": mean, "steps", "seconds"}.
 
         With prox_mu > 0 the loss adds (mu/2) * ||w - prox_to||^2 over the adapter (FedProx on the
@@ -235,7 +239,10 @@ class ClientEngine:
         With frozen_active = {other: w_o} the other adapter also takes part in the forward, its
         output scaled by w_o and cut from the autograd graph, so it shapes the loss but gets no
         gradient (and its group's lr is 0, so it cannot move); `weight` scales `name`'s own output.
-        This is FedDPA's local training with the global adapter active."""
+        This is FedDPA's local training with the global adapter active.
+
+        With fewshot, the rows are drawn from the training and few-shot rows together (their own
+        seeded stream): the fusion's rows folded back into the adapter once its weights are chosen."""
         if steps == 0:
             return {"loss": None, "steps": 0, "seconds": 0.0}
         self._start_phase(name)
@@ -244,14 +251,15 @@ class ClientEngine:
             set_active(self.model, [name, *frozen_active], {name: weight, **frozen_active})
             detach_hooks = frozen_branches(self.model, list(frozen_active))
         try:
-            return self._train_steps(name, steps, round, prox_to, prox_mu, tag)
+            return self._train_steps(name, steps, round, prox_to, prox_mu, tag, fewshot)
         finally:
             for h in detach_hooks:
                 h.remove()
             if frozen_active:
                 set_active(self.model, name)  # back to the plain scaling for whatever runs next
 
-    def _train_steps(self, name: str, steps: int, round: int, prox_to, prox_mu: float, tag: str) -> dict:
+    def _train_steps(self, name: str, steps: int, round: int, prox_to, prox_mu: float, tag: str,
+                     fewshot: bool = False) -> dict:
         self.engine.train()
         # dropout stream seeded per client, round and adapter (the same on every rank of the client)
         torch.manual_seed(zlib.crc32(f"{self.cfg.seed}:{self.client}:{round}:{name}".encode()))
@@ -259,10 +267,14 @@ class ClientEngine:
         accum = self.ds_config["gradient_accumulation_steps"]
         params = adapter_params(self.model, name)
         anchor = {k: v.to(self.device) for k, v in prox_to.items()} if prox_mu > 0 else None
+        if fewshot and self.fold_back_stream is None:
+            self.fold_back_stream = BatchStream(self.data.train + self.data.fewshot, self.cfg.seed, self.client,
+                                                "fold-back")
+        stream = self.fold_back_stream if fewshot else self.streams[name]
         t0, losses = time.perf_counter(), []
         for step in range(steps):
             beat()  # a training step is progress (watchdog.py)
-            rows = self.streams[name].take(micro * accum * self.size)
+            rows = stream.take(micro * accum * self.size)
             step_loss = 0.0
             for a in range(accum):
                 start = (self.local_rank * accum + a) * micro

@@ -400,6 +400,8 @@ def test_federation_reliability_options_name_the_bad_value():
     ("fdlora.yaml", ["personal.residual=true"], r"strategy fdlora: personal.residual .* needs personal.steps_per_round > 0"),
     ("fdlora.yaml", ["personal.residual=true", "personal.steps_per_round=4", "personal.sync_every=2"],
      r"personal.sync_every = 2 would overwrite it"),
+    ("ditto.yaml", ["fusion.fold_back_steps=5"],
+     r"fusion.fold_back_steps = 5 trains the personal adapter after fdlora's fusion search; strategy ditto has none"),
     ("fdlora.yaml", ["fusion.bounds=[0.5, 1.5]"], r"fusion.bounds = \[0.5, 1.5\] excludes; .* low <= 0 <= 1 <= high"),
     ("fdlora.yaml", ["fusion.bounds=[-1, 0.9]"], r"fusion.bounds = \[-1.0, 0.9\] excludes"),
     ("diloco.yaml", ["global.combine=product", "outer.momentum_warmup=3"],
@@ -415,6 +417,7 @@ def test_a_setting_the_strategy_ignores_is_an_error_naming_it(config, overrides,
 @pytest.mark.parametrize("config, overrides", [
     ("fdlora.yaml", ["personal.steps_per_round=5", "personal.residual=true"]),  # fdlora's stage 2
     ("fdlora.yaml", ["personal.steps_per_round=5", "personal.sync_every=2"]),
+    ("fdlora.yaml", ["fusion.fold_back_steps=5"]),
     ("local.yaml", ["personal.steps_per_round=5"]),
     ("ditto.yaml", ["personal.steps_per_round=5"]),
     ("feddpa.yaml", ["personal.steps_per_round=5"]),

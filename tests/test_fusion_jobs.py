@@ -158,3 +158,38 @@ def test_recorded_choice_is_the_saved_adapter_and_never_worse_than_its_anchors(t
                                ("fused", run_dir / "adapters" / f"client-{c}" / "fused")):
                 own, union = accuracies_of_saved(cfg, c, path)
                 assert (metrics_c[name]["accuracy"], metrics_c[name]["accuracy_all"]) == pytest.approx((own, union))
+
+
+def test_fold_back_trains_personal_on_train_and_fewshot_rows_and_the_saved_fused_is_the_chosen_merge(tmp_path):
+    """fusion.fold_back_steps (issue 18 item 3): after the search, the personal adapter takes 3 more
+    steps on its training and few-shot rows, counted in its optimizer steps, and the saved fused
+    adapter is the search's weights applied to the saved personal and global adapters."""
+    from safetensors.torch import load_file
+
+    from fdlora_cluster.fusion import fuse
+
+    cfg_path = write_config(tmp_path, "fdlora.yaml", **{
+        **TINY, "topology.clients": [1, 1], "fusion.budget": 6, "fusion.folds": 1, "fusion.fold_back_steps": 3})
+    proc, run_dir = run_job(cfg_path)
+    assert_ok(proc)
+    cfg = load_config(cfg_path)
+    metrics, summary = read_metrics(run_dir), read_summary(run_dir)
+    adapters = run_dir / "adapters"
+    glob = load_file(str(adapters / "global" / "adapter_model.safetensors"))
+    s_p, s_g = cfg.lora.personal.alpha / cfg.lora.personal.r, cfg.lora.global_.alpha / cfg.lora.global_.r
+    for c in range(2):
+        mine = sorted((m for m in metrics if m.get("client") == c and m["event"] in ("fusion", "train", "fused_again")),
+                      key=lambda m: m["time"])  # metrics.jsonl is in round order, and the fusion's records have none
+        kinds = [(m["event"], m.get("adapter"), m.get("fewshot", False)) for m in mine]
+        # the fold-back's training comes after the search and before the fused adapter is merged again
+        assert kinds[-3:] == [("fusion", None, False), ("train", "personal", True), ("fused_again", None, False)], kinds
+        assert mine[-2]["steps"] == 3 and mine[-2]["loss"] > 0
+        steps = next(s for s in summary["clients"] if s["client"] == c)["optimizer_steps"]
+        assert steps == {"personal": cfg.train.personal_steps + 3, "global": cfg.train.rounds * cfg.train.inner_steps}
+        (w_p, w_g), = mine[-3]["weights"].values()
+        personal = load_file(str(adapters / f"client-{c}" / "personal" / "adapter_model.safetensors"))
+        saved = load_file(str(adapters / f"client-{c}" / "fused" / "adapter_model.safetensors"))
+        want = fuse(personal, glob, w_p, w_g, s_p, s_g, "exact")
+        assert saved.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(saved[k], want[k], rtol=1e-6, atol=1e-7)

@@ -27,6 +27,15 @@ def test_fdlora_personal_stage_then_global_rounds_then_fusion(tmp_path):
     assert s.after_rounds(K) == [Fuse("search"), Evaluate((PERSONAL, GLOBAL, FUSED))]
 
 
+def test_fdlora_fold_back_trains_personal_on_its_fewshot_rows_then_fuses_again_with_the_chosen_weights(tmp_path):
+    s = strategy("fdlora", tmp_path, **{"fusion.fold_back_steps": 5})
+    assert s.after_rounds(K) == [Fuse("search"), Train(PERSONAL, 5, fewshot=True), Fuse("chosen"),
+                                 Evaluate((PERSONAL, GLOBAL, FUSED))]
+    residual = strategy("fdlora", tmp_path, **{"fusion.fold_back_steps": 5, "personal.steps_per_round": 2,
+                                               "personal.residual": True})
+    assert residual.after_rounds(K)[1] == Train(PERSONAL, 5, frozen={GLOBAL: 1.0}, fewshot=True)
+
+
 def test_fdlora_sync_every_h_copies_the_trained_global_into_personal_after_sending(tmp_path):
     s = strategy("fdlora", tmp_path, **{"personal.sync_every": 2})
     sync = Copy(GLOBAL, PERSONAL, "personal_sync")

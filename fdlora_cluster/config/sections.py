@@ -259,6 +259,11 @@ class FusionConfig(Section):
     objective beats personal only's by `margin` (else personal only: the search, or the anchor,
     fitted noise). Default 4: on a development run (docs/ALGORITHMS.md) every unchecked search did
     worse on new rows than the personal adapter alone, and the check caught it."""
+    fold_back_steps: int = Field(0, ge=0)
+    """fdlora: once the search has chosen the weights, the personal adapter trains this many more
+    steps on its training and few-shot rows together (the few-shot rows were held out for the
+    search; here they are given back), and the fused adapter is merged again with the same weights.
+    Counted in the personal adapter's optimizer steps; 0: off. docs/ALGORITHMS.md has its measurement."""
     fold_search: Literal["pool", "refit"] = "pool"
     """How a fold of the k-fold check picks the search's weights on its k-1 folds. pool: the best
     on those rows among every weight the search already scored (no forward more: the check costs

@@ -126,6 +126,9 @@ class Strategy:
                        "(feddpa always trains its local adapter with the global one active): set it to false")
         if p.sync_every and cls.sync_refused:
             out.append(f"strategy {cls.name} " + cls.sync_refused.format(H=p.sync_every))
+        if cfg.fusion.fold_back_steps and cls.name != "fdlora":
+            out.append(f"fusion.fold_back_steps = {cfg.fusion.fold_back_steps} trains the personal adapter after "
+                       f"fdlora's fusion search; strategy {cls.name} has none, so it would be ignored: set it to 0")
         return out
 
     @classmethod
@@ -224,7 +227,12 @@ class FDLoRA(Strategy):
         return out
 
     def after_rounds(self, inner_steps: int) -> list[Step]:
-        return [Fuse("search"), Evaluate((PERSONAL, GLOBAL, FUSED))]
+        n = self.cfg.fusion.fold_back_steps
+        # the few-shot rows, held out from training so the search could score on them, go back into the
+        # personal adapter once the weights are chosen (as its stage-2 phase trains it), fused again
+        fold_back = [Train(PERSONAL, n, frozen={GLOBAL: 1.0} if self.cfg.personal.residual else {}, fewshot=True),
+                     Fuse("chosen")] if n else []
+        return [Fuse("search"), *fold_back, Evaluate((PERSONAL, GLOBAL, FUSED))]
 
 
 class FedDPA(Strategy):

@@ -34,6 +34,9 @@ class Train:
     its value (FedDPA's local training with the global adapter active)."""
     weight: float = 1.0
     """Scale of the trained adapter's own output (FedDPA's local_weight)."""
+    fewshot: bool = False
+    """Draw the rows from the training and few-shot rows together (fusion.fold_back_steps: the rows
+    the fusion chose its weights on, given back to the personal adapter once they are chosen)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class JoinFederation:
 @dataclass(frozen=True)
 class Fuse:
     """Find the fusion weights (`search`: AdaFusion; `fixed`: fusion.fixed_weights) and write the
-    `fused` adapter."""
+    `fused` adapter; `chosen`: write it again with the weights the last search chose (after the
+    personal adapter trained on: fusion.fold_back_steps)."""
 
     mode: str
 
