@@ -46,9 +46,11 @@ def test_strategy_runs(strategy_run, name):
     assert digested == {"every": list(range(1, rounds + 2)), "final": [rounds + 1], "off": []}[mode if received else "off"]
     if name.startswith("fdlora"):
         steps = [m for m in metrics if m["event"] == "fusion_step"]
-        # per client: the 3 anchors, then max(budget - 3, 4 per weight pair) = 4 asks in the search and
-        # in each of the 4 folds' searches (fusion.search_evaluations; budget 4 gives 1, one pair 4)
-        assert len(steps) == 2 * (3 + (1 + 4) * 4) and {m["client"] for m in steps} == {0, 1}
+        # per client: the 3 anchors, then max(budget - 3, 4 per weight pair) = 4 asks in the search
+        # (fusion.search_evaluations; budget 4 gives 1, one pair 4); the 4 folds choose among those
+        # (fold_search: pool), with no evaluation of their own
+        assert len(steps) == 2 * (3 + 4) and {m["client"] for m in steps} == {0, 1}
+        assert {m["phase"] for m in steps} == {"anchor", "search"}
         for c in summary["clients"]:
             assert set(c["fusion_weights"]) == {"personal", "global"}
         assert (run_dir / "adapters" / "client-1" / "fused" / "adapter_config.json").exists()
@@ -85,8 +87,8 @@ def test_fusion_reads_only_its_rows(strategy_run, name, rows):
     for r in (1, 2):
         audit = json.loads((run.out / f"fusion-rows-rank-{r}.json").read_text())
         # the three anchors, then max(budget - 3, 4 per weight pair) = 4 more candidates in the search
-        # and in each of the 4 folds' searches (fewer when one re-asks a point already scored)
-        assert 3 <= audit["search_calls"] <= 3 + (1 + 4) * 4
+        # (fewer when it re-asks a point already scored); the folds choose among them (fold_search: pool)
+        assert 3 <= audit["search_calls"] <= 3 + 4
         assert audit["other_eval_calls"] == 0
         assert not audit["search_touches_test"]
         assert audit["search_rows"] == (["fewshot"] if rows == "heldout" else ["train"])
