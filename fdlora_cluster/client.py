@@ -336,11 +336,10 @@ class Client:
         each a pass over the search rows) of at most how many, and the best objective so far, about
         ten times per search in the log file, and on the console at most every `console_every_s`
         seconds, so a long fusion says what it is doing and a short one adds no lines (issue 18)."""
-        from .fusion import ANCHORS, search_evaluations
+        from .fusion import most_evaluations
 
         f = self.cfg.fusion
-        folds = f.folds if f.folds > 1 and f.fold_search == "refit" else 0  # pool: the folds reuse scores
-        most = len(ANCHORS) + search_evaluations(f.budget, n_groups) * (1 + folds)
+        most = most_evaluations(f.budget, n_groups, f.folds, f.fold_search == "refit")
         every = max(1, most // 10)
         said, shown = [0], [time.monotonic()]
 

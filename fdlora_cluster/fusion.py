@@ -253,6 +253,12 @@ def search_evaluations(budget: int, n_groups: int) -> int:
     return max(budget - len(ANCHORS), 4 * n_groups)
 
 
+def most_evaluations(budget: int, n_groups: int, folds: int, refit: bool) -> int:
+    """The most distinct weights `search_weights` scores: the anchors, its own search, and one more
+    search per fold when the folds refit (with `pool` they choose among what is already scored)."""
+    return len(ANCHORS) + search_evaluations(budget, n_groups) * (1 + (folds if folds > 1 and refit else 0))
+
+
 def search_weights(score_fn, n_groups: int, optimizer: str, budget: int, bounds, l1: float, seed: int,
                    objective: str = "candidates", mix: float = 0.5, folds: int = 1, margin: float = 1.0,
                    refit: bool = False, progress=None) -> SearchResult:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fdlora_cluster.fusion import (ANCHORS, Objective, RowScores, candidate_cross_entropy, delta_weight, fuse,
-                                   per_module, search_evaluations, search_weights, weight_groups)
+                                   most_evaluations, per_module, search_evaluations, search_weights, weight_groups)
 
 pytestmark = pytest.mark.unit
 
@@ -54,6 +54,7 @@ def test_search_is_never_worse_than_its_anchors(objective, folds, refit):
     assert searches == ({"anchor", "search"} | ({f"fold {j}" for j in range(folds)} if refit else set()))
     assert len(res.curve) == 3 + (1 + (folds if refit else 0)) * (12 - 3)
     assert res.evaluations == len(calls) - 2  # the two recomputations above are not the search's
+    assert res.evaluations <= most_evaluations(12, 1, folds, refit) == len(res.curve)
     if folds > 1:
         assert len(res.cv["folds"]) == folds and res.cv["passed"]
 
