@@ -242,87 +242,38 @@ class Client:
         return d.candidates_all if self.cfg.eval.headline == "accuracy_all" else d.candidates
 
     def fuse(self, mode: str) -> None:
-        """Find the fusion weights (searched or fixed), merge into the `fused` adapter, record the curve.
-
-        Every candidate is scored as the adapter that would be saved: with merge `exact`, both
-        adapters active and each module's contribution scaled by its weight, which computes the
-        saved adapter's function; with merge `params`, whose A/B products have cross terms no
-        scaling reproduces, the candidate is merged and written into the `fused` slot, and that
-        adapter alone is scored."""
+        """Choose the fusion weights (`search`, `fixed`, or `chosen`: the last choice again), merge the
+        adapters into the `fused` one with them, and record how they were chosen."""
         f = self.cfg.fusion
-        started = time.monotonic()  # the fusion record's `seconds`: its cost against the rounds' (issue 18)
-        s_p = adapter_scaling(self.engine.model, PERSONAL)
-        s_g = adapter_scaling(self.engine.model, GLOBAL)
+        started = time.monotonic()  # the records' `seconds`: the fusion's cost against the rounds' (issue 18)
         personal, glob = self.engine.read(PERSONAL), self.engine.read(GLOBAL)
         groups = weight_groups(modules_of(personal), f.granularity)
-        if mode == "search":
-            rows = self.fusion_rows()
-            if not rows:
-                raise ValueError(f"client {self.id}: the fusion search needs few-shot rows; set data.fewshot_rows > 0")
-            cands = self.headline_candidates() if f.objective != "loss" else None
-            cands = cands or None  # `candidates` without any: every row counts its token loss
-            if f.objective in ("accuracy", "mix") and not cands:
-                raise ValueError(f"client {self.id}: fusion.objective = {f.objective!r} scores accuracy, but this "
-                                 "client's rows have no candidate responses (labelled rows with few distinct "
-                                 "responses); use fusion.objective: loss")
-            comm = self.topo.client_comm
-
-            def score(w):
-                wm = per_module(w, groups)
-                if f.merge == "exact":
-                    scales = {PERSONAL: {m: p for m, (p, _) in wm.items()}, GLOBAL: {m: g for m, (_, g) in wm.items()}}
-                    return self.engine.score_rows(rows, [PERSONAL, GLOBAL], scales, cands)
-                self.engine.write(FUSED, fuse(personal, glob, {m: p for m, (p, _) in wm.items()},
-                                              {m: g for m, (_, g) in wm.items()}, s_p, s_g, f.merge))
-                return self.engine.score_rows(rows, FUSED, None, cands)
-
-            if self.is_leader:
-                def score_everywhere(w):
-                    comm.bcast(w, root=0)  # followers score the leader's candidate with it
-                    return score(w)
-
-                result = search_weights(score_everywhere, len(groups), f.optimizer, f.budget, f.bounds, f.l1,
-                                        seed=self.cfg.seed * 1009 + self.id, objective=f.objective,
-                                        mix=f.mix, folds=f.folds, margin=f.margin, refit=f.fold_search == "refit",
-                                        progress=self.fusion_progress(len(groups)))
-                comm.bcast(None, root=0)  # the search is over
-                for c in result.curve:
-                    self.record("fusion_step", None, **c)
-            else:
-                while (w := comm.bcast(None, root=0)) is not None:
-                    score(w)
-                result = None
-            weights = comm.bcast(result.weights if self.is_leader else None, root=0)
-        elif mode == "chosen":  # the search's weights again, with the personal adapter as it is now
-            weights, result = self.chosen_weights, None
-        else:
-            weights = [list(f.fixed_weights)] * len(groups)
-            result = None
-        self.chosen_weights = weights
-        wm = per_module(weights, groups)
-        w_p, w_g = {m: p for m, (p, _) in wm.items()}, {m: g for m, (_, g) in wm.items()}
-        self.engine.write(FUSED, fuse(personal, glob, w_p, w_g, s_p, s_g, f.merge))
-        if mode == "chosen":
+        if mode == "chosen":  # after fold-back: the search's weights, over the personal adapter as it is now
+            self.merge_fused(personal, glob, groups, self.chosen_weights)
             self.record("fused_again", None, w_personal=self.fusion_weights[0], w_global=self.fusion_weights[1],
                         seconds=time.monotonic() - started)
             if self.is_leader:
                 self.log.info("fused adapter merged again with the chosen weights, after the personal adapter's "
                               "fold-back steps")
             return
-        mean_p = sum(w_p.values()) / len(w_p)
-        mean_g = sum(w_g.values()) / len(w_g)
-        by_group = {g: [float(x) for x in w] for g, w in zip(groups, [list(r) for r in weights])}
+        if mode == "search":
+            weights, result = self.search_fusion_weights(personal, glob, groups)
+        else:
+            weights, result = [list(f.fixed_weights)] * len(groups), None
+        self.chosen_weights = weights
+        w_p, w_g = self.merge_fused(personal, glob, groups, weights)
+        mean_p, mean_g = sum(w_p.values()) / len(w_p), sum(w_g.values()) / len(w_g)
         self.fusion_weights = (mean_p, mean_g)
-        self.fusion_groups = by_group
         extra = {}
         if result is not None:
             extra = {"objective": result.objective, "loss": result.loss, "accuracy": result.accuracy,
                      "chosen_by": result.chosen_by, "cv": result.cv, "search_objective": f.objective,
                      "data_objective": result.data_objective, "center": result.center.tolist(),
                      "left_anchors": result.left_anchors, "evaluations": result.evaluations}
-            self.fusion_choice = {"chosen_by": result.chosen_by, "left_anchors": result.left_anchors,
-                                  "objective": f.objective, "data_objective": result.data_objective,
-                                  "evaluations": result.evaluations}
+            # the summary's part of that record (same key names)
+            self.fusion_choice = {k: extra[k] for k in ("chosen_by", "left_anchors", "search_objective",
+                                                        "data_objective", "evaluations")}
+        by_group = {g: [float(x) for x in w] for g, w in zip(groups, weights)}
         self.record("fusion", None, w_personal=mean_p, w_global=mean_g, weights=by_group, merge=f.merge,
                     rows=f.rows, granularity=f.granularity, seconds=time.monotonic() - started, **extra)
         if self.is_leader:
@@ -330,6 +281,62 @@ class Client:
                    f"after {result.evaluations} evaluations" if result else "")
             self.log.info(f"fusion weights w_personal={mean_p:.3f} w_global={mean_g:.3f} "
                           f"(merge {f.merge}, {len(groups)} weight group(s) by {f.granularity}){how}")
+
+    def merge_fused(self, personal: dict, glob: dict, groups: list, weights) -> tuple[dict, dict]:
+        """Write personal and global, merged with (w_p, w_g) per weight group, into the `fused` slot;
+        returns the per-module weights."""
+        wm = per_module(weights, groups)
+        w_p, w_g = {m: p for m, (p, _) in wm.items()}, {m: g for m, (_, g) in wm.items()}
+        s_p, s_g = adapter_scaling(self.engine.model, PERSONAL), adapter_scaling(self.engine.model, GLOBAL)
+        self.engine.write(FUSED, fuse(personal, glob, w_p, w_g, s_p, s_g, self.cfg.fusion.merge))
+        return w_p, w_g
+
+    def search_fusion_weights(self, personal: dict, glob: dict, groups: list):
+        """The leader searches the weights on the few-shot rows; the client's other ranks score each
+        candidate with it (the leader broadcasts it). Returns (weights, the leader's SearchResult or None).
+
+        Every candidate is scored as the adapter that would be saved: with merge `exact`, both
+        adapters active and each module's contribution scaled by its weight, which computes the
+        saved adapter's function; with merge `params`, whose A/B products have cross terms no
+        scaling reproduces, the candidate is merged and written into the `fused` slot, and that
+        adapter alone is scored."""
+        f = self.cfg.fusion
+        rows = self.fusion_rows()
+        if not rows:
+            raise ValueError(f"client {self.id}: the fusion search needs few-shot rows; set data.fewshot_rows > 0")
+        cands = self.headline_candidates() if f.objective != "loss" else None
+        cands = cands or None  # `candidates` without any: every row counts its token loss
+        if f.objective in ("accuracy", "mix") and not cands:
+            raise ValueError(f"client {self.id}: fusion.objective = {f.objective!r} scores accuracy, but this "
+                             "client's rows have no candidate responses (labelled rows with few distinct "
+                             "responses); use fusion.objective: loss")
+        comm = self.topo.client_comm
+
+        def score(w):
+            if f.merge == "exact":
+                wm = per_module(w, groups)
+                scales = {PERSONAL: {m: p for m, (p, _) in wm.items()}, GLOBAL: {m: g for m, (_, g) in wm.items()}}
+                return self.engine.score_rows(rows, [PERSONAL, GLOBAL], scales, cands)
+            self.merge_fused(personal, glob, groups, w)
+            return self.engine.score_rows(rows, FUSED, None, cands)
+
+        if not self.is_leader:
+            while (w := comm.bcast(None, root=0)) is not None:
+                score(w)
+            return comm.bcast(None, root=0), None
+
+        def score_everywhere(w):
+            comm.bcast(w, root=0)  # followers score the leader's candidate with it
+            return score(w)
+
+        result = search_weights(score_everywhere, len(groups), f.optimizer, f.budget, f.bounds, f.l1,
+                                seed=self.cfg.seed * 1009 + self.id, objective=f.objective,
+                                mix=f.mix, folds=f.folds, margin=f.margin, refit=f.fold_search == "refit",
+                                progress=self.fusion_progress(len(groups)))
+        comm.bcast(None, root=0)  # the search is over
+        for c in result.curve:
+            self.record("fusion_step", None, **c)
+        return comm.bcast(result.weights, root=0), result
 
     def fusion_progress(self, n_groups: int, console_every_s: float = 30.0):
         """The leader's progress line while the search runs: evaluations done (distinct weights scored,

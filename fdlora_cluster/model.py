@@ -119,9 +119,11 @@ def adapter_params(model, name: str) -> dict[str, torch.nn.Parameter]:
 
 
 def adapter_scaling(model, name: str) -> float:
+    """The adapter's own alpha / r (lora_config sets no rslora), not `mod.scaling`, which holds
+    whatever scales the last `set_active` applied (a fusion search's candidate weights)."""
     for _, mod in _lora_layers(model):
-        if name in mod.scaling:
-            return float(mod.scaling[name])
+        if name in mod.lora_alpha:
+            return float(mod.lora_alpha[name] / mod.r[name])
     raise KeyError(name)
 
 

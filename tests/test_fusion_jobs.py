@@ -142,7 +142,7 @@ def test_recorded_choice_is_the_saved_adapter_and_never_worse_than_its_anchors(t
         left = any(tuple(w) not in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0)) for w in chosen["weights"].values())
         choice = next(s for s in summary["clients"] if s["client"] == c)["fusion"]
         assert choice["left_anchors"] == chosen["left_anchors"] == left
-        assert choice["chosen_by"] == chosen["chosen_by"] and choice["objective"] == objective
+        assert choice["chosen_by"] == chosen["chosen_by"] and choice["search_objective"] == objective
         # issue 18 item 1: the steps each adapter took (stage 1 on personal, rounds x K on global)
         assert next(s for s in summary["clients"] if s["client"] == c)["optimizer_steps"] == {
             "personal": cfg.train.personal_steps, "global": cfg.train.rounds * cfg.train.inner_steps}
