@@ -15,8 +15,10 @@ product:  ProductSum.add of each update, ProductOuter sgd (the batched factored 
           with the residual kept) and the truncation each client gets.
 dense:    the reference: sum_k p_k B_k A_k formed as a dense 4096 x 4096 float64 matrix per module
           and torch.linalg.svd of it, top r kept; timed on --dense-modules modules, scaled to --modules.
-The timing rows run factors and product alternately in one process (--reps times each, the order
-swapped every rep) so both see the same machine load; the table gives the medians, their ratio and
+The timing rows time rounds after the first, as the server runs them (one untimed round of each
+method first: FactorsGap's sketches are drawn once per job, and from round 2 ProductOuter adds the
+last round's residual to the sum), factors and product alternately in one process (--reps times
+each, the order swapped every rep) so both see the same machine load; the table gives the medians, their ratio and
 the load average (os.getloadavg) before and after the row. --rss runs each method in its own
 process and gives its peak RSS (ru_maxrss) before and after the method: the inputs, then the peak.
 """
@@ -65,12 +67,16 @@ def inputs(clients: int, r: int, modules: int):
     return glob, updates, [float(10 + c) for c in range(clients)]
 
 
-def run_factors(glob, updates, weights) -> dict:
+def run_factors(glob, updates, weights, gap=None) -> dict:
+    """One FedAvg round; `gap`: the job's FactorsGap (its sketches already drawn, as the server's
+    are after its first round), else a new one, which draws them inside the timing."""
     from fdlora_cluster.state import pseudo_gradient
     from fdlora_cluster.strategies.aggregate import InOrderSum, OuterOptimizer
     from fdlora_cluster.strategies.combine import FactorsGap
 
-    total, gap, t_sum, t_gap = InOrderSum(range(len(updates))), FactorsGap(), 0.0, 0.0
+    gap = gap or FactorsGap()
+    gap.new_round()
+    total, t_sum, t_gap = InOrderSum(range(len(updates))), 0.0, 0.0
     for c, (u, w) in enumerate(zip(updates, weights)):
         t = time.perf_counter()
         total.add(c, u, w)
@@ -89,16 +95,19 @@ def run_factors(glob, updates, weights) -> dict:
     return {"sum": t_sum, "gap": t_gap}
 
 
-def run_product(glob, updates, weights, r: int) -> dict:
+def run_product(glob, updates, weights, r: int, outer=None) -> dict:
+    """One product round; `outer`: the job's ProductOuter, holding the last round's residual (which
+    the server adds to the sum every round after the first: r more stacked columns), else a new one."""
     from fdlora_cluster.strategies.combine import ProductOuter, ProductSum, truncate
 
+    outer = outer or ProductOuter("sgd", 1.0, rank=r)
     t = time.perf_counter()
     total = ProductSum(range(len(updates)))
     for c, (u, w) in enumerate(zip(updates, weights)):
         total.add(c, u, w)
     total.close()
     sent = {c: glob for c in range(len(updates))}  # each client held the global at its own (equal) rank
-    new, _ = ProductOuter("sgd", 1.0, rank=r).step(glob, sent, total)
+    new, _ = outer.step(glob, sent, total)
     truncate(new, r)
     return {"product": time.perf_counter() - t}
 
@@ -152,13 +161,21 @@ def warm_up(threads: int) -> None:
 
 
 def timing_row(clients: int, r: int, modules: int, reps: int) -> dict:
+    """Rounds after the first, as the server runs them: one untimed round of each method first
+    draws FactorsGap's sketches and leaves ProductOuter a residual."""
+    from fdlora_cluster.strategies.combine import FactorsGap, ProductOuter
+
     glob, updates, weights = inputs(clients, r, modules)
+    gap, outer = FactorsGap(), ProductOuter("sgd", 1.0, rank=r)
+    run_factors(glob, updates, weights, gap)
+    run_product(glob, updates, weights, r, outer)
     load = [os.getloadavg()[0]]
     got: dict[str, list[float]] = {"sum": [], "gap": [], "product": []}
     for rep in range(reps):
         for method in (("factors", "product") if rep % 2 == 0 else ("product", "factors")):
             gc.collect()
-            out = run_factors(glob, updates, weights) if method == "factors" else run_product(glob, updates, weights, r)
+            out = (run_factors(glob, updates, weights, gap) if method == "factors"
+                   else run_product(glob, updates, weights, r, outer))
             for k, v in out.items():
                 got[k].append(v)
     load.append(os.getloadavg()[0])
