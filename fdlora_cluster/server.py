@@ -74,6 +74,12 @@ class Server:
     def init_global(self) -> None:
         """Every leader's layout (they must agree up to the rank), then the starting global adapter."""
         self.transport.recv_layouts(self.clients)
+        if not self.same_ranks:
+            how = ("the exact average of their products, each client getting back its own rank's best part"
+                   if self.combine == "product" else
+                   f"factors zero-padded to rank {self.rank} and averaged separately (HetLoRA's baseline; "
+                   "global.combine: product was ahead of it on every setting of docs/RESULTS.md)")
+            self.log.info(f"global ranks per client {self.ranks}; global.combine = {self.combine}: {how}")
         if self.cfg.global_.init == "seed":
             # Every client of one rank seeds `global` identically; the (first) client of the largest
             # rank sends that start once (client 0 when ranks are equal).

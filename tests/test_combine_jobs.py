@@ -37,6 +37,8 @@ def test_clients_of_ranks_4_and_8_combined_in_the_product_space(tmp_path):
     proc, run_dir = run_job(cfg)
     assert_ok(proc)
     check_run(run_dir, [2, 2], zero={0: 2, 1: 3})  # every rank of a client holds the same global adapter
+    assert "global ranks per client {0: 4, 1: 8}; global.combine = product: the exact average" in (
+        run_dir / "logs" / "rank-0.log").read_text()
 
     server, server_cfg = saved(run_dir, "global")
     assert rank_of(server) == 8 and server_cfg["r"] == 8 and server_cfg["lora_alpha"] == 16  # alpha / r kept
