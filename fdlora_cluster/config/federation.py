@@ -76,7 +76,9 @@ class GlobalConfig(Section):
     `factors`, A and B averaged separately (clients of different ranks zero-padded to the largest:
     HetLoRA); `product`, the exact average of the products B A, each client getting back its own
     rank's best part (FlexLoRA); `frozen_a`, A kept at its seeded init everywhere and only B
-    trained and sent (FFA-LoRA: exact, half the bytes)."""
+    trained and sent (FFA-LoRA: exact, half the bytes). With ranks that differ, `product` was ahead
+    of zero-padding on every setting measured; with equal ranks level with `factors`
+    (docs/ALGORITHMS.md, "Which to use")."""
 
 
 class FederationConfig(Section):
