@@ -80,11 +80,16 @@ def wait_for_attempt_2(cluster, job: str) -> dict:
         f = cluster.job_fields(job)
         if f.get("Restarts") == "1" and f.get("JobState") == "PENDING" and not released:
             # Slurm holds a requeued job for about 2 minutes (its BeginTime) before it may start
-            # again; an administrator may start it at once, and so does the test (the wait proves nothing)
-            released.append(cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30))
+            # again; the test shortens that to a few seconds (the wait proves nothing). Not to 0:
+            # slurmd refuses a batch launch whose credential is no newer, to the second, than its
+            # revocation of the attempt before ("Killing non-startable batch JobId=...: Job
+            # credential revoked", exit 1 in 0 s: this test's flake when started the same second).
+            released.append(cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], timeout=30))
         return f if f.get("Restarts") == "1" and f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None
 
-    return hosts.wait_for(f"attempt 2 of Slurm job {job}", finished, timeout=JOB_TIMEOUT + 180, every=1)
+    fields = hosts.wait_for(f"attempt 2 of Slurm job {job}", finished, timeout=JOB_TIMEOUT + 180, every=1)
+    assert released and released[0].returncode == 0, released and released[0].stdout + released[0].stderr
+    return fields
 
 
 def check_resumed(cluster, fields: dict, console: str, run_dir, rounds: int) -> None:
