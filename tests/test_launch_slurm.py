@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 
 import pytest
 
@@ -74,17 +75,21 @@ REQUEUE_ARGS = ["--overcommit", "launch/slurm/fdlora-requeue.sbatch", *TINY_ARGS
 
 
 def wait_for_attempt_2(cluster, job: str) -> dict:
-    released = []
+    released, pending_since = [], []
 
     def finished():
         f = cluster.job_fields(job)
         if f.get("Restarts") == "1" and f.get("JobState") == "PENDING" and not released:
             # Slurm holds a requeued job for about 2 minutes (its BeginTime) before it may start
-            # again; the test shortens that to a few seconds (the wait proves nothing). Not to 0:
-            # slurmd refuses a batch launch whose credential is no newer, to the second, than its
-            # revocation of the attempt before ("Killing non-startable batch JobId=...: Job
+            # again; the test starts it after a few seconds instead (the wait proves nothing). Not at
+            # once: slurmd refuses a batch launch whose credential is no newer, to the second, than
+            # its revocation of the attempt before ("Killing non-startable batch JobId=...: Job
             # credential revoked", exit 1 in 0 s: this test's flake when started the same second).
-            released.append(cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], timeout=30))
+            # StartTime=now, 3 s on, rather than now+3 at once: the update itself runs the scheduler,
+            # which otherwise may not look at the job again for up to a minute.
+            pending_since[:] = pending_since or [time.monotonic()]
+            if time.monotonic() - pending_since[0] >= 3:
+                released.append(cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30))
         return f if f.get("Restarts") == "1" and f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") else None
 
     fields = hosts.wait_for(f"attempt 2 of Slurm job {job}", finished, timeout=JOB_TIMEOUT + 180, every=1)
