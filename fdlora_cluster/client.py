@@ -19,7 +19,7 @@ from .checkpoint import rng_state, set_rng_state
 from .dp import clip
 from .engine import ClientEngine
 from .faults import fault
-from .fusion import fuse, modules_of, per_module, search_weights, weight_groups
+from .fusion import fuse, modules_of, per_adapter, search_weights, weight_groups
 from .log import FILE_ONLY, get_logger
 from .model import adapter_scaling, lora_config, save_adapter
 from .state import FUSED, GLOBAL, PERSONAL, Layout, digest
@@ -285,8 +285,7 @@ class Client:
     def merge_fused(self, personal: dict, glob: dict, groups: list, weights) -> tuple[dict, dict]:
         """Write personal and global, merged with (w_p, w_g) per weight group, into the `fused` slot;
         returns the per-module weights."""
-        wm = per_module(weights, groups)
-        w_p, w_g = {m: p for m, (p, _) in wm.items()}, {m: g for m, (_, g) in wm.items()}
+        w_p, w_g = per_adapter(weights, groups)
         s_p, s_g = adapter_scaling(self.engine.model, PERSONAL), adapter_scaling(self.engine.model, GLOBAL)
         self.engine.write(FUSED, fuse(personal, glob, w_p, w_g, s_p, s_g, self.cfg.fusion.merge))
         return w_p, w_g
@@ -314,9 +313,8 @@ class Client:
 
         def score(w):
             if f.merge == "exact":
-                wm = per_module(w, groups)
-                scales = {PERSONAL: {m: p for m, (p, _) in wm.items()}, GLOBAL: {m: g for m, (_, g) in wm.items()}}
-                return self.engine.score_rows(rows, [PERSONAL, GLOBAL], scales, cands)
+                w_p, w_g = per_adapter(w, groups)
+                return self.engine.score_rows(rows, [PERSONAL, GLOBAL], {PERSONAL: w_p, GLOBAL: w_g}, cands)
             self.merge_fused(personal, glob, groups, w)
             return self.engine.score_rows(rows, FUSED, None, cands)
 

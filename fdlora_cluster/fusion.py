@@ -84,6 +84,12 @@ def per_module(weights, groups: dict[str, list[str]]) -> dict[str, tuple[float, 
     return {m: (float(w[i, 0]), float(w[i, 1])) for i, mods in enumerate(groups.values()) for m in mods}
 
 
+def per_adapter(weights, groups: dict[str, list[str]]) -> tuple[dict[str, float], dict[str, float]]:
+    """`per_module`'s weights as ({module: w_p}, {module: w_g}): what `fuse` and the scaled scoring take."""
+    wm = per_module(weights, groups)
+    return {m: p for m, (p, _) in wm.items()}, {m: g for m, (_, g) in wm.items()}
+
+
 # --------------------------------------------------------------------------- the merge
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fdlora_cluster.fusion import (ANCHORS, Objective, RowScores, candidate_cross_entropy, delta_weight, fuse,
-                                   most_evaluations, per_module, search_evaluations, search_weights, weight_groups)
+                                   most_evaluations, per_adapter, search_evaluations, search_weights, weight_groups)
 
 pytestmark = pytest.mark.unit
 
@@ -124,8 +124,7 @@ def test_per_layer_exact_merge_is_the_per_layer_weighted_sum():
     q = {k: torch.randn(v.shape, generator=g) for k, v in p.items()}
     groups = weight_groups(MODULES, "layer")
     w = np.array([[0.9, 0.2], [-0.3, 1.1]])
-    wm = per_module(w, groups)
-    f = fuse(p, q, {m: a for m, (a, _) in wm.items()}, {m: b for m, (_, b) in wm.items()}, 2.0, 0.5, "exact")
+    f = fuse(p, q, *per_adapter(w, groups), 2.0, 0.5, "exact")
     for i, m in enumerate(MODULES):
         layer = int(m.split(".layers.")[1].split(".")[0])
         k = f"{m}.lora_A.weight"
